@@ -1,0 +1,263 @@
+"""A single-file Llama (RMSNorm, RoPE, GQA, SwiGLU) whose attention carries a static,
+compressible KV cache.
+
+Three ways to run it:
+  model(tokens)                     full-sequence logits [B, T, vocab], no cache involved
+  model.prefill(tokens, prefill)    fills every layer's cache with the compressed prompt KV,
+                                    returns the last position's logits [B, vocab]
+  model.decode(token, step)         one token per sequence through the cache, [B, vocab]
+
+Module names follow Hugging Face's Llama, so its state dicts load without renaming.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import chunkkv
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    ffn_dim: int = 1536
+    vocab_size: int = 49152
+    rope_theta: float = 100000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 8192
+    tie_embeddings: bool = True
+    head_dim: int | None = None  # dim // n_heads unless a checkpoint says otherwise
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        assert self.n_heads % self.n_kv_heads == 0, "query heads must split evenly over KV heads"
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        return cls(**CONFIGS[name])
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "ModelArgs":
+        """From a Hugging Face Llama config.json."""
+        return cls(
+            dim=config["hidden_size"],
+            n_layers=config["num_hidden_layers"],
+            n_heads=config["num_attention_heads"],
+            n_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+            ffn_dim=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            rope_theta=config.get("rope_theta", 10000.0),
+            norm_eps=config.get("rms_norm_eps", 1e-5),
+            max_seq_len=config.get("max_position_embeddings", 4096),
+            tie_embeddings=config.get("tie_word_embeddings", False),
+            head_dim=config.get("head_dim"),
+        )
+
+
+CONFIGS = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256, max_seq_len=1024),
+    "smollm2-135m": dict(),
+    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
+                       rope_theta=500000.0, max_seq_len=8192, tie_embeddings=False),
+}
+
+
+@dataclass
+class Prefill:
+    """One prefill's compression: what to do, and what each layer did."""
+    config: chunkkv.CompressionConfig
+    budget: int  # prompt KV entries kept per layer
+    positions: Tensor | None = None  # the latest layer's kept positions [B, N], for layer-wise reuse
+    kept: list[int] = field(default_factory=list)  # entries kept, per layer
+    compress_seconds: float = 0.0  # scoring + selection + gather, all layers
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache [B, Hkv, slots, D]: the kept prompt entries fill slots [0, n),
+    generated token j goes to slot n + j. Keys are stored rotated at their original positions."""
+
+    def __init__(self, n_batch: int, n_kv_heads: int, n_slots: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (n_batch, n_kv_heads, n_slots, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # a tensor, not an int: the decode graph reads it without recompiling per value
+        self.register_buffer("n_kept", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("slot_ids", torch.arange(n_slots, device=device), persistent=False)
+        self.positions: Tensor | None = None  # kept prompt positions [B, n], for inspection only
+
+    def fill(self, k: Tensor, v: Tensor, positions: Tensor):
+        n_kept = k.shape[2]
+        if n_kept > self.k.shape[2]:
+            raise ValueError(f"{n_kept} kept entries do not fit a cache of {self.k.shape[2]} slots")
+        self.k[:, :, :n_kept] = k
+        self.v[:, :, :n_kept] = v
+        self.n_kept.fill_(n_kept)
+        self.positions = positions
+
+    def update(self, k: Tensor, v: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Write one token's k, v [B, Hkv, 1, D] at slot n + step; return the cache and its mask."""
+        slot = self.n_kept + step  # [1]
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        return self.k, self.v, (self.slot_ids <= slot)[None]  # [1, slots], True = attend
+
+
+def rope(positions: Tensor, args: ModelArgs) -> tuple[Tensor, Tensor]:
+    """cos, sin [T, D] in float32 for the rotate-half RoPE layout at `positions` [T]."""
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=positions.device).float() / args.head_dim)
+    angles = positions.float()[:, None] * inv_freq  # [T, D/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D], cos/sin [T, D]: rotate pairs (i, i + D/2) by their position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n_batch, n_tokens, _ = x.shape
+        q = self.q_proj(x).view(n_batch, n_tokens, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_proj(x).view(n_batch, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(n_batch, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, y: Tensor) -> Tensor:
+        return self.o_proj(y.transpose(1, 2).flatten(2))  # [B, Hq, T, D] -> [B, T, Hq*D]
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, prefill: Prefill | None = None) -> Tensor:
+        """Causal attention over the whole (uncompressed) sequence; with `prefill`, the layer's
+        cache is then filled with the entries compression keeps."""
+        q, k, v = self.qkv(x, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if prefill is not None:
+            self.compress_into_cache(q, k, v, prefill)
+        return self.out(y)
+
+    def compress_into_cache(self, q: Tensor, k: Tensor, v: Tensor, prefill: Prefill):
+        start = time.perf_counter()
+        positions = chunkkv.keep_positions(prefill.config, q, k, prefill.budget, self.layer, prefill.positions)
+        self.cache.fill(*chunkkv.gather_kv(k, v, positions), positions)
+        if k.is_cuda:
+            torch.cuda.synchronize()
+        prefill.compress_seconds += time.perf_counter() - start
+        prefill.positions = positions
+        prefill.kept.append(positions.shape[-1])
+
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, step: Tensor) -> Tensor:
+        """One token per sequence, x [B, 1, dim], attending to the cache."""
+        q, k, v = self.qkv(x, cos, sin)
+        k_all, v_all, mask = self.cache.update(k, v, step)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, prefill: Prefill | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, prefill)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, step: Tensor) -> Tensor:
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, layer) for layer in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def setup_caches(self, n_batch: int, n_slots: int):
+        """Give every layer a static cache of `n_slots` entries per KV head."""
+        n_slots = -(-n_slots // 8) * 8  # a multiple of 8, so nearby sizes share one compiled graph
+        args, weight = self.args, self.lm_head.weight
+        for block in self.layers:
+            block.self_attn.cache = KVCache(n_batch, args.n_kv_heads, n_slots, args.head_dim,
+                                            weight.dtype, weight.device)
+        # the prompt length as a tensor: decode reads it without recompiling per value
+        self.register_buffer("prompt_len", torch.zeros(1, dtype=torch.long, device=weight.device), persistent=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Full-sequence logits [B, T, vocab] for tokens [B, T]; no cache is read or written."""
+        return self.lm_head(self.trunk(tokens))
+
+    def trunk(self, tokens: Tensor, prefill: Prefill | None = None) -> Tensor:
+        n_tokens = tokens.shape[1]
+        if n_tokens > self.args.max_seq_len:
+            raise ValueError(f"{n_tokens} tokens exceed the model's context of {self.args.max_seq_len}")
+        cos, sin = rope(torch.arange(n_tokens, device=tokens.device), self.args)
+        x = self.embed_tokens(tokens)
+        for block in self.layers:
+            x = block(x, cos, sin, prefill)
+        return self.norm(x)
+
+    def prefill(self, tokens: Tensor, prefill: Prefill) -> Tensor:
+        """Run the prompt [B, T], compress it into the caches; logits of its last position [B, vocab]."""
+        hidden = self.trunk(tokens, prefill)
+        self.prompt_len.fill_(tokens.shape[1])
+        return self.lm_head(hidden[:, -1])
+
+    def decode(self, token: Tensor, step: Tensor) -> Tensor:
+        """token [B, 1] generated at `step` (0 for the first), stored in slot n + step with RoPE
+        position T + step; returns logits [B, vocab]."""
+        cos, sin = rope(self.prompt_len + step, self.args)  # [1, D]
+        x = self.embed_tokens(token)
+        for block in self.layers:
+            x = block.decode(x, cos, sin, step)
+        return self.lm_head(self.norm(x))[:, -1]
