@@ -178,7 +178,7 @@ def gguf_tokenizer(fields: dict) -> Tokenizer:
     if fields.get("tokenizer.ggml.model") != "gpt2":
         raise CheckpointError(f"GGUF tokenizer {fields.get('tokenizer.ggml.model')!r} is not supported, only byte-level BPE ('gpt2')")
     tokens = fields["tokenizer.ggml.tokens"]
-    merges = [tuple(merge.split(" ", 1)) for merge in fields["tokenizer.ggml.merges"]]
+    merges = [tuple(merge.split(" ", 1)) for merge in fields.get("tokenizer.ggml.merges", [])]
     tokenizer = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges))
     # SmolLM2's pre-tokenizer: every digit on its own, then GPT-2 byte-level splitting
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([

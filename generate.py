@@ -1,0 +1,283 @@
+"""Generate with a compressed KV cache: the Python API (`load`, `generate`) and the CLI.
+
+    python generate.py --chunk 10                       # pass-key demo, KV kept at 10 %
+    python generate.py --prompt "What is the capital of France?" --method full
+"""
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from checkpoint import CheckpointError, load
+from chunkkv import METHODS, CompressionConfig, CompressionError
+from model import Prefill, Transformer
+
+__all__ = ["load", "generate", "passkey_prompt"]
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be run; the message says how to fix it."""
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """logits [B, vocab] -> token ids [B, 1]; greedy at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig = CompressionConfig(),
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+             stop_tokens: tuple[int, ...] = (), on_token=None, decode=None, stats: dict | None = None) -> Tensor:
+    """New token ids [B, n] (n <= max_new_tokens) for prompts [B, T] of one length.
+
+    The prompt is prefilled with full attention, each layer's KV cache is compressed as
+    `compression` says, then tokens are decoded one at a time through the cache. Rows that
+    reach a stop token are padded with it until every row has stopped. `on_token(ids [B, 1])`
+    sees each new token as it is made; `decode` replaces `model.decode` (e.g. a compiled one);
+    a `stats` dict receives timings and cache sizes.
+    """
+    n_batch, n_prompt = prompt.shape
+    context = model.args.max_seq_len
+    if n_prompt + max_new_tokens > context:
+        raise PromptError(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's "
+                          f"context of {context}: shorten the prompt or lower max_new_tokens")
+    budget = compression.prompt_budget(n_prompt)
+    model.setup_caches(n_batch, budget + max_new_tokens)
+    prefill = Prefill(compression, budget)
+    device = prompt.device
+    start = time.perf_counter()
+    logits = model.prefill(prompt, prefill)
+    synchronize(device)
+    prefill_seconds = time.perf_counter() - start
+
+    decode = decode or model.decode
+    stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(n_batch, dtype=torch.bool, device=device)
+    step = torch.zeros(1, dtype=torch.long, device=device)
+    new_tokens, step_seconds = [], []
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_k)
+        if stop_tokens:
+            token = torch.where(done[:, None], stop[0], token)  # finished rows repeat their stop token
+            done |= torch.isin(token[:, 0], stop)
+        new_tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        if i == max_new_tokens - 1 or bool(done.all()):
+            break
+        start = time.perf_counter()
+        step.fill_(i)
+        logits = decode(token, step).clone()  # clone: a CUDA-graph step reuses its output buffer
+        synchronize(device)
+        step_seconds.append(time.perf_counter() - start)
+
+    if stats is not None:
+        entry_bytes = 2 * n_batch * model.args.n_kv_heads * model.args.head_dim * model.lm_head.weight.element_size()
+        stats.update(prompt_tokens=n_prompt, budget=budget, kept=prefill.kept,
+                     prefill_seconds=prefill_seconds, compress_seconds=prefill.compress_seconds,
+                     new_tokens=len(new_tokens), decode_step_seconds=step_seconds,
+                     kv_bytes_full=entry_bytes * n_prompt * model.args.n_layers,
+                     kv_bytes_kept=entry_bytes * sum(prefill.kept))
+    return torch.cat(new_tokens, dim=1)
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_prompt(n_filler: int = 80, seed: int = 0) -> tuple[str, str]:
+    """(prompt, pass key): a random 5-digit key hidden at a random depth in ~2,000 tokens of
+    filler, asked for at the end, in plain completion format."""
+    rng = random.Random(seed)
+    key = str(rng.randint(10000, 99999))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    depth = rng.randint(n_filler // 10, n_filler * 9 // 10)
+    haystack = FILLER * depth + needle + FILLER * (n_filler - depth)
+    intro = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+             "Find it and memorize it. I will quiz you about it.\n")
+    return f"{intro}{haystack}\nWhat is the pass key? The pass key is", key
+
+
+def chat_prompt(text: str) -> str:
+    """One user turn in the ChatML template, ready for the assistant's answer."""
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def read_prompt_file(path: str) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise PromptError(f"cannot read prompt file {path}: {e.strerror}; check the path") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"prompt file {path} is not UTF-8 (byte {e.start}): convert it, "
+                          f"e.g. iconv -t UTF-8 {path}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: fail(f"{message} (see --help)")  # one line and exit status 2
+    comp = parser.add_argument_group("compression")
+    comp.add_argument("--method", default="chunkkv", help=f"one of {', '.join(METHODS)} (default chunkkv)")
+    budget = comp.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=float, help="fraction of the prompt's KV entries kept per layer (default 0.1)")
+    budget.add_argument("--budget", type=int, help="or the absolute number of prompt KV entries kept per layer")
+    comp.add_argument("--chunk", type=int, default=10, help="chunk size in tokens (default 10)")
+    comp.add_argument("--window", type=int, default=32, help="observation window, always kept (default 32)")
+    comp.add_argument("--reuse", type=int, default=1, help="layer-wise index reuse depth; 1 = off (default 1)")
+    prompt = parser.add_argument_group("prompt")
+    source = prompt.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="the prompt (default: a ~2,000-token pass-key demo)")
+    source.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
+    prompt.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="wrap the prompt in the ChatML template (default: on for --prompt/--prompt-file "
+                             "when the tokenizer has <|im_start|>, off for the demo)")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=int, help="default 64 (16 for the demo)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed; also picks the demo's pass key")
+    run = parser.add_argument_group("model")
+    run.add_argument("--checkpoint", help="Hugging Face Llama directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="default cuda when available, else cpu")
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                     help="default bfloat16 on CUDA, float32 elsewhere")
+    run.add_argument("--compile", action="store_true", help="torch.compile the decode step (fullgraph)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        fail("--temperature must be >= 0 and --top-k >= 1")
+    return args
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda, but this torch sees no CUDA device: use --device cpu")
+    return device
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class TextStream:
+    """Prints a growing token sequence as text, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, token: Tensor):
+        self.ids.append(int(token[0, 0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+
+def summary(stats: dict, config: CompressionConfig, n_layers: int) -> str:
+    kept, n_prompt = stats["kept"], stats["prompt_tokens"]
+    per_layer = f"{kept[0]}" if len(set(kept)) == 1 else f"{min(kept)}-{max(kept)}"
+    kept_line = f"{per_layer} of {n_prompt} ({100 * sum(kept) / (n_prompt * n_layers):.1f} %), {n_layers} layers"
+    if config.method != "full" and stats["budget"] == n_prompt:
+        kept_line += ": the prompt fits in the budget, nothing to drop"
+    steps = stats["decode_step_seconds"][1:]  # the first step may include compilation
+    decode = f"{len(steps) / sum(steps):.1f} tokens/s" if steps else "too few tokens to time"
+    if stats["decode_step_seconds"]:
+        decode += f", first step {stats['decode_step_seconds'][0]:.2f} s"
+    share = 100 * stats["compress_seconds"] / stats["prefill_seconds"]
+    mib = 2.0 ** 20
+    method = config.method if config.method == "full" else (
+        f"{config.method} (chunk {config.chunk_size}, window {config.window}, reuse {config.reuse})")
+    return "\n".join([
+        f"method            {method}",
+        f"prompt tokens     {n_prompt}",
+        f"KV kept per layer {kept_line}",
+        f"KV cache (prompt) {stats['kv_bytes_full'] / mib:.2f} MiB full -> {stats['kv_bytes_kept'] / mib:.2f} MiB kept",
+        f"prefill           {stats['prefill_seconds']:.2f} s (compression {stats['compress_seconds']:.3f} s, {share:.1f} %)",
+        f"decode            {stats['new_tokens']} tokens, {decode}",
+    ])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = CompressionConfig(method=args.method, keep=0.1 if args.keep is None else args.keep,
+                                   budget=args.budget, window=args.window, chunk_size=args.chunk,
+                                   reuse=args.reuse)
+        if args.prompt_file is not None:
+            text, key = read_prompt_file(args.prompt_file), None
+        elif args.prompt is not None:
+            text, key = args.prompt, None
+        else:
+            text, key = passkey_prompt(seed=args.seed)
+        device = parse_device(args.device)
+        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        model, tokenizer = load(args.checkpoint, device=device, dtype=dtype)
+
+        specials = {name: tokenizer.token_to_id(name) for name in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
+        chat = args.chat if args.chat is not None else (key is None and specials["<|im_start|>"] is not None)
+        shown = text if len(text) <= 300 else f"{text[:150]} [...] {text[-150:]}"
+        if chat:
+            text = chat_prompt(text)
+        stop_tokens = tuple(i for name, i in specials.items() if i is not None and name != "<|im_start|>")
+        encoding = tokenizer.encode(text)
+        prompt = torch.tensor([encoding.ids], device=device)
+        if prompt.shape[1] == 0:
+            raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
+        max_new_tokens = args.max_new_tokens or (16 if key is not None else 64)
+
+        torch.manual_seed(args.seed)
+        decode = torch.compile(model.decode, fullgraph=True) if args.compile else None
+        if key is not None:
+            print(f"Pass-key demo: the pass key {key} is hidden in a {prompt.shape[1]}-token prompt that asks for it.")
+        else:
+            print(f"Prompt ({prompt.shape[1]} tokens{', ChatML' if chat else ''}): {shown.strip()}")
+        print("--- answer ---")
+        stats, stream = {}, TextStream(tokenizer)
+        generate(model, prompt, config, max_new_tokens, args.temperature, args.top_k, stop_tokens,
+                 on_token=stream, decode=decode, stats=stats)
+        print("\n---")
+        print(summary(stats, config, model.args.n_layers))
+        if key is not None:
+            start = text.index(key)  # the key's first mention, in the needle
+            needle = [i for i, (a, b) in enumerate(encoding.offsets) if a < start + len(key) and b > start]
+            kept_whole = sum(set(needle) <= set(block.self_attn.cache.positions[0].tolist()) for block in model.layers)
+            print(f"pass key tokens   positions {needle[0]}-{needle[-1]}, kept whole in {kept_whole} of "
+                  f"{model.args.n_layers} layers")
+            print(f"pass key {key}: {'found' if key in stream.printed else 'NOT found'} in the answer")
+    except (CompressionError, CheckpointError, PromptError) as e:
+        fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

