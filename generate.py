@@ -5,8 +5,10 @@
 """
 import argparse
 import random
+import string
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,13 +45,15 @@ def synchronize(device: torch.device):
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig = CompressionConfig(),
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-             stop_tokens: tuple[int, ...] = (), on_token=None, decode=None, stats: dict | None = None) -> Tensor:
+             stop_tokens: tuple[int, ...] = (), on_token=None, decode=None, n_slots: int | None = None,
+             stats: dict | None = None) -> Tensor:
     """New token ids [B, n] (n <= max_new_tokens) for prompts [B, T] of one length.
 
     The prompt is prefilled with full attention, each layer's KV cache is compressed as
     `compression` says, then tokens are decoded one at a time through the cache. Rows that
     reach a stop token are padded with it until every row has stopped. `on_token(ids [B, 1])`
     sees each new token as it is made; `decode` replaces `model.decode` (e.g. a compiled one);
+    `n_slots` fixes every layer's cache size (so one compiled graph serves many prompts);
     a `stats` dict receives timings and cache sizes.
     """
     n_batch, n_prompt = prompt.shape
@@ -57,9 +61,8 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
     if n_prompt + max_new_tokens > context:
         raise PromptError(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's "
                           f"context of {context}: shorten the prompt or lower max_new_tokens")
-    budget = compression.prompt_budget(n_prompt)
-    model.setup_caches(n_batch, budget + max_new_tokens)
-    prefill = Prefill(compression, budget)
+    budgets = compression.layer_budgets(n_prompt, model.args.n_layers)
+    prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots)
     device = prompt.device
     start = time.perf_counter()
     logits = model.prefill(prompt, prefill)
@@ -89,11 +92,11 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
 
     if stats is not None:
         entry_bytes = 2 * n_batch * model.args.n_kv_heads * model.args.head_dim * model.lm_head.weight.element_size()
-        stats.update(prompt_tokens=n_prompt, budget=budget, kept=prefill.kept,
+        stats.update(prompt_tokens=n_prompt, budgets=budgets, kept=prefill.kept, stored=prefill.stored,
                      prefill_seconds=prefill_seconds, compress_seconds=prefill.compress_seconds,
                      new_tokens=len(new_tokens), decode_step_seconds=step_seconds,
                      kv_bytes_full=entry_bytes * n_prompt * model.args.n_layers,
-                     kv_bytes_kept=entry_bytes * sum(prefill.kept))
+                     kv_bytes_kept=entry_bytes * sum(prefill.stored))
     return torch.cat(new_tokens, dim=1)
 
 
@@ -119,6 +122,14 @@ def passkey_prompt(n_filler: int = 80, seed: int = 0) -> tuple[str, str]:
 def chat_prompt(text: str) -> str:
     """One user turn in the ChatML template, ready for the assistant's answer."""
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def fastgen_token_ids(tokenizer: Tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(special, punctuation) token ids, FastGen's two cheapest policies."""
+    special = tuple(i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special)
+    punctuation = tuple(i for i in range(tokenizer.get_vocab_size()) if i not in special and
+                        (text := tokenizer.decode([i]).strip()) and all(ch in string.punctuation for ch in text))
+    return special, punctuation
 
 
 def read_prompt_file(path: str) -> str:
@@ -147,6 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     comp.add_argument("--chunk", type=int, default=10, help="chunk size in tokens (default 10)")
     comp.add_argument("--window", type=int, default=32, help="observation window, always kept (default 32)")
     comp.add_argument("--reuse", type=int, default=1, help="layer-wise index reuse depth; 1 = off (default 1)")
+    comp.add_argument("--per-head", action="store_true", help="chunkkv: choose chunks per KV head, not per layer")
+    comp.add_argument("--recovery", type=float, default=0.9,
+                      help="fastgen: attention mass each head's policy must recover (default 0.9)")
     prompt = parser.add_argument_group("prompt")
     source = prompt.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt (default: a ~2,000-token pass-key demo)")
@@ -205,9 +219,12 @@ class TextStream:
 
 def summary(stats: dict, config: CompressionConfig, n_layers: int) -> str:
     kept, n_prompt = stats["kept"], stats["prompt_tokens"]
-    per_layer = f"{kept[0]}" if len(set(kept)) == 1 else f"{min(kept)}-{max(kept)}"
+    count = lambda x: f"{x:.0f}" if x == round(x) else f"{x:.1f}"  # noqa: E731
+    per_layer = count(kept[0]) if min(kept) == max(kept) else f"{count(min(kept))}-{count(max(kept))}"
     kept_line = f"{per_layer} of {n_prompt} ({100 * sum(kept) / (n_prompt * n_layers):.1f} %), {n_layers} layers"
-    if config.method != "full" and stats["budget"] == n_prompt:
+    if config.per_kv_head:
+        kept_line += ", mean over KV heads"
+    if config.method not in ("full", "fastgen") and min(stats["budgets"]) >= n_prompt:
         kept_line += ": the prompt fits in the budget, nothing to drop"
     steps = stats["decode_step_seconds"][1:]  # the first step may include compilation
     decode = f"{len(steps) / sum(steps):.1f} tokens/s" if steps else "too few tokens to time"
@@ -215,8 +232,11 @@ def summary(stats: dict, config: CompressionConfig, n_layers: int) -> str:
         decode += f", first step {stats['decode_step_seconds'][0]:.2f} s"
     share = 100 * stats["compress_seconds"] / stats["prefill_seconds"]
     mib = 2.0 ** 20
+    details = {"chunkkv": f"chunk {config.chunk_size}{', per KV head' if config.per_head else ''}, ",
+               "streaming": f"{config.n_sinks} sinks, ", "fastgen": f"recovery {config.recovery}, ",
+               "pyramidkv": f"beta {config.pyramid_beta:g}, "}.get(config.method, "")
     method = config.method if config.method == "full" else (
-        f"{config.method} (chunk {config.chunk_size}, window {config.window}, reuse {config.reuse})")
+        f"{config.method} ({details}window {config.window}, reuse {config.reuse})")
     return "\n".join([
         f"method            {method}",
         f"prompt tokens     {n_prompt}",
@@ -232,7 +252,9 @@ def main(argv=None) -> int:
     try:
         config = CompressionConfig(method=args.method, keep=0.1 if args.keep is None else args.keep,
                                    budget=args.budget, window=args.window, chunk_size=args.chunk,
-                                   reuse=args.reuse)
+                                   reuse=args.reuse, per_head=args.per_head, recovery=args.recovery)
+        if config.method == "fastgen" and (args.keep is not None or args.budget is not None):
+            raise CompressionError("fastgen chooses each head's budget itself: drop --keep/--budget, tune --recovery")
         if args.prompt_file is not None:
             text, key = read_prompt_file(args.prompt_file), None
         elif args.prompt is not None:
@@ -242,6 +264,8 @@ def main(argv=None) -> int:
         device = parse_device(args.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         model, tokenizer = load(args.checkpoint, device=device, dtype=dtype)
+        if config.method == "fastgen":
+            config = replace(config, **dict(zip(("special_ids", "punctuation_ids"), fastgen_token_ids(tokenizer))))
 
         specials = {name: tokenizer.token_to_id(name) for name in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
         chat = args.chat if args.chat is not None else (key is None and specials["<|im_start|>"] is not None)
@@ -270,9 +294,12 @@ def main(argv=None) -> int:
         if key is not None:
             start = text.index(key)  # the key's first mention, in the needle
             needle = [i for i, (a, b) in enumerate(encoding.offsets) if a < start + len(key) and b > start]
-            kept_whole = sum(set(needle) <= set(block.self_attn.cache.positions[0].tolist()) for block in model.layers)
-            print(f"pass key tokens   positions {needle[0]}-{needle[-1]}, kept whole in {kept_whole} of "
-                  f"{model.args.n_layers} layers")
+            # one row per layer, or per layer and KV head for per-head methods
+            caches = [block.self_attn.cache for block in model.layers]
+            rows = [row.tolist() for cache in caches for row in cache.positions[0].reshape(-1, cache.positions.shape[-1])]
+            kept_whole = sum(set(needle) <= set(row) for row in rows)
+            unit = "layers" if len(rows) == model.args.n_layers else "layer-KV heads"
+            print(f"pass key tokens   positions {needle[0]}-{needle[-1]}, kept whole in {kept_whole} of {len(rows)} {unit}")
             print(f"pass key {key}: {'found' if key in stream.printed else 'NOT found'} in the answer")
     except (CompressionError, CheckpointError, PromptError) as e:
         fail(str(e))

@@ -73,41 +73,55 @@ CONFIGS = {
 class Prefill:
     """One prefill's compression: what to do, and what each layer did."""
     config: chunkkv.CompressionConfig
-    budget: int  # prompt KV entries kept per layer
-    positions: Tensor | None = None  # the latest layer's kept positions [B, N], for layer-wise reuse
-    kept: list[int] = field(default_factory=list)  # entries kept, per layer
+    tokens: Tensor  # the prompt [B, T]: fastgen reads its special and punctuation tokens
+    budgets: list[int]  # prompt KV entries each layer keeps
+    max_new_tokens: int  # cache slots left free for generated tokens
+    n_slots: int | None = None  # fixed cache size per layer; default: each layer's need, rounded up to 8
+    leader: tuple | None = None  # (positions, scores) of the latest reuse leader
+    kept: list[float] = field(default_factory=list)  # prompt entries kept per layer (mean over KV heads)
+    stored: list[int] = field(default_factory=list)  # prompt slots used per layer (the largest head's count)
     compress_seconds: float = 0.0  # scoring + selection + gather, all layers
 
 
 class KVCache(nn.Module):
     """Static per-layer cache [B, Hkv, slots, D]: the kept prompt entries fill slots [0, n),
-    generated token j goes to slot n + j. Keys are stored rotated at their original positions."""
+    generated token j goes to slot n + j. Keys are stored rotated at their original positions.
+    `valid` [B, Hkv, slots] marks what each head may attend to (per-head methods keep
+    different counts per head; generated tokens become valid as they are written)."""
 
-    def __init__(self, n_batch: int, n_kv_heads: int, n_slots: int, head_dim: int, dtype, device):
+    def __init__(self):
         super().__init__()
-        shape = (n_batch, n_kv_heads, n_slots, head_dim)
+        self.positions: Tensor | None = None  # kept prompt positions, for inspection only
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        """(Re)allocate only when the size changes: same-size runs reuse the buffers, so a
+        compiled decode step sees the same tensors every time."""
+        if getattr(self, "k", None) is not None and (self.k.shape, self.k.dtype, self.k.device) == (shape, dtype, device):
+            return
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("valid", torch.zeros(shape[:3], dtype=torch.bool, device=device), persistent=False)
         # a tensor, not an int: the decode graph reads it without recompiling per value
         self.register_buffer("n_kept", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("slot_ids", torch.arange(n_slots, device=device), persistent=False)
-        self.positions: Tensor | None = None  # kept prompt positions [B, n], for inspection only
 
-    def fill(self, k: Tensor, v: Tensor, positions: Tensor):
-        n_kept = k.shape[2]
-        if n_kept > self.k.shape[2]:
-            raise ValueError(f"{n_kept} kept entries do not fit a cache of {self.k.shape[2]} slots")
+    def fill(self, k: Tensor, v: Tensor, positions: Tensor, n_slots: int):
+        """Kept prompt entries k, v [B, Hkv, n, D] and their positions [B, n] or [B, Hkv, n] (-1 = unused)."""
+        n_batch, n_kv_heads, n_kept, head_dim = k.shape
+        self.allocate((n_batch, n_kv_heads, n_slots, head_dim), k.dtype, k.device)
         self.k[:, :, :n_kept] = k
         self.v[:, :, :n_kept] = v
+        self.valid.zero_()
+        self.valid[:, :, :n_kept] = (positions >= 0) if positions.dim() == 3 else (positions >= 0)[:, None]
         self.n_kept.fill_(n_kept)
         self.positions = positions
 
     def update(self, k: Tensor, v: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Write one token's k, v [B, Hkv, 1, D] at slot n + step; return the cache and its mask."""
+        """Write one token's k, v [B, Hkv, 1, D] at slot n + step; return k, v and valid."""
         slot = self.n_kept + step  # [1]
         self.k.index_copy_(2, slot, k)
         self.v.index_copy_(2, slot, v)
-        return self.k, self.v, (self.slot_ids <= slot)[None]  # [1, slots], True = attend
+        self.valid.index_fill_(2, slot, True)
+        return self.k, self.v, self.valid
 
 
 def rope(positions: Tensor, args: ModelArgs) -> tuple[Tensor, Tensor]:
@@ -145,7 +159,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.cache: KVCache | None = None
+        self.cache = KVCache()
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n_batch, n_tokens, _ = x.shape
@@ -168,18 +182,27 @@ class Attention(nn.Module):
 
     def compress_into_cache(self, q: Tensor, k: Tensor, v: Tensor, prefill: Prefill):
         start = time.perf_counter()
-        positions = chunkkv.keep_positions(prefill.config, q, k, prefill.budget, self.layer, prefill.positions)
-        self.cache.fill(*chunkkv.gather_kv(k, v, positions), positions)
+        positions, scores = chunkkv.keep_positions(prefill.config, q, k, prefill.tokens, prefill.budgets[self.layer],
+                                                   self.layer, prefill.leader)
+        n_stored = positions.shape[-1]
+        n_slots = prefill.n_slots or -(-(n_stored + prefill.max_new_tokens) // 8) * 8  # multiple of 8: fewer sizes
+        if n_slots < n_stored + prefill.max_new_tokens:
+            raise ValueError(f"a cache of {n_slots} slots cannot hold {n_stored} prompt entries "
+                             f"+ {prefill.max_new_tokens} new tokens")
+        self.cache.fill(*chunkkv.gather_kv(k, v, positions), positions, n_slots)
         if k.is_cuda:
             torch.cuda.synchronize()
         prefill.compress_seconds += time.perf_counter() - start
-        prefill.positions = positions
-        prefill.kept.append(positions.shape[-1])
+        if chunkkv.is_reuse_leader(self.layer, prefill.config.reuse):
+            prefill.leader = (positions, scores)
+        prefill.kept.append((positions >= 0).sum(-1).float().mean().item())
+        prefill.stored.append(n_stored)
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, step: Tensor) -> Tensor:
         """One token per sequence, x [B, 1, dim], attending to the cache."""
         q, k, v = self.qkv(x, cos, sin)
-        k_all, v_all, mask = self.cache.update(k, v, step)
+        k_all, v_all, valid = self.cache.update(k, v, step)
+        mask = valid.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)[:, :, None]  # [B, Hq, 1, slots]
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
         return self.out(y)
 
@@ -223,16 +246,6 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def setup_caches(self, n_batch: int, n_slots: int):
-        """Give every layer a static cache of `n_slots` entries per KV head."""
-        n_slots = -(-n_slots // 8) * 8  # a multiple of 8, so nearby sizes share one compiled graph
-        args, weight = self.args, self.lm_head.weight
-        for block in self.layers:
-            block.self_attn.cache = KVCache(n_batch, args.n_kv_heads, n_slots, args.head_dim,
-                                            weight.dtype, weight.device)
-        # the prompt length as a tensor: decode reads it without recompiling per value
-        self.register_buffer("prompt_len", torch.zeros(1, dtype=torch.long, device=weight.device), persistent=False)
-
     def forward(self, tokens: Tensor) -> Tensor:
         """Full-sequence logits [B, T, vocab] for tokens [B, T]; no cache is read or written."""
         return self.lm_head(self.trunk(tokens))
@@ -250,6 +263,9 @@ class Transformer(nn.Module):
     def prefill(self, tokens: Tensor, prefill: Prefill) -> Tensor:
         """Run the prompt [B, T], compress it into the caches; logits of its last position [B, vocab]."""
         hidden = self.trunk(tokens, prefill)
+        if getattr(self, "prompt_len", None) is None or self.prompt_len.device != tokens.device:
+            # the prompt length as a tensor: decode reads it without recompiling per value
+            self.register_buffer("prompt_len", torch.zeros(1, dtype=torch.long, device=tokens.device), persistent=False)
         self.prompt_len.fill_(tokens.shape[1])
         return self.lm_head(hidden[:, -1])
 

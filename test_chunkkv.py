@@ -152,9 +152,8 @@ def tiny_model(n_layers: int = 2, seed: int = 0, **overrides) -> Transformer:
 
 def run_forced(model: Transformer, prompt: torch.Tensor, config: CompressionConfig, forced: torch.Tensor):
     """Prefill, then teacher-force `forced` [B, n]; logits after the prompt and after each forced token."""
-    budget = config.prompt_budget(prompt.shape[1])
-    model.setup_caches(prompt.shape[0], budget + forced.shape[1] + 1)
-    logits = [model.prefill(prompt, Prefill(config, budget))]
+    budgets = config.layer_budgets(prompt.shape[1], model.args.n_layers)
+    logits = [model.prefill(prompt, Prefill(config, prompt, budgets, forced.shape[1] + 1))]
     for step in range(forced.shape[1]):
         logits.append(model.decode(forced[:, step:step + 1], torch.tensor([step])))
     return torch.stack(logits, dim=1)  # [B, n + 1, vocab]
