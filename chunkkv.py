@@ -277,9 +277,6 @@ def score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor | None:
 def select(config: CompressionConfig, scores: Tensor | None, tokens: Tensor, budget: int) -> Tensor:
     """Kept positions from scores: [B, N] or [B, Hkv, N], sorted (-1 = unused slot, fastgen)."""
     n_batch, n_prompt = tokens.shape
-    if config.method == "full" or budget >= n_prompt and config.method != "fastgen":
-        shape = (n_batch, n_prompt) if scores is None or scores.dim() == 2 else scores.shape
-        return torch.arange(n_prompt, device=tokens.device).expand(shape)
     if config.method == "streaming":
         return streaming_positions(n_batch, n_prompt, budget, config.n_sinks, tokens.device)
     if config.method == "chunkkv":
@@ -298,11 +295,16 @@ def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, tokens: Tens
     tokens [B, T]. A layer that is not a reuse leader skips scoring: it takes the leader's
     positions, or re-selects from the leader's scores when its own budget differs (pyramidkv).
     """
+    n_batch, n_kv_heads, n_prompt = k.shape[:3]
+    if config.method == "full" or (budget >= n_prompt and config.method != "fastgen"):
+        shape = (n_batch, n_kv_heads, n_prompt) if config.per_kv_head else (n_batch, n_prompt)
+        return torch.arange(n_prompt, device=k.device).expand(shape), None  # nothing to drop
     if leader is not None and not is_reuse_leader(layer, config.reuse) and config.method in SCORED:
         positions, scores = leader
         if positions.shape[-1] == budget or config.method == "fastgen":
             return positions, scores
-        return select(config, scores, tokens, budget), scores
+        if scores is not None:
+            return select(config, scores, tokens, budget), scores
     scores = score(config, q, k)
     return select(config, scores, tokens, budget), scores
 

@@ -19,7 +19,7 @@ from checkpoint import CheckpointError, load
 from chunkkv import METHODS, CompressionConfig, CompressionError
 from model import Prefill, Transformer
 
-__all__ = ["load", "generate", "passkey_prompt"]
+__all__ = ["load", "generate", "compile_decode", "passkey_prompt"]
 
 
 class PromptError(ValueError):
@@ -35,6 +35,14 @@ def sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+def compile_decode(model: Transformer):
+    """The decode step as one graph: no breaks (fullgraph), no recompiles for new prompt lengths,
+    methods or budgets while the cache size stays the same. On CUDA it is replayed as a CUDA
+    graph ("reduce-overhead"); on CPU Inductor emits C++."""
+    mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None
+    return torch.compile(model.decode, fullgraph=True, mode=mode)
 
 
 def synchronize(device: torch.device):
@@ -179,7 +187,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="default cuda when available, else cpu")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                      help="default bfloat16 on CUDA, float32 elsewhere")
-    run.add_argument("--compile", action="store_true", help="torch.compile the decode step (fullgraph)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the decode step: one full graph; CUDA graphs on CUDA")
+    run.add_argument("--compile-prefill", action="store_true", help="also compile the prefill, with dynamic shapes")
     args = parser.parse_args(argv)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -280,7 +290,9 @@ def main(argv=None) -> int:
         max_new_tokens = args.max_new_tokens or (16 if key is not None else 64)
 
         torch.manual_seed(args.seed)
-        decode = torch.compile(model.decode, fullgraph=True) if args.compile else None
+        decode = compile_decode(model) if args.compile else None
+        if args.compile_prefill:
+            model.prefill = torch.compile(model.prefill, dynamic=True)
         if key is not None:
             print(f"Pass-key demo: the pass key {key} is hidden in a {prompt.shape[1]}-token prompt that asks for it.")
         else:

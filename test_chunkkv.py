@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 import checkpoint
 import chunkkv
 from chunkkv import CompressionConfig, CompressionError
-from generate import generate, passkey_prompt
+from generate import compile_decode, generate, passkey_prompt
 from model import ModelArgs, Prefill, Transformer
 
 torch.set_grad_enabled(False)
@@ -142,6 +142,109 @@ def test_window_scores_match_naive(n_batch, heads, n_window, n_prompt, seed):
 
 
 # ---------------------------------------------------------------------------------------
+# Every method: kept sets, budgets, baselines' own definitions
+
+PER_HEAD_METHODS = ("h2o", "snapkv", "pyramidkv", "fastgen")
+
+
+@st.composite
+def method_case(draw):
+    method = draw(st.sampled_from(chunkkv.METHODS + ("chunkkv-per-head",)))
+    window = draw(st.integers(5, 10))
+    n_prompt = draw(st.integers(1, 90))
+    budget = draw(st.integers(window + 1, max(window + 1, n_prompt + 5)))
+    config = CompressionConfig(method=method.removesuffix("-per-head"), per_head=method.endswith("per-head"),
+                               budget=budget, window=window, chunk_size=draw(st.integers(1, 12)),
+                               recovery=draw(st.floats(0.05, 1.0)), special_ids=(0, 1), punctuation_ids=(2, 3, 4))
+    return config, draw(st.integers(1, 3)), n_prompt, draw(st.integers(0, 2**31 - 1))
+
+
+def random_qkt(n_batch, n_prompt, seed, n_heads=4, n_kv_heads=2):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n_batch, n_heads, n_prompt, 8, generator=gen) * 2
+    k = torch.randn(n_batch, n_kv_heads, n_prompt, 8, generator=gen) * 2
+    return q, k, torch.randint(0, 20, (n_batch, n_prompt), generator=gen)
+
+
+@settings(max_examples=300, deadline=None)
+@given(method_case())
+def test_every_method_keeps_a_valid_set(case):
+    config, n_batch, n_prompt, seed = case
+    q, k, tokens = random_qkt(n_batch, n_prompt, seed)
+    budget = config.layer_budgets(n_prompt, 4)[1]
+    positions, _ = chunkkv.keep_positions(config, q, k, tokens, budget, layer=1)
+    assert positions.dim() == (3 if config.per_kv_head else 2)
+    rows = positions.reshape(-1, positions.shape[-1]).tolist()
+    window = set(range(max(0, n_prompt - config.window), n_prompt))
+    for row in rows:
+        kept = [p for p in row if p >= 0]
+        assert kept == sorted(set(kept)) and all(0 <= p < n_prompt for p in kept)
+        assert row[len(kept):] == [-1] * (len(row) - len(kept))  # padding only at the end
+        if config.method == "fastgen":
+            assert window <= set(kept)
+            continue
+        assert len(kept) == min(budget, n_prompt)  # exact count, per row and head
+        if config.method == "streaming" and n_prompt > budget:
+            assert kept == list(range(4)) + list(range(n_prompt - budget + 4, n_prompt))
+        elif config.method == "full" or n_prompt <= budget:
+            assert kept == list(range(n_prompt))  # identity when the budget covers the prompt
+        else:
+            assert window <= set(kept)
+    for b in range(n_batch):  # each sequence chooses for itself
+        alone, _ = chunkkv.keep_positions(config, q[b:b + 1], k[b:b + 1], tokens[b:b + 1], budget, layer=1)
+        assert [[p for p in r if p >= 0] for r in alone[0].reshape(-1, alone.shape[-1]).tolist()] == \
+            [[p for p in r if p >= 0] for r in positions[b].reshape(-1, positions.shape[-1]).tolist()]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 64), st.integers(33, 3000), st.integers(1, 32), st.floats(1.0, 50.0))
+def test_pyramid_budgets(n_layers, budget, window, beta):
+    budgets = chunkkv.pyramid_budgets(budget, window, n_layers, beta)
+    assert len(budgets) == n_layers
+    assert all(a >= b for a, b in zip(budgets, budgets[1:]))  # non-increasing with depth
+    assert all(b >= window for b in budgets)
+    assert abs(sum(budgets) / n_layers - budget) <= 1  # mean is the requested budget
+
+
+def test_pyramidkv_layers_size_their_caches_to_their_budgets():
+    config = CompressionConfig(method="pyramidkv", budget=40, window=4)
+    model = tiny_model(n_layers=4)
+    run_forced(model, torch.randint(0, 256, (1, 200)), config, torch.zeros(1, 3, dtype=torch.long))
+    budgets = config.layer_budgets(200, 4)
+    assert budgets[0] > budgets[-1] and sum(budgets) == 160
+    for block, budget in zip(model.layers, budgets):
+        assert block.self_attn.cache.positions.shape == (1, 2, budget)
+        assert block.self_attn.cache.k.shape[2] == -(-(budget + 4) // 8) * 8
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 40), st.integers(1, 16), st.integers(0, 2**31 - 1))
+def test_blocked_h2o_scores_match_the_full_matrix(n_batch, n_prompt, block, seed):
+    q, k, _ = random_qkt(n_batch, n_prompt, seed)
+    logits = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) / 8 ** 0.5  # [B, Hq, T, T]
+    causal = torch.ones(n_prompt, n_prompt, dtype=torch.bool).tril()
+    attention = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    naive = attention.sum(dim=2).view(n_batch, 2, 2, n_prompt).mean(dim=2)  # mean over each group
+    torch.testing.assert_close(chunkkv.h2o_scores(q, k, block=block), naive, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(10, 80), st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+def test_fastgen_is_monotone_in_the_threshold(n_prompt, r1, r2, seed):
+    q, k, tokens = random_qkt(2, n_prompt, seed)
+    scores = chunkkv.head_window_scores(q[:, :, -5:], k)
+    low, high = sorted([max(r1, 1e-3), max(r2, 1e-3)])
+    kept = {}
+    for recovery in (low, high, 1.0):
+        config = CompressionConfig(method="fastgen", window=5, recovery=recovery, special_ids=(0,), punctuation_ids=(1, 2))
+        positions, policy = chunkkv.fastgen_positions(scores, tokens, config)
+        kept[recovery] = (positions >= 0).sum(-1)
+    assert (kept[high] >= kept[low]).all()  # a higher threshold never keeps fewer tokens
+    assert (kept[1.0] == n_prompt).all()  # threshold 1.0 keeps everything
+    assert (policy == chunkkv.FASTGEN_POLICIES.index("full")).all()
+
+
+# ---------------------------------------------------------------------------------------
 # Tiny random models: cache mechanics
 
 def tiny_model(n_layers: int = 2, seed: int = 0, **overrides) -> Transformer:
@@ -199,8 +302,11 @@ def test_budget_covering_the_prompt_is_the_full_cache():
     model = tiny_model()
     prompt, forced = torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 12))
     full_forward = model(torch.cat([prompt, forced], 1))[:, 39:]
-    for config in [CompressionConfig(method="full"), CompressionConfig(budget=40, window=8),
-                   CompressionConfig(budget=500, window=8, reuse=2), CompressionConfig(keep=1.0)]:
+    configs = [CompressionConfig(method=method, budget=budget, window=8, reuse=reuse)
+               for method in chunkkv.METHODS if method != "fastgen" for budget, reuse in [(40, 1), (500, 2)]]
+    configs += [CompressionConfig(keep=1.0), CompressionConfig(budget=40, window=8, per_head=True),
+                CompressionConfig(method="fastgen", recovery=1.0, window=8)]
+    for config in configs:
         logits = run_forced(model, prompt, config, forced)
         torch.testing.assert_close(logits, full_forward, rtol=1e-5, atol=1e-5)
         assert torch.equal(logits, run_forced(model, prompt, CompressionConfig(method="full"), forced))
@@ -273,10 +379,76 @@ def test_layer_reuse_groups_share_their_leaders_indices(n_layers, reuse):
         assert torch.equal(reused[leader], own[leader])  # leaders computed their own choice
 
 
+@pytest.mark.parametrize("method", chunkkv.SCORED + ("chunkkv-per-head",))
+def test_reuse_skips_scoring_for_every_scored_method(method, monkeypatch):
+    config = CompressionConfig(method=method.removesuffix("-per-head"), per_head=method.endswith("per-head"),
+                               budget=40, window=5, reuse=2, special_ids=(0,), punctuation_ids=(1, 2), recovery=0.5)
+    model = tiny_model(n_layers=4)
+    calls = []
+    scorer = chunkkv.score
+    monkeypatch.setattr(chunkkv, "score", lambda *args: calls.append(1) or scorer(*args))
+    run_forced(model, torch.randint(0, 256, (2, 120)), config, torch.zeros(2, 2, dtype=torch.long))
+    assert len(calls) == 2  # layers 0 and 2 score, 1 and 3 reuse
+    kept = kept_positions(model)
+    for leader, follower in [(0, 1), (2, 3)]:
+        if config.method == "pyramidkv":  # a deeper layer re-selects from its leader's scores with its smaller budget
+            for a, b in zip(kept[leader].flatten(0, 1).tolist(), kept[follower].flatten(0, 1).tolist()):
+                assert len(b) < len(a) and set(b) <= set(a)
+        else:
+            assert torch.equal(kept[leader], kept[follower])
+
+
 def test_generate_rejects_a_prompt_longer_than_the_context():
     model = tiny_model(max_seq_len=64)
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
         generate(model, torch.zeros(1, 60, dtype=torch.long), CompressionConfig(method="full"), max_new_tokens=5)
+
+
+def greedy_decode(model, prompt, config, decode, n_steps=32, n_slots=128):
+    """Greedy tokens and decode logits with a given decode step, in a cache of fixed size."""
+    budgets = config.layer_budgets(prompt.shape[1], model.args.n_layers)
+    logits = model.prefill(prompt, Prefill(config, prompt, budgets, n_steps, n_slots=n_slots))
+    tokens, all_logits, step = [], [], torch.zeros(1, dtype=torch.long)
+    for i in range(n_steps):
+        token = logits.argmax(-1, keepdim=True)
+        tokens.append(token)
+        step.fill_(i)
+        logits = decode(token, step).clone()
+        all_logits.append(logits)
+    return torch.cat(tokens, 1), torch.stack(all_logits, 1)
+
+
+def test_compiled_decode_is_one_graph_for_every_prompt_and_method():
+    torch._dynamo.reset()
+    model = tiny_model()
+    compiled = compile_decode(model)  # fullgraph=True: a graph break would raise
+    prompt = torch.randint(0, 256, (2, 50))
+    config = CompressionConfig(budget=20, window=4)
+    eager_tokens, eager_logits = greedy_decode(model, prompt, config, model.decode)
+    tokens, logits = greedy_decode(model, prompt, config, compiled)
+    assert torch.equal(tokens, eager_tokens)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+    with torch.compiler.set_stance("fail_on_recompile"):  # any recompile is an error from here on
+        for n_prompt, config in [(90, CompressionConfig(method="snapkv", budget=30, window=4)),
+                                 (31, CompressionConfig(method="full")),
+                                 (70, CompressionConfig(method="fastgen", window=4, special_ids=(0,)))]:
+            prompt = torch.randint(0, 256, (2, n_prompt))
+            tokens, logits = greedy_decode(model, prompt, config, compiled)
+            assert torch.equal(tokens, greedy_decode(model, prompt, config, model.decode)[0])
+
+
+def test_compiled_prefill_matches_eager():
+    torch._dynamo.reset()
+    model = tiny_model()
+    compiled = torch.compile(model.prefill, dynamic=True)
+    config = CompressionConfig(budget=20, window=4)
+    for n_prompt in (40, 57):
+        prompt = torch.randint(0, 256, (1, n_prompt))
+        budgets = config.layer_budgets(n_prompt, 2)
+        eager = model.prefill(prompt, Prefill(config, prompt, budgets, 4))
+        eager_kept = kept_positions(model)
+        torch.testing.assert_close(compiled(prompt, Prefill(config, prompt, budgets, 4)), eager, rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(kept_positions(model), eager_kept))
 
 
 # ---------------------------------------------------------------------------------------
