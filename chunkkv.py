@@ -287,25 +287,28 @@ def select(config: CompressionConfig, scores: Tensor | None, tokens: Tensor, bud
 
 
 def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, tokens: Tensor, budget: int, layer: int,
-                   leader: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor | None]:
+                   leader: tuple[Tensor, Tensor | None] | None = None,
+                   scores: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """(positions, scores) of one layer: positions [B, N] or [B, Hkv, N] sorted, one choice per
     sequence (and per KV head for per-head methods).
 
     q [B, Hq, T, D] (most methods read only the last `window` queries), k [B, Hkv, T, D],
     tokens [B, T]. A layer that is not a reuse leader skips scoring: it takes the leader's
     positions, or re-selects from the leader's scores when its own budget differs (pyramidkv).
+    Precomputed `scores` of this layer also skip scoring (one scoring, many budgets).
     """
     n_batch, n_kv_heads, n_prompt = k.shape[:3]
     if config.method == "full" or (budget >= n_prompt and config.method != "fastgen"):
         shape = (n_batch, n_kv_heads, n_prompt) if config.per_kv_head else (n_batch, n_prompt)
         return torch.arange(n_prompt, device=k.device).expand(shape), None  # nothing to drop
     if leader is not None and not is_reuse_leader(layer, config.reuse) and config.method in SCORED:
-        positions, scores = leader
-        if positions.shape[-1] == budget or config.method == "fastgen":
-            return positions, scores
-        if scores is not None:
-            return select(config, scores, tokens, budget), scores
-    scores = score(config, q, k)
+        leader_positions, leader_scores = leader
+        if leader_positions.shape[-1] == budget or config.method == "fastgen":
+            return leader_positions, leader_scores
+        if leader_scores is not None:
+            return select(config, leader_scores, tokens, budget), leader_scores
+    if scores is None:
+        scores = score(config, q, k)
     return select(config, scores, tokens, budget), scores
 
 

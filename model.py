@@ -78,6 +78,8 @@ class Prefill:
     max_new_tokens: int  # cache slots left free for generated tokens
     n_slots: int | None = None  # fixed cache size per layer; default: each layer's need, rounded up to 8
     leader: tuple | None = None  # (positions, scores) of the latest reuse leader
+    scores: list[Tensor] | None = None  # precomputed token scores per layer: scoring is skipped
+    captured: list[tuple] | None = None  # a list to receive each layer's (q, k, v), for model.compress
     kept: list[float] = field(default_factory=list)  # prompt entries kept per layer (mean over KV heads)
     stored: list[int] = field(default_factory=list)  # prompt slots used per layer (the largest head's count)
     compress_seconds: float = 0.0  # scoring + selection + gather, all layers
@@ -182,8 +184,11 @@ class Attention(nn.Module):
 
     def compress_into_cache(self, q: Tensor, k: Tensor, v: Tensor, prefill: Prefill):
         start = time.perf_counter()
+        if prefill.captured is not None:
+            prefill.captured.append((q, k, v))
+        scores = prefill.scores[self.layer] if prefill.scores is not None else None
         positions, scores = chunkkv.keep_positions(prefill.config, q, k, prefill.tokens, prefill.budgets[self.layer],
-                                                   self.layer, prefill.leader)
+                                                   self.layer, prefill.leader, scores)
         n_stored = positions.shape[-1]
         n_slots = prefill.n_slots or -(-(n_stored + prefill.max_new_tokens) // 8) * 8  # multiple of 8: fewer sizes
         if n_slots < n_stored + prefill.max_new_tokens:
@@ -263,11 +268,21 @@ class Transformer(nn.Module):
     def prefill(self, tokens: Tensor, prefill: Prefill) -> Tensor:
         """Run the prompt [B, T], compress it into the caches; logits of its last position [B, vocab]."""
         hidden = self.trunk(tokens, prefill)
+        self.set_prompt_len(tokens)
+        return self.lm_head(hidden[:, -1])
+
+    def compress(self, captured: list[tuple], prefill: Prefill):
+        """Refill the caches from a earlier prefill's captured (q, k, v), compressed as `prefill`
+        says: one prefill serves many methods and budgets (the prefill does not depend on them)."""
+        for block, (q, k, v) in zip(self.layers, captured):
+            block.self_attn.compress_into_cache(q, k, v, prefill)
+        self.set_prompt_len(prefill.tokens)
+
+    def set_prompt_len(self, tokens: Tensor):
         if getattr(self, "prompt_len", None) is None or self.prompt_len.device != tokens.device:
             # the prompt length as a tensor: decode reads it without recompiling per value
             self.register_buffer("prompt_len", torch.zeros(1, dtype=torch.long, device=tokens.device), persistent=False)
         self.prompt_len.fill_(tokens.shape[1])
-        return self.lm_head(hidden[:, -1])
 
     def decode(self, token: Tensor, step: Tensor) -> Tensor:
         """token [B, 1] generated at `step` (0 for the first), stored in slot n + step with RoPE

@@ -1,0 +1,511 @@
+"""Benchmarks on the default model (or --checkpoint), printed as tables and written as flat JSON rows.
+
+    python bench.py quality [--quick] [--out results/quality.json] [--plot accuracy.png]
+    python bench.py speed   [--quick] [--out results/speed.json]
+
+quality: every prompt is prefilled once and every method x keep is compressed from that one
+prefill (the prefill does not depend on the method). Setting: query-aware, as in the paper —
+the question is part of the prompt, so it sits inside the observation window.
+speed: prefill, compression, eager and compiled decode, KV bytes and the memory-bandwidth
+roofline of a decode step.
+"""
+import argparse
+import importlib
+import inspect
+import json
+import math
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import chunkkv
+from checkpoint import CheckpointError, load
+from chunkkv import CompressionConfig
+from generate import compile_decode, fastgen_token_ids
+from model import Prefill, Transformer
+
+torch.set_grad_enabled(False)
+
+
+# ---------------------------------------------------------------------------------------
+# Text: real prose from the Python standard library's docstrings, available offline anywhere
+
+DOC_MODULES = ("argparse collections json textwrap functools itertools pathlib subprocess threading logging "
+               "email.message http.client urllib.parse csv datetime decimal fractions statistics random string "
+               "shutil tempfile zipfile tarfile heapq bisect queue socket ssl inspect dataclasses enum typing "
+               "contextlib abc copy pickle sqlite3 unittest doctest difflib pprint calendar hashlib hmac secrets "
+               "uuid base64 gzip configparser optparse locale gettext codecs re struct array weakref types "
+               "operator math numbers ipaddress mimetypes html.parser asyncio concurrent.futures multiprocessing "
+               "selectors signal mmap timeit trace tracemalloc pdb ast dis tokenize platform io os glob fnmatch "
+               "shelve plistlib graphlib warnings traceback").split()
+
+
+def stdlib_paragraphs() -> list[str]:
+    """Prose paragraphs (> 200 characters, no code) from standard-library docstrings, in a fixed order."""
+    seen, paragraphs = set(), []
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        members = [getattr(module, attr) for attr in sorted(dir(module)) if not attr.startswith("_")]
+        for obj in [module] + [m for m in members if inspect.isclass(m) or inspect.isfunction(m)]:
+            for paragraph in (inspect.getdoc(obj) or "").split("\n\n"):
+                paragraph = " ".join(paragraph.split())
+                if len(paragraph) > 200 and paragraph not in seen and ">>>" not in paragraph and "{" not in paragraph:
+                    seen.add(paragraph)
+                    paragraphs.append(paragraph)
+    return paragraphs
+
+
+def take_prose(paragraphs: list[str], tokenizer, n_tokens: int, start: int) -> list[str]:
+    """Consecutive paragraphs from `start` (wrapping) until they hold about n_tokens tokens."""
+    taken, count, i = [], 0, start
+    while count < n_tokens:
+        taken.append(paragraphs[i % len(paragraphs)])
+        count += len(tokenizer.encode(taken[-1]).ids) + 1
+        i += 1
+    return taken
+
+
+# ---------------------------------------------------------------------------------------
+# Retrieval tasks (RULER-style needles in real prose), in plain completion format
+
+KEYS = ("apple", "river", "candle", "mountain", "violin", "harbor", "falcon", "lantern", "meadow", "copper")
+INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+         "I will quiz you about the numbers afterwards.\n")
+
+
+def retrieval_case(task: str, paragraphs, tokenizer, n_tokens: int, depth: float, rng: random.Random):
+    """(prompt, answers, max_new_tokens) for task single | multikey | multivalue; the needle that
+    is asked about sits at `depth` (0 = start, 1 = end) of the haystack."""
+    keys = rng.sample(KEYS, 4)
+    values = [str(rng.randint(100000, 999999)) for _ in range(4)]
+    if task == "single":
+        needles, asked, answers = [(keys[0], values[0])], keys[0], values[:1]
+    elif task == "multikey":  # four keys, one asked
+        needles, asked, answers = list(zip(keys, values)), keys[0], values[:1]
+    else:  # multivalue: one key, four values, all asked
+        needles, asked, answers = [(keys[0], value) for value in values], keys[0], values
+    haystack = take_prose(paragraphs, tokenizer, n_tokens - 60 - 15 * len(needles), rng.randrange(len(paragraphs)))
+    spots = [round(depth * len(haystack))] + [rng.randint(0, len(haystack)) for _ in needles[1:]]
+    for (key, value), spot in sorted(zip(needles, spots), key=lambda pair: -pair[1]):
+        haystack.insert(spot, f"One of the special magic numbers for {key} is: {value}.")
+    if task == "multivalue":
+        question = (f"\nWhat are all the special magic numbers for {asked} mentioned in the provided text? "
+                    f"The special magic numbers for {asked} mentioned in the provided text are")
+    else:
+        question = (f"\nWhat is the special magic number for {asked} mentioned in the provided text? "
+                    f"The special magic number for {asked} mentioned in the provided text is")
+    return INTRO + "\n".join(haystack) + question, answers, 8 * len(answers) + 2
+
+
+# ---------------------------------------------------------------------------------------
+# One prefill, many compressions
+
+def capture(model: Transformer, tokens: torch.Tensor, max_new_tokens: int):
+    """Prefill once; (last logits, each layer's (q, k, v)) to compress from again and again."""
+    captured = []
+    prefill = Prefill(CompressionConfig(method="full"), tokens, [tokens.shape[1]] * model.args.n_layers,
+                      max_new_tokens, captured=captured)
+    return model.prefill(tokens, prefill), captured
+
+
+def layer_scores(config: CompressionConfig, captured) -> list[torch.Tensor | None]:
+    """Each layer's token scores: scoring once serves every budget of a method."""
+    return [chunkkv.score(config, q, k) for q, k, _ in captured]
+
+
+def compress(model, captured, tokens, config, max_new_tokens, scores=None) -> Prefill:
+    prefill = Prefill(config, tokens, config.layer_budgets(tokens.shape[1], model.args.n_layers), max_new_tokens,
+                      scores=scores)
+    model.compress(captured, prefill)
+    return prefill
+
+
+def greedy(model, logits, n_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy tokens until a stop token (the answer's end of line) or n_tokens."""
+    tokens, step = [], torch.zeros(1, dtype=torch.long)
+    for i in range(n_tokens):
+        token = logits.argmax(-1, keepdim=True)
+        tokens.append(int(token[0, 0]))
+        if tokens[-1] in stop:
+            break
+        if i < n_tokens - 1:
+            step.fill_(i)
+            logits = model.decode(token, step)
+    return tokens
+
+
+def teacher_forced(model, logits, continuation: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [n, vocab] of each continuation token's prediction, fed one at a time."""
+    out, step = [logits], torch.zeros(1, dtype=torch.long)
+    for i in range(continuation.shape[1] - 1):
+        step.fill_(i)
+        out.append(model.decode(continuation[:, i:i + 1], step))
+    return torch.cat(out).float().log_softmax(-1)
+
+
+def layer_sets(model) -> list[list[set]]:
+    """Kept positions per layer and sequence; per-head methods merged by union over KV heads."""
+    sets = []
+    for block in model.layers:
+        positions = block.self_attn.cache.positions
+        rows = positions if positions.dim() == 2 else positions.flatten(1)
+        sets.append([set(row.tolist()) - {-1} for row in rows])
+    return sets
+
+
+def adjacent_jaccard(sets: list[list[set]]) -> float:
+    pairs = [len(a & b) / len(a | b) for upper, lower in zip(sets, sets[1:]) for a, b in zip(upper, lower)]
+    return statistics.mean(pairs)
+
+
+# ---------------------------------------------------------------------------------------
+# Progress and output
+
+class Progress:
+    def __init__(self, total: int, what: str):
+        self.total, self.done, self.what, self.start = total, 0, what, time.perf_counter()
+
+    def step(self, label: str, amount: int = 1):
+        self.done += amount
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"  [{self.what} {self.done}/{self.total}] {elapsed / 60:4.1f} min elapsed, "
+              f"~{eta / 60:4.1f} min left  {label}", file=sys.stderr, flush=True)
+
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    return "\n".join([f"\n{title}\n", line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *map(line, cells[1:])])
+
+
+def mean_of(rows: list[dict], **match) -> float:
+    values = [r["value"] for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return statistics.mean(values) if values else float("nan")
+
+
+def write_json(path: str, rows: list[dict], command: str):
+    meta = {"command": command, "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+            "cpus": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps([{**row, **meta} for row in rows], indent=1))
+    print(f"\nwrote {len(rows)} rows to {path}")
+
+
+# ---------------------------------------------------------------------------------------
+# quality
+
+METHODS = {  # label -> config at a given keep
+    "streaming": dict(method="streaming"), "h2o": dict(method="h2o"), "snapkv": dict(method="snapkv"),
+    "pyramidkv": dict(method="pyramidkv"), "chunkkv": dict(method="chunkkv"),
+    "chunkkv-per-head": dict(method="chunkkv", per_head=True),
+}
+
+
+def quality_configs(keeps, fastgen_ids) -> list[tuple[str, str, float | None, CompressionConfig]]:
+    """(bench, label, keep, config): the method grid, then the reuse and chunk-size ablations at keep 0.1."""
+    configs = [("main", "full", 1.0, CompressionConfig(method="full"))]
+    configs += [("main", label, keep, CompressionConfig(keep=keep, **kw)) for label, kw in METHODS.items() for keep in keeps]
+    special, punctuation = fastgen_ids
+    configs.append(("main", "fastgen", None, CompressionConfig(method="fastgen", special_ids=special, punctuation_ids=punctuation)))
+    configs += [("reuse", f"chunkkv-reuse{n}", 0.1, CompressionConfig(keep=0.1, reuse=n)) for n in (2, 3, 4)]
+    configs += [("chunk", f"chunkkv-c{c}", 0.1, CompressionConfig(keep=0.1, chunk_size=c)) for c in (3, 5, 20, 30)]
+    return configs
+
+
+def run_quality(model, tokenizer, quick: bool) -> list[dict]:
+    paragraphs = stdlib_paragraphs()
+    rng = random.Random(0)
+    lengths = [2048] if quick else [1024, 2048, 4096]
+    depths = [0.25, 0.75] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]
+    tasks = ["single", "multikey", "multivalue"]
+    keeps = [0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3]
+    stop = set(tokenizer.encode("\n").ids) | {i for i in (tokenizer.token_to_id("<|endoftext|>"),
+                                                         tokenizer.token_to_id("<|im_end|>")) if i is not None}
+    configs = quality_configs(keeps, fastgen_token_ids(tokenizer))
+    if quick:
+        configs = [c for c in configs if c[0] == "main"]
+    rows = []
+
+    def evaluate(bench, **fields):
+        rows.append({"bench": bench, **fields})
+
+    cases = [(task, n, d) for n in lengths for task in tasks for d in depths]
+    progress = Progress(len(cases) + 1, "quality")
+    for task, n_tokens, depth in cases:
+        text, answers, max_new = retrieval_case(task, paragraphs, tokenizer, n_tokens, depth, rng)
+        tokens = torch.tensor([tokenizer.encode(text).ids])
+        logits, captured = capture(model, tokens, max_new)
+        scores = {}
+        for bench, label, keep, config in configs:
+            key = (config.method, config.per_head)
+            if key not in scores:  # score once per method: every keep, reuse and chunk size selects from it
+                scores[key] = layer_scores(config, captured)
+            compress(model, captured, tokens, config, max_new, scores[key])
+            answer = tokenizer.decode(greedy(model, logits, max_new, stop))
+            evaluate("retrieval" if bench == "main" else f"{bench}-ablation", method=label, keep=keep, task=task,
+                     context=n_tokens, prompt_tokens=tokens.shape[1], depth=depth, metric="accuracy",
+                     value=sum(a in answer for a in answers) / len(answers))
+        progress.step(f"{task} {tokens.shape[1]} tokens, depth {depth:.2f}")
+
+    # fidelity on real text: compress a long prose prefix, teacher-force its continuation
+    n_context, n_next = (1024, 64) if quick else (2048, 256)
+    prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
+    ids = tokenizer.encode(prose).ids
+    tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
+    logits, captured = capture(model, tokens, n_next)
+    reference = None
+    for bench, label, keep, config in configs:
+        prefill = compress(model, captured, tokens, config, n_next)
+        logprobs = teacher_forced(model, logits, continuation)
+        reference = logprobs if label == "full" else reference
+        nll = -logprobs.gather(1, continuation[0, :, None]).mean()
+        kl = F.kl_div(logprobs, reference, log_target=True, reduction="none").sum(-1).mean()
+        common = dict(method=label, keep=keep, prompt_tokens=n_context, continuation_tokens=n_next)
+        name = "fidelity" if bench == "main" else f"{bench}-ablation"
+        evaluate(name, metric="perplexity", value=math.exp(nll), **common)
+        evaluate(name, metric="kl_to_full", value=float(kl), **common)
+        evaluate(name, metric="kept_fraction", value=sum(prefill.kept) / (n_context * model.args.n_layers), **common)
+        if bench != "chunk":
+            evaluate("layer-overlap" if bench == "main" else f"{bench}-ablation", metric="adjacent_jaccard",
+                     value=adjacent_jaccard(layer_sets(model)), **common)
+        if bench == "reuse" or label == "chunkkv" and keep == 0.1:  # scoring time: no precomputed scores here
+            seconds = []
+            for _ in range(3):
+                seconds.append(compress(model, captured, tokens, config, n_next).compress_seconds)
+            evaluate("reuse-ablation", metric="compress_seconds", value=statistics.median(seconds), **common)
+    progress.step("fidelity")
+    return rows
+
+
+def quality_tables(rows: list[dict]) -> str:
+    keeps = sorted({r["keep"] for r in rows if r["bench"] == "retrieval" and r["keep"] not in (None, 1.0)})
+    labels = ["full"] + list(METHODS) + ["fastgen"]
+    lengths = sorted({r["context"] for r in rows if r["bench"] == "retrieval"})
+    out = []
+    acc = [[label] + [mean_of(rows, bench="retrieval", method=label, keep=k) for k in
+                      ([1.0] if label == "full" else [None] if label == "fastgen" else keeps)] for label in labels]
+    out.append(table("Retrieval accuracy (mean over tasks, lengths, depths)", ["method"] + [f"keep {k}" for k in keeps],
+                     [row + [""] * (len(keeps) + 1 - len(row)) for row in acc]))
+    tasks = ["single", "multikey", "multivalue"]
+    per_task = [[label] + [mean_of(rows, bench="retrieval", method=label, task=t,
+                                   keep=1.0 if label == "full" else None if label == "fastgen" else 0.1) for t in tasks]
+                for label in labels]
+    out.append(table("Retrieval accuracy by task at keep 0.1 (full: 1.0, fastgen: its own)", ["method"] + tasks, per_task))
+    by_length = [[label] + [mean_of(rows, bench="retrieval", method=label, context=n,
+                                    keep=1.0 if label == "full" else None if label == "fastgen" else 0.1) for n in lengths]
+                 for label in labels]
+    out.append(table("Retrieval accuracy by prompt length at keep 0.1", ["method"] + [f"~{n} tokens" for n in lengths],
+                     by_length))
+    fid = []
+    for label in labels:
+        for keep in ([1.0] if label == "full" else [None] if label == "fastgen" else keeps):
+            fid.append([label, keep if keep is not None else "auto",
+                        mean_of(rows, bench="fidelity", method=label, keep=keep, metric="kept_fraction"),
+                        mean_of(rows, bench="fidelity", method=label, keep=keep, metric="perplexity"),
+                        mean_of(rows, bench="fidelity", method=label, keep=keep, metric="kl_to_full")])
+    out.append(table("Fidelity: teacher-forced continuation of real text", ["method", "keep", "kept", "perplexity",
+                                                                            "KL to full"], fid))
+    overlap = [[label, mean_of(rows, bench="layer-overlap", method=label, keep=0.1 if label != "fastgen" else None)]
+               for label in labels[1:]]
+    out.append(table("Adjacent-layer Jaccard of kept positions at keep 0.1 (per-head methods: union of heads)",
+                     ["method", "jaccard"], overlap))
+    reuse = []
+    for n, label in enumerate(["chunkkv", "chunkkv-reuse2", "chunkkv-reuse3", "chunkkv-reuse4"], start=1):
+        bench = "retrieval" if n == 1 else "reuse-ablation"
+        fbench = "fidelity" if n == 1 else "reuse-ablation"
+        reuse.append([n, mean_of(rows, bench=bench, method=label, keep=0.1, metric="accuracy"),
+                      mean_of(rows, bench=fbench, method=label, metric="perplexity"),
+                      mean_of(rows, bench=fbench, method=label, metric="kl_to_full"),
+                      1000 * mean_of(rows, bench="reuse-ablation", method=label, metric="compress_seconds")])
+    if not any(r["bench"] == "reuse-ablation" and r["metric"] == "accuracy" for r in rows):
+        return "\n".join(out)  # --quick runs no ablations
+    out.append(table("Layer-wise index reuse, ChunkKV keep 0.1", ["reuse depth", "retrieval", "perplexity",
+                                                                 "KL to full", "compression ms"], reuse))
+    chunk = []
+    for c in (3, 5, 10, 20, 30):
+        label, bench = ("chunkkv", "retrieval") if c == 10 else (f"chunkkv-c{c}", "chunk-ablation")
+        fbench = "fidelity" if c == 10 else "chunk-ablation"
+        chunk.append([c, mean_of(rows, bench=bench, method=label, keep=0.1, metric="accuracy"),
+                      mean_of(rows, bench=fbench, method=label, metric="perplexity"),
+                      mean_of(rows, bench=fbench, method=label, metric="kl_to_full")])
+    out.append(table("Chunk size, ChunkKV keep 0.1", ["chunk", "retrieval", "perplexity", "KL to full"], chunk))
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str):
+    import matplotlib  # optional: pip install matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keeps = sorted({r["keep"] for r in rows if r["bench"] == "retrieval" and r["keep"] not in (None, 1.0)})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in METHODS:
+        ax.plot(keeps, [mean_of(rows, bench="retrieval", method=label, keep=k) for k in keeps], marker="o", label=label)
+    ax.axhline(mean_of(rows, bench="retrieval", method="full"), color="gray", linestyle="--", label="full")
+    ax.set(xlabel="keep (fraction of the prompt KV cache)", ylabel="retrieval accuracy", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------
+# speed
+
+def median_seconds(fn, repeats: int) -> tuple[float, float]:
+    """(median, spread = max - min) of fn's wall time over `repeats` runs."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), max(times) - min(times)
+
+
+def memory_bandwidth() -> float:
+    """Bytes per second of a large copy (read + write), the decode step's limit."""
+    src = torch.ones(256 * 2**20)  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    seconds, _ = median_seconds(lambda: dst.copy_(src), 5)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def decode_seconds(model, decode, n_batch: int, n_steps: int) -> tuple[float, float]:
+    """Median and spread of one decode step's time, after two warm-up steps (compilation)."""
+    token = torch.zeros(n_batch, 1, dtype=torch.long)
+    step = torch.zeros(1, dtype=torch.long)
+    times = []
+    for i in range(n_steps + 2):
+        step.fill_(i)
+        start = time.perf_counter()
+        decode(token, step).clone()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]), max(times[2:]) - min(times[2:])
+
+
+def run_speed(model, tokenizer, quick: bool) -> list[dict]:
+    torch._dynamo.config.cache_size_limit = 64  # one graph per cache size; many sizes in one run
+    lengths = [1024] if quick else [1024, 2048, 4096, 8000]
+    batches = [1] if quick else [1, 4]
+    n_steps = 8 if quick else 16
+    configs = {"full": CompressionConfig(method="full"), "chunkkv": CompressionConfig(keep=0.1),
+               "chunkkv-reuse2": CompressionConfig(keep=0.1, reuse=2), "snapkv": CompressionConfig(method="snapkv", keep=0.1)}
+    paragraphs = stdlib_paragraphs()
+    bandwidth = memory_bandwidth()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    rows = [{"bench": "speed", "metric": "memory_bandwidth_gb_s", "value": bandwidth / 1e9}]
+    compiled = compile_decode(model)
+    progress = Progress(len(lengths) * len(configs) * len(batches), "speed")
+    for n_tokens in lengths:
+        ids = tokenizer.encode("\n".join(take_prose(paragraphs, tokenizer, n_tokens, 0))).ids[:n_tokens]
+        tokens = torch.tensor([ids])
+        repeats = 2 if n_tokens > 4096 else 3
+        prefill_s, prefill_spread = median_seconds(lambda: capture(model, tokens, 64), repeats)
+        _, captured = capture(model, tokens, 64)
+        rows.append({"bench": "speed", "prompt_tokens": n_tokens, "metric": "prefill_seconds", "value": prefill_s,
+                     "spread": prefill_spread})
+        for label, config in configs.items():
+            seconds = [compress(model, captured, tokens, config, 64).compress_seconds for _ in range(5)]
+            common = {"bench": "speed", "method": label, "keep": 0.1 if label != "full" else 1.0, "prompt_tokens": n_tokens}
+            rows.append({**common, "metric": "compress_seconds", "value": statistics.median(seconds),
+                         "spread": max(seconds) - min(seconds), "share_of_prefill": statistics.median(seconds) / prefill_s})
+            for n_batch in batches:
+                # decode speed does not depend on content: batch rows are copies of the one prompt
+                batch = [tuple(t.expand(n_batch, *t.shape[1:]) for t in layer) for layer in captured]
+                prefill = compress(model, batch, tokens.expand(n_batch, -1), config, 64)
+                kv_bytes = sum(2 * b.self_attn.cache.k.numel() * b.self_attn.cache.k.element_size() for b in model.layers)
+                for mode, decode in (("eager", model.decode), ("compiled", compiled)):
+                    step_s, spread = decode_seconds(model, decode, n_batch, n_steps)
+                    roofline_s = (weight_bytes + kv_bytes) / bandwidth
+                    rows.append({**common, "batch": n_batch, "mode": mode, "metric": "decode_tokens_per_s",
+                                 "value": n_batch / step_s, "step_ms": 1000 * step_s, "spread_ms": 1000 * spread,
+                                 "roofline_ms": 1000 * roofline_s, "of_roofline": roofline_s / step_s})
+                rows.append({**common, "batch": n_batch, "metric": "kv_cache_bytes", "value": kv_bytes,
+                             "kept_per_layer": statistics.mean(prefill.kept)})
+                rows.append({**common, "batch": n_batch, "metric": "peak_rss_mib_so_far",
+                             "value": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                progress.step(f"{n_tokens} tokens, {label}, batch {n_batch}")
+    return rows
+
+
+def speed_tables(rows: list[dict]) -> str:
+    bandwidth = next(r["value"] for r in rows if r["metric"] == "memory_bandwidth_gb_s")
+    lengths = sorted({r["prompt_tokens"] for r in rows if "prompt_tokens" in r})
+    labels = ["full", "chunkkv", "chunkkv-reuse2", "snapkv"]
+    find = lambda **m: next((r for r in rows if all(r.get(k) == v for k, v in m.items())), None)  # noqa: E731
+    prefill = []
+    for n in lengths:
+        p = find(prompt_tokens=n, metric="prefill_seconds")
+        c1 = find(prompt_tokens=n, method="chunkkv", metric="compress_seconds")
+        c2 = find(prompt_tokens=n, method="chunkkv-reuse2", metric="compress_seconds")
+        s = find(prompt_tokens=n, method="snapkv", metric="compress_seconds")
+        prefill.append([n, f"{p['value']:.2f} ± {p['spread']:.2f}", f"{1000 * c1['value']:.1f} ({100 * c1['share_of_prefill']:.1f} %)",
+                        f"{1000 * c2['value']:.1f} ({100 * c2['share_of_prefill']:.1f} %)",
+                        f"{100 * (1 - c2['value'] / c1['value']):.0f} %",
+                        f"{1000 * s['value']:.1f} ({100 * s['share_of_prefill']:.1f} %)"])
+    out = [table("Prefill and compression (compression = scoring + selection + gather, all layers; median)",
+                 ["prompt", "prefill s", "chunkkv ms", "chunkkv reuse 2 ms", "reuse saves", "snapkv ms"], prefill)]
+    decode = []
+    for n in lengths:
+        for label in labels:
+            for n_batch in sorted({r.get("batch") for r in rows if r.get("batch")}):
+                e = find(prompt_tokens=n, method=label, batch=n_batch, mode="eager")
+                c = find(prompt_tokens=n, method=label, batch=n_batch, mode="compiled")
+                kv = find(prompt_tokens=n, method=label, batch=n_batch, metric="kv_cache_bytes")
+                decode.append([n, label, n_batch, f"{e['value']:.1f}", f"{c['value']:.1f}", f"{c['value'] / e['value']:.2f}x",
+                               f"{kv['value'] / 2**20:.1f}", f"{c['roofline_ms']:.1f}", f"{c['step_ms']:.1f} ± {c['spread_ms']:.1f}",
+                               f"{100 * c['of_roofline']:.0f} %"])
+    out.append(table(f"Decode (tokens/s; roofline = (weights + KV cache) / {bandwidth:.1f} GB/s measured copy bandwidth)",
+                     ["prompt", "method", "batch", "eager tok/s", "compiled tok/s", "speed-up", "KV MiB",
+                      "roofline ms", "compiled ms", "of roofline"], decode))
+    peak = max(r["value"] for r in rows if r["metric"] == "peak_rss_mib_so_far")
+    out.append(f"\npeak process memory (RSS) over the whole run: {peak:.0f} MiB")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bench", choices=["quality", "speed"])
+    parser.add_argument("--quick", action="store_true", help="a small subset: minutes, not the full run")
+    parser.add_argument("--out", help="JSON rows (default results/<bench>.json)")
+    parser.add_argument("--checkpoint", help="Hugging Face Llama directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--plot", help="quality: draw accuracy vs keep to this PNG (needs matplotlib)")
+    args = parser.parse_args(argv)
+    try:
+        model, tokenizer = load(args.checkpoint)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"{command}\n{date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, float32, CPU")
+    start = time.perf_counter()
+    if args.bench == "quality":
+        rows = run_quality(model, tokenizer, args.quick)
+        print(quality_tables(rows))
+        if args.plot:
+            plot(rows, args.plot)
+    else:
+        rows = run_speed(model, tokenizer, args.quick)
+        print(speed_tables(rows))
+    print(f"\n{args.bench} benchmark took {(time.perf_counter() - start) / 60:.1f} min")
+    write_json(args.out or f"results/{args.bench}.json", rows, command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
