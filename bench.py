@@ -194,8 +194,18 @@ def mean_of(rows: list[dict], **match) -> float:
     return statistics.mean(values) if values else float("nan")
 
 
+def machine() -> str:
+    """The CPU's model name where Linux tells it, else the architecture."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.machine()
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
 def write_json(path: str, rows: list[dict], command: str):
-    meta = {"command": command, "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+    meta = {"command": command, "date": date.today().isoformat(), "machine": machine(),
             "cpus": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps([{**row, **meta} for row in rows], indent=1))
@@ -301,7 +311,7 @@ def quality_tables(rows: list[dict]) -> str:
     per_task = [[label] + [mean_of(rows, bench="retrieval", method=label, task=t,
                                    keep=1.0 if label == "full" else None if label == "fastgen" else 0.1) for t in tasks]
                 for label in labels]
-    out.append(table("Retrieval accuracy by task at keep 0.1 (full: 1.0, fastgen: its own)", ["method"] + tasks, per_task))
+    out.append(table("Retrieval accuracy by task at keep 0.1 (full keeps all, fastgen chooses)", ["method"] + tasks, per_task))
     by_length = [[label] + [mean_of(rows, bench="retrieval", method=label, context=n,
                                     keep=1.0 if label == "full" else None if label == "fastgen" else 0.1) for n in lengths]
                  for label in labels]
@@ -325,8 +335,8 @@ def quality_tables(rows: list[dict]) -> str:
         bench = "retrieval" if n == 1 else "reuse-ablation"
         fbench = "fidelity" if n == 1 else "reuse-ablation"
         reuse.append([n, mean_of(rows, bench=bench, method=label, keep=0.1, metric="accuracy"),
-                      mean_of(rows, bench=fbench, method=label, metric="perplexity"),
-                      mean_of(rows, bench=fbench, method=label, metric="kl_to_full"),
+                      mean_of(rows, bench=fbench, method=label, keep=0.1, metric="perplexity"),
+                      mean_of(rows, bench=fbench, method=label, keep=0.1, metric="kl_to_full"),
                       1000 * mean_of(rows, bench="reuse-ablation", method=label, metric="compress_seconds")])
     if not any(r["bench"] == "reuse-ablation" and r["metric"] == "accuracy" for r in rows):
         return "\n".join(out)  # --quick runs no ablations
@@ -337,14 +347,14 @@ def quality_tables(rows: list[dict]) -> str:
         label, bench = ("chunkkv", "retrieval") if c == 10 else (f"chunkkv-c{c}", "chunk-ablation")
         fbench = "fidelity" if c == 10 else "chunk-ablation"
         chunk.append([c, mean_of(rows, bench=bench, method=label, keep=0.1, metric="accuracy"),
-                      mean_of(rows, bench=fbench, method=label, metric="perplexity"),
-                      mean_of(rows, bench=fbench, method=label, metric="kl_to_full")])
+                      mean_of(rows, bench=fbench, method=label, keep=0.1, metric="perplexity"),
+                      mean_of(rows, bench=fbench, method=label, keep=0.1, metric="kl_to_full")])
     out.append(table("Chunk size, ChunkKV keep 0.1", ["chunk", "retrieval", "perplexity", "KL to full"], chunk))
     return "\n".join(out)
 
 
 def plot(rows: list[dict], path: str):
-    import matplotlib  # optional: pip install matplotlib
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -397,6 +407,7 @@ def decode_seconds(model, decode, n_batch: int, n_steps: int) -> tuple[float, fl
 
 def run_speed(model, tokenizer, quick: bool) -> list[dict]:
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache size; many sizes in one run
+    torch._dynamo.config.automatic_dynamic_shapes = False  # each size gets static shapes, as in use
     lengths = [1024] if quick else [1024, 2048, 4096, 8000]
     batches = [1] if quick else [1, 4]
     n_steps = 8 if quick else 16
@@ -485,25 +496,30 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="Hugging Face Llama directory or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--plot", help="quality: draw accuracy vs keep to this PNG (needs matplotlib)")
     args = parser.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+            return 2
     try:
         model, tokenizer = load(args.checkpoint)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"{command}\n{date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, float32, CPU")
+    print(f"{command}\n{date.today()}, {machine()}, torch {torch.__version__}, float32")
     start = time.perf_counter()
     if args.bench == "quality":
         rows = run_quality(model, tokenizer, args.quick)
         print(quality_tables(rows))
-        if args.plot:
-            plot(rows, args.plot)
     else:
         rows = run_speed(model, tokenizer, args.quick)
         print(speed_tables(rows))
     print(f"\n{args.bench} benchmark took {(time.perf_counter() - start) / 60:.1f} min")
     write_json(args.out or f"results/{args.bench}.json", rows, command)
+    if args.plot and args.bench == "quality":
+        plot(rows, args.plot)
     return 0
 
 

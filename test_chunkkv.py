@@ -330,6 +330,27 @@ def test_decode_attends_to_exactly_the_kept_positions(config):
     assert (logits[:, 1:] - model(torch.cat([prompt, forced], 1))[:, 64:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("config", [CompressionConfig(budget=24, window=6, reuse=2),
+                                    CompressionConfig(method="h2o", budget=30, window=4),
+                                    CompressionConfig(method="pyramidkv", budget=30, window=4)])
+def test_one_prefill_serves_many_compressions(config):
+    """model.compress from a captured prefill, with or without precomputed scores, equals a
+    prefill that compresses as it goes."""
+    model = tiny_model(n_layers=3)
+    prompt, forced = torch.randint(0, 256, (2, 70)), torch.randint(0, 256, (2, 6))
+    direct = run_forced(model, prompt, config, forced)
+    direct_kept = kept_positions(model)
+    captured = []
+    budgets = config.layer_budgets(70, 3)
+    first = model.prefill(prompt, Prefill(CompressionConfig(method="full"), prompt, [70] * 3, 7, captured=captured))
+    scores = [chunkkv.score(config, q, k) for q, k, _ in captured]
+    for precomputed in (None, scores):
+        model.compress(captured, Prefill(config, prompt, budgets, 7, scores=precomputed))
+        assert all(torch.equal(a, b) for a, b in zip(kept_positions(model), direct_kept))
+        logits = [first] + [model.decode(forced[:, i:i + 1], torch.tensor([i])) for i in range(6)]
+        torch.testing.assert_close(torch.stack(logits, 1), direct, rtol=1e-5, atol=1e-5)
+
+
 def test_cache_holds_one_entry_per_kv_head():
     model = tiny_model()
     run_forced(model, torch.randint(0, 256, (3, 50)), CompressionConfig(budget=20, window=4), torch.zeros(3, 5, dtype=torch.long))
@@ -572,6 +593,8 @@ def test_cli_errors(tmp_path, tiny_dir):
     assert_user_error(cli("--budget", "16"), "budget 16", "at least 33")
     assert_user_error(cli("--keep", "1.5"), "keep must be in (0, 1]")
     assert_user_error(cli("--keep", "0.1", "--budget", "100"), "not allowed with argument")
+    assert_user_error(cli("--method", "fastgen", "--keep", "0.2"), "fastgen chooses each head's budget itself")
+    assert_user_error(cli("--recovery", "0"), "recovery must be in (0, 1]")
     assert_user_error(cli("--prompt-file", str(tmp_path / "missing.txt")), "cannot read prompt file")
     assert_user_error(cli("--prompt-file", str(latin1)), "is not UTF-8")
     assert_user_error(cli("--checkpoint", str(tmp_path / "nowhere")), "does not exist")
@@ -647,3 +670,26 @@ def test_cli_default_run_finds_the_pass_key():
     assert result.returncode == 0, result.stderr
     assert "(10.0 %), 30 layers" in result.stdout
     assert ": found in the answer" in result.stdout
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("bench", ["quality", "speed"])
+def test_bench_quick_runs(bench, tmp_path):
+    out = tmp_path / f"{bench}.json"
+    result = subprocess.run([sys.executable, str(HERE / "bench.py"), bench, "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert rows and all({"bench", "metric", "value", "command", "date"} <= row.keys() for row in rows)
+    if bench == "quality":
+        assert {r["method"] for r in rows if r["bench"] == "retrieval"} == {"full", "fastgen", *bench_methods()}
+        assert "Retrieval accuracy" in result.stdout and "Fidelity" in result.stdout
+    else:
+        assert {r["mode"] for r in rows if r["metric"] == "decode_tokens_per_s"} == {"eager", "compiled"}
+        assert "of roofline" in result.stdout
+
+
+def bench_methods():
+    import bench
+
+    return set(bench.METHODS)
