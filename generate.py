@@ -257,6 +257,19 @@ def summary(stats: dict, config: CompressionConfig, n_layers: int) -> str:
     ])
 
 
+def passkey_report(model: Transformer, prompt: str, offsets: list, key: str, answer: str) -> str:
+    """Whether the pass key's tokens survived compression whole, per layer (or layer and KV
+    head for per-head methods), and whether the answer has the key."""
+    start = prompt.index(key)  # the key's first mention, in the needle
+    needle = {i for i, (a, b) in enumerate(offsets) if a < start + len(key) and b > start}
+    caches = [block.self_attn.cache for block in model.layers]
+    rows = [set(row.tolist()) for cache in caches for row in cache.positions[0].reshape(-1, cache.positions.shape[-1])]
+    unit = "layers" if len(rows) == model.args.n_layers else "layer-KV heads"
+    return (f"pass key tokens   positions {min(needle)}-{max(needle)}, kept whole in "
+            f"{sum(needle <= row for row in rows)} of {len(rows)} {unit}\n"
+            f"pass key {key}: {'found' if key in answer else 'NOT found'} in the answer")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -275,7 +288,8 @@ def main(argv=None) -> int:
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         model, tokenizer = load(args.checkpoint, device=device, dtype=dtype)
         if config.method == "fastgen":
-            config = replace(config, **dict(zip(("special_ids", "punctuation_ids"), fastgen_token_ids(tokenizer))))
+            special, punctuation = fastgen_token_ids(tokenizer)
+            config = replace(config, special_ids=special, punctuation_ids=punctuation)
 
         specials = {name: tokenizer.token_to_id(name) for name in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
         chat = args.chat if args.chat is not None else (key is None and specials["<|im_start|>"] is not None)
@@ -304,15 +318,7 @@ def main(argv=None) -> int:
         print("\n---")
         print(summary(stats, config, model.args.n_layers))
         if key is not None:
-            start = text.index(key)  # the key's first mention, in the needle
-            needle = [i for i, (a, b) in enumerate(encoding.offsets) if a < start + len(key) and b > start]
-            # one row per layer, or per layer and KV head for per-head methods
-            caches = [block.self_attn.cache for block in model.layers]
-            rows = [row.tolist() for cache in caches for row in cache.positions[0].reshape(-1, cache.positions.shape[-1])]
-            kept_whole = sum(set(needle) <= set(row) for row in rows)
-            unit = "layers" if len(rows) == model.args.n_layers else "layer-KV heads"
-            print(f"pass key tokens   positions {needle[0]}-{needle[-1]}, kept whole in {kept_whole} of {len(rows)} {unit}")
-            print(f"pass key {key}: {'found' if key in stream.printed else 'NOT found'} in the answer")
+            print(passkey_report(model, text, encoding.offsets, key, stream.printed))
     except (CompressionError, CheckpointError, PromptError) as e:
         fail(str(e))
     return 0

@@ -1,10 +1,11 @@
 """A single-file Llama (RMSNorm, RoPE, GQA, SwiGLU) whose attention carries a static,
 compressible KV cache.
 
-Three ways to run it:
+Ways to run it:
   model(tokens)                     full-sequence logits [B, T, vocab], no cache involved
   model.prefill(tokens, prefill)    fills every layer's cache with the compressed prompt KV,
                                     returns the last position's logits [B, vocab]
+  model.compress(captured, prefill) refills the caches from a captured prefill, compressed anew
   model.decode(token, step)         one token per sequence through the cache, [B, vocab]
 
 Module names follow Hugging Face's Llama, so its state dicts load without renaming.
@@ -272,7 +273,7 @@ class Transformer(nn.Module):
         return self.lm_head(hidden[:, -1])
 
     def compress(self, captured: list[tuple], prefill: Prefill):
-        """Refill the caches from a earlier prefill's captured (q, k, v), compressed as `prefill`
+        """Refill the caches from an earlier prefill's captured (q, k, v), compressed as `prefill`
         says: one prefill serves many methods and budgets (the prefill does not depend on them)."""
         for block, (q, k, v) in zip(self.layers, captured):
             block.self_attn.compress_into_cache(q, k, v, prefill)
