@@ -183,6 +183,7 @@ class Attention(nn.Module):
             self.compress_into_cache(q, k, v, prefill)
         return self.out(y)
 
+    @torch.compiler.disable  # data-dependent selection, timed: eager even inside a compiled prefill
     def compress_into_cache(self, q: Tensor, k: Tensor, v: Tensor, prefill: Prefill):
         start = time.perf_counter()
         if prefill.captured is not None:
