@@ -50,6 +50,15 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize()
 
 
+def check_prompt(model: Transformer, n_prompt: int, compression: CompressionConfig, max_new_tokens: int) -> list[int]:
+    """Each layer's budget for this prompt, or an error if it cannot run."""
+    context = model.args.max_seq_len
+    if n_prompt + max_new_tokens > context:
+        raise PromptError(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's "
+                          f"context of {context}: shorten the prompt or lower max_new_tokens")
+    return compression.layer_budgets(n_prompt, model.args.n_layers)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig = CompressionConfig(),
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
@@ -65,11 +74,7 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
     a `stats` dict receives timings and cache sizes.
     """
     n_batch, n_prompt = prompt.shape
-    context = model.args.max_seq_len
-    if n_prompt + max_new_tokens > context:
-        raise PromptError(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's "
-                          f"context of {context}: shorten the prompt or lower max_new_tokens")
-    budgets = compression.layer_budgets(n_prompt, model.args.n_layers)
+    budgets = check_prompt(model, n_prompt, compression, max_new_tokens)
     prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots)
     device = prompt.device
     start = time.perf_counter()
@@ -302,6 +307,7 @@ def main(argv=None) -> int:
         if prompt.shape[1] == 0:
             raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
         max_new_tokens = args.max_new_tokens or (16 if key is not None else 64)
+        check_prompt(model, prompt.shape[1], config, max_new_tokens)  # fail before printing anything
 
         torch.manual_seed(args.seed)
         decode = compile_decode(model) if args.compile else None
