@@ -113,8 +113,9 @@ class KVCache(nn.Module):
         self.allocate((n_batch, n_kv_heads, n_slots, head_dim), k.dtype, k.device)
         self.k[:, :, :n_kept] = k
         self.v[:, :, :n_kept] = v
+        used = positions >= 0
         self.valid.zero_()
-        self.valid[:, :, :n_kept] = (positions >= 0) if positions.dim() == 3 else (positions >= 0)[:, None]
+        self.valid[:, :, :n_kept] = used if used.dim() == 3 else used[:, None]  # per head, or all heads
         self.n_kept.fill_(n_kept)
         self.positions = positions
 

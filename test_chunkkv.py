@@ -173,7 +173,7 @@ def test_every_method_keeps_a_valid_set(case):
     q, k, tokens = random_qkt(n_batch, n_prompt, seed)
     budget = config.layer_budgets(n_prompt, 4)[1]
     positions, _ = chunkkv.keep_positions(config, q, k, tokens, budget, layer=1)
-    assert positions.dim() == (3 if config.per_kv_head else 2)
+    assert positions.dim() == (3 if config.method in PER_HEAD_METHODS or config.per_head else 2)
     rows = positions.reshape(-1, positions.shape[-1]).tolist()
     window = set(range(max(0, n_prompt - config.window), n_prompt))
     for row in rows:
