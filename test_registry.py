@@ -163,8 +163,8 @@ def test_a_wrong_assembled_file_is_refused(fake_default, tmp_path, monkeypatch, 
 
 def test_names_and_paths_resolve(tmp_path, monkeypatch):
     monkeypatch.setenv("CHUNKKV_HOME", str(tmp_path))
+    (tmp_path / FOLDER).mkdir()
     for name in registry.CHECKPOINT_FILES:  # a converted checkpoint, as far as resolve looks
-        (tmp_path / FOLDER).mkdir(exist_ok=True)
         (tmp_path / FOLDER / name).touch()
     assert registry.resolve(NAME) == tmp_path / FOLDER
     assert registry.resolve(str(tmp_path / FOLDER)) == tmp_path / FOLDER  # a path
