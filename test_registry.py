@@ -5,6 +5,7 @@ payload paths) with a tiny random Llama GGUF cut into the six payloads, and the 
 pinned hashes swapped for the fake ones.
 """
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -207,6 +208,19 @@ def test_converted_files_are_readable_by_others(fake_default):
     assert out_dir.stat().st_mode & 0o777 == 0o755
     assert {p.name: p.stat().st_mode & 0o777 for p in out_dir.iterdir()} == {
         name: 0o644 for name in registry.CHECKPOINT_FILES}
+
+
+def test_a_full_disk_is_one_error_and_leaves_nothing(fake_default, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(CheckpointError) as error:
+        registry.load()
+    home = tmp_path / "home"
+    assert str(error.value) == (f"cannot write to the cache folder CHUNKKV_HOME={home} (No space left on device): "
+                                "free some space there, or set CHUNKKV_HOME to another folder")
+    assert leftovers(home) == []
 
 
 def home_error(home: Path, problem: str) -> str:
