@@ -49,7 +49,7 @@ def vocab() -> tuple[list[str], list[str]]:
     return tokens, [" ".join(merge) for merge in model["merges"]]
 
 
-def write_gguf(path: Path, vocab, pre: str | None, **fields) -> Path:
+def write_gguf(path: Path, vocab, pre: str | None, control=CONTROL, **fields) -> Path:
     """A tokenizer-only GGUF file; `fields` are extra metadata, e.g. add_bos_token=True."""
     tokens, merges = vocab
     writer = gguf.GGUFWriter(path, "llama")
@@ -57,7 +57,7 @@ def write_gguf(path: Path, vocab, pre: str | None, **fields) -> Path:
     if pre is not None:
         writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in CONTROL else 4 if t in USER_DEFINED else 1 for t in tokens])
+    writer.add_token_types([3 if t in control else 4 if t in USER_DEFINED else 1 for t in tokens])
     writer.add_token_merges(merges)
     for key, value in fields.items():
         key = key if key.startswith("tokenizer.") else f"tokenizer.ggml.{key}"
@@ -196,6 +196,17 @@ def test_llama_bpe_takes_a_vocabulary_word_whole(tmp_path, vocab):
         fields = read_gguf_fields(write_gguf(tmp_path / f"{pre}.gguf", extended, pre, add_bos_token=False))
         assert gguf_tokenizer(fields).encode(" zqx").tokens == expected
         assert reference_ids(" zqx", fields) == gguf_tokenizer(fields).encode(" zqx").ids
+
+
+def test_control_tokens_outside_the_byte_alphabet_stay_whole(tmp_path, vocab):
+    """DeepSeek-R1-Distill-Llama's control tokens are spelled outside GPT-2's byte alphabet;
+    llama.cpp (and DeepSeek's own tokenizer.json) match them whole in text."""
+    tokens, merges = vocab
+    eos = "<｜end▁of▁sentence｜>"
+    path = write_gguf(tmp_path / "t.gguf", (tokens + [eos], merges), "llama-bpe", [*CONTROL, eos], add_bos_token=False)
+    fields = read_gguf_fields(path)
+    ids = gguf_tokenizer(fields).encode(f"Done 12345.{eos}").ids
+    assert ids[-1] == len(tokens) and ids == reference_ids(f"Done 12345.{eos}", fields)
 
 
 def test_unsupported_gguf_tokenizers_are_refused(tmp_path, vocab):

@@ -215,7 +215,7 @@ def hf_chat_format(path: Path) -> ChatFormat:
                                             ("config.json", "generation_config.json", "tokenizer_config.json"))
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     if (path / "chat_template.jinja").is_file():
         template = read_text(path / "chat_template.jinja")
     bos, eos = (special_content(tokenizer_config.get(name)) for name in ("bos_token", "eos_token"))
@@ -226,8 +226,8 @@ def hf_chat_format(path: Path) -> ChatFormat:
     stop_ids = [*token_ids(generation, path / "generation_config.json"), *token_ids(config, path / "config.json"),
                 *([tokenizer.token_to_id(eos)] if eos and tokenizer.token_to_id(eos) is not None else [])]
     chatml = {token: i for token in ("<|im_start|>", "<|im_end|>") if (i := tokenizer.token_to_id(token)) is not None}
-    add_bos = tokenizer_config.get("add_bos_token", False)
-    return with_fallback(template, bos, eos, stop_ids, bool(add_bos), str(path), chatml)
+    add_bos = bos is not None and tokenizer.encode("").ids[:1] == [tokenizer.token_to_id(bos)]  # tokenizer.json decides
+    return with_fallback(template, bos, eos, stop_ids, add_bos, str(path), chatml)
 
 
 def with_fallback(template, bos, eos, stop_ids, add_bos, source, chatml: dict[str, int]) -> ChatFormat:
