@@ -258,6 +258,9 @@ QWEN_STYLE = """{%- if messages[0]['role'] == 'system' %}
 """
 LLAMA3_STYLE = """{{- bos_token }}
 {%- set today = strftime_now("%d %b %Y") %}
+{%- if tools is not none %}
+    {{- 'Tools: ' + tools | tojson }}
+{%- endif %}
 {%- for message in messages %}
     {%- if message.role not in ['system', 'user', 'assistant'] %}
         {{- raise_exception('Unknown role: ' + message.role) }}
@@ -380,7 +383,7 @@ def test_chatml_is_only_the_fallback(tmp_path, vocab):
     "{{ messages.__class__.__base__.__subclasses__() }}",
     "{{ (messages | attr('__class__')).__mro__ }}",
     "{{ raise_exception.__globals__['__builtins__']['__import__']('os').system('touch PWNED') }}",
-    "{% set ns = namespace() %}{{ ns.__init__.__globals__ }}",
+    "{{ namespace.__init__.__globals__ }}",
     "{% for m in messages %}{{ m.content.format.__self__.__class__ }}{% endfor %}",
 ])
 def test_malicious_templates_fail_in_one_line(tmp_path, vocab, monkeypatch, template):
@@ -437,10 +440,12 @@ def test_cli_uses_the_checkpoints_chat_format(tmp_path, vocab):
 
 
 @pytest.mark.model
-def test_default_model_answers_through_its_own_template():
+def test_default_model_answers_through_its_own_template(tmp_path, monkeypatch):
+    """A fresh conversion of the default GGUF carries SmolLM2's template and stop id."""
     from chunkkv import CompressionConfig
     from generate import generate
 
+    monkeypatch.setenv("CHUNKKV_HOME", str(tmp_path))
     path = checkpoint.default_checkpoint()
     model, tokenizer = checkpoint.load(path)
     chat = chat_format(path)
