@@ -328,22 +328,40 @@ def test_chat_template_from_gguf_matches_transformers(tmp_path, vocab, name):
     assert [chat_format(path).render(messages) for messages in CONVERSATIONS] == expected
 
 
+def tiny_config(vocab_size: int) -> dict:
+    return {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "intermediate_size": 64, "vocab_size": vocab_size, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 512, "tie_word_embeddings": True}
+
+
+def hf_names(model: Transformer) -> dict:
+    return {f"model.{name}": w for name, w in model.state_dict().items() if name != "lm_head.weight"}  # tied
+
+
+def converted(tmp_path: Path, vocab, template: str | None, name: str = "dir") -> tuple[Path, Path]:
+    """A GGUF tokenizer with `template`, and the checkpoint directory that the default model's
+    conversion writes from such a file (a tiny random model)."""
+    extra = {} if template is None else {"tokenizer.chat_template": template}
+    path = write_gguf(tmp_path / f"{name}.gguf", vocab, "llama-bpe", bos_token_id=3, eos_token_id=4, eot_token_id=2,
+                      add_bos_token=True, **extra)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=len(vocab[0])))
+    checkpoint.write_checkpoint(tmp_path / name, tiny_config(len(vocab[0])), hf_names(model),
+                                gguf_tokenizer(read_gguf_fields(path)), chat_format(path).hf_files())
+    return path, tmp_path / name
+
+
 def test_converted_gguf_keeps_its_chat_format(tmp_path, vocab):
     """The default model's conversion writes tokenizer_config.json and generation_config.json,
     so the directory renders and stops exactly as the GGUF file did."""
-    path = write_gguf(tmp_path / "t.gguf", vocab, "llama-bpe", bos_token_id=3, eos_token_id=4, eot_token_id=2,
-                      add_bos_token=True, **{"tokenizer.chat_template": LLAMA3_STYLE})
-    fields = read_gguf_fields(path)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=len(vocab[0])))
-    checkpoint.write_checkpoint(tmp_path / "dir", tiny_config(len(vocab[0])), hf_names(model), gguf_tokenizer(fields),
-                                chat_format(path).hf_files())
-    from_gguf, from_dir = chat_format(path), chat_format(tmp_path / "dir")
+    path, directory = converted(tmp_path, vocab, LLAMA3_STYLE)
+    from_gguf, from_dir = chat_format(path), chat_format(directory)
     assert (from_dir.template, from_dir.bos_token, from_dir.eos_token, from_dir.stop_ids, from_dir.add_bos) == (
         from_gguf.template, from_gguf.bos_token, from_gguf.eos_token, from_gguf.stop_ids, from_gguf.add_bos)
     assert from_gguf.stop_ids == (4, 2)
-    expected = expected_prompts(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "dir")))
+    expected = expected_prompts(transformers.AutoTokenizer.from_pretrained(str(directory)))
     assert [from_dir.render(messages) for messages in CONVERSATIONS] == expected
-    assert transformers.GenerationConfig.from_pretrained(str(tmp_path / "dir")).eos_token_id == [4, 2]
+    assert transformers.GenerationConfig.from_pretrained(str(directory)).eos_token_id == [4, 2]
 
 
 def test_stop_ids_from_each_source(tmp_path, vocab):
@@ -411,32 +429,33 @@ def test_template_errors_are_one_line(tmp_path, vocab):
 # ---------------------------------------------------------------------------------------
 # The command line uses the checkpoint's template, BOS and stop ids
 
-def tiny_config(vocab_size: int) -> dict:
-    return {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-            "intermediate_size": 64, "vocab_size": vocab_size, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-            "max_position_embeddings": 512, "tie_word_embeddings": True}
-
-
-def hf_names(model: Transformer) -> dict:
-    return {f"model.{name}": w for name, w in model.state_dict().items() if name != "lm_head.weight"}  # tied
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "generate.py"), "--method", "full", "--max-new-tokens", "2", *args],
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_cli_uses_the_checkpoints_chat_format(tmp_path, vocab):
-    path = write_gguf(tmp_path / "t.gguf", vocab, "llama-bpe", bos_token_id=3, eos_token_id=4, add_bos_token=True,
-                      **{"tokenizer.chat_template": LLAMA3_STYLE})
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=len(vocab[0])))
-    tokenizer, chat = gguf_tokenizer(read_gguf_fields(path)), chat_format(path)
-    checkpoint.write_checkpoint(tmp_path / "dir", tiny_config(len(vocab[0])), hf_names(model), tokenizer, chat.hf_files())
+    _, directory = converted(tmp_path, vocab, LLAMA3_STYLE)
+    tokenizer, chat = Tokenizer.from_file(str(directory / "tokenizer.json")), chat_format(directory)
     text = "What is 12345?"
     n_chat = len(tokenizer.encode(chat.render([{"role": "user", "content": text}]), add_special_tokens=False).ids)
     n_plain = len(tokenizer.encode(text).ids)  # BOS included
+    assert n_plain == len(tokenizer.encode(text, add_special_tokens=False).ids) + 1
     for flag, expected in (("--chat", f"Prompt ({n_chat} tokens, chat template)"), ("--no-chat", f"Prompt ({n_plain} tokens)")):
-        result = subprocess.run([sys.executable, str(HERE / "generate.py"), "--checkpoint", str(tmp_path / "dir"),
-                                 "--prompt", text, "--method", "full", "--max-new-tokens", "2", flag],
-                                capture_output=True, text=True, timeout=300)
+        result = cli("--checkpoint", str(directory), "--prompt", text, flag)
         assert result.returncode == 0, result.stderr
         assert expected in result.stdout, result.stdout
+
+
+def test_cli_chat_errors_are_one_line(tmp_path, vocab):
+    _, failing = converted(tmp_path, vocab, "{{ raise_exception('this template needs tools') }}", "failing")
+    tokens, merges = vocab
+    _, plain = converted(tmp_path, ([t if t != "<|im_start|>" else "<|start|>" for t in tokens], merges), None, "plain")
+    for directory, reason in ((failing, "this template needs tools"), (plain, "has no chat template")):
+        result = cli("--checkpoint", str(directory), "--prompt", "hi", "--chat")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert reason in lines[0] and str(directory) in lines[0]
 
 
 @pytest.mark.model
