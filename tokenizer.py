@@ -75,8 +75,10 @@ def gguf_tokenizer(fields: dict) -> Tokenizer:
     tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
     tokenizer.decoder = decoders.ByteLevel()
     kinds = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, kinds) if k == 3])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, kinds) if k == 4])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)  # control: <|im_end|>, <|eot_id|>
+                                  for t, k in zip(tokens, kinds) if k == 3])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)  # user-defined: matched whole
+                          for t, k in zip(tokens, kinds) if k == 4])
 
     single, specials = ["$A"], []
     for end in ("bos", "eos"):
@@ -92,8 +94,10 @@ def gguf_tokenizer(fields: dict) -> Tokenizer:
 
 
 def adds(fields: dict, end: str) -> bool:
-    """Whether a GGUF tokenizer prepends BOS (end='bos') or appends EOS ('eos') to plain text."""
-    default = end == "bos" and fields.get("tokenizer.ggml.pre") in ADD_BOS_DEFAULT and f"tokenizer.ggml.{end}_token_id" in fields
+    """Whether a GGUF tokenizer prepends BOS (end="bos") or appends EOS ("eos") to plain text:
+    as the file says, else llama.cpp's default (BOS for llama-bpe, if the file has one)."""
+    has_id = f"tokenizer.ggml.{end}_token_id" in fields
+    default = end == "bos" and has_id and fields.get("tokenizer.ggml.pre") in ADD_BOS_DEFAULT
     return bool(fields.get(f"tokenizer.ggml.add_{end}_token", default))
 
 
@@ -136,8 +140,9 @@ class ChatFormat:
         """The prompt text for `messages` ([{"role": ..., "content": ...}]), as
         transformers' `apply_chat_template(messages, tokenize=False, ...)` writes it."""
         if self.template is None:
-            raise CheckpointError(f"{self.source} has no chat template (and no ChatML tokens): pass plain text (--no-chat)")
-        specials = {name: token for name, token in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if token}
+            raise CheckpointError(f"{self.source} has no chat template (and no ChatML tokens): use --no-chat")
+        specials = {name: token for name, token in (("bos_token", self.bos_token), ("eos_token", self.eos_token))
+                    if token is not None}
         try:
             return compile_template(self.template).render(messages=messages, tools=None, documents=None,
                                                           add_generation_prompt=add_generation_prompt, **specials)
@@ -215,7 +220,8 @@ def hf_chat_format(path: Path) -> ChatFormat:
                                             ("config.json", "generation_config.json", "tokenizer_config.json"))
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
     if (path / "chat_template.jinja").is_file():
         template = read_text(path / "chat_template.jinja")
     bos, eos = (special_content(tokenizer_config.get(name)) for name in ("bos_token", "eos_token"))
