@@ -10,13 +10,13 @@ import gguf
 import pytest
 import regex
 import torch
+import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import checkpoint
 from model import ModelArgs, Transformer
 from tokenizer import CheckpointError, chat_format, gguf_tokenizer, read_gguf_fields
 
-transformers = pytest.importorskip("transformers")
 HERE = Path(__file__).parent
 
 # ---------------------------------------------------------------------------------------
