@@ -228,11 +228,12 @@ def test_default_model_tokenizer_matches_llama_cpp_rules():
     model = json.loads(tokenizer.to_str())
     added = {token["content"] for token in model["added_tokens"]}
     tokens = sorted(model["model"]["vocab"], key=model["model"]["vocab"].get)
-    fields = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.pre": "smollm",
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.pre": "smollm",
               "tokenizer.ggml.merges": [" ".join(merge) for merge in model["model"]["merges"]],
               "tokenizer.ggml.token_type": [3 if token in added else 1 for token in tokens]}
+    ours = gguf_tokenizer(fields)
     for text in TEXTS:
-        assert tokenizer.encode(text).ids == reference_ids(text, fields), text
+        assert ours.encode(text).ids == reference_ids(text, fields) == tokenizer.encode(text).ids, text
 
 
 # ---------------------------------------------------------------------------------------
