@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer
 
 from model import ModelArgs, Transformer
+from tokenizer import CheckpointError, gguf_tokenizer
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found, fetched or read; the message says how to fix it."""
 
 
 def log(message: str):
@@ -154,25 +153,8 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
 
 
-def gguf_tokenizer(fields: dict) -> Tokenizer:
-    """The byte-level BPE tokenizer stored in a GGUF file ('gpt2' model)."""
-    if fields.get("tokenizer.ggml.model") != "gpt2":
-        raise CheckpointError(f"GGUF tokenizer {fields.get('tokenizer.ggml.model')!r} is not supported, only byte-level BPE ('gpt2')")
-    tokens = fields["tokenizer.ggml.tokens"]
-    merges = [tuple(merge.split(" ", 1)) for merge in fields.get("tokenizer.ggml.merges", [])]
-    tokenizer = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges))
-    # SmolLM2's pre-tokenizer: every digit on its own, then GPT-2 byte-level splitting
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    control = [token for token, kind in zip(tokens, fields["tokenizer.ggml.token_type"]) if kind == 3]
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
-    return tokenizer
-
-
-def write_checkpoint(out_dir: Path, config: dict, weights: dict, tokenizer: Tokenizer):
+def write_checkpoint(out_dir: Path, config: dict, weights: dict, tokenizer: Tokenizer,
+                     text_files: dict[str, str] | None = None):
     """A Hugging Face-style checkpoint directory, written under a temporary name and renamed
     into place, so an interrupted conversion never leaves a half-written folder."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +165,8 @@ def write_checkpoint(out_dir: Path, config: dict, weights: dict, tokenizer: Toke
                                                     **config}, indent=2))
         save_file({name: w.contiguous() for name, w in weights.items()}, tmp / "model.safetensors")
         tokenizer.save(str(tmp / "tokenizer.json"))
+        for name, text in (text_files or {}).items():  # e.g. the chat format's tokenizer_config.json
+            (tmp / name).write_text(text, encoding="utf-8")
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,9 +18,10 @@ from torch import Tensor
 from checkpoint import CheckpointError
 from chunkkv import METHODS, CompressionConfig, CompressionError
 from model import Prefill, Transformer
-from registry import CHECKPOINTS, DEFAULT, describe, load
+from registry import CHECKPOINTS, DEFAULT, describe, load, resolve
+from tokenizer import chat_format
 
-__all__ = ["load", "generate", "compile_decode", "passkey_prompt"]
+__all__ = ["load", "chat_format", "generate", "compile_decode", "passkey_prompt"]
 
 
 class PromptError(ValueError):
@@ -133,11 +134,6 @@ def passkey_prompt(n_filler: int = 80, seed: int = 0) -> tuple[str, str]:
     return f"{intro}{haystack}\nWhat is the pass key? The pass key is", key
 
 
-def chat_prompt(text: str) -> str:
-    """One user turn in the ChatML template, ready for the assistant's answer."""
-    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-
-
 def fastgen_token_ids(tokenizer: Tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(special, punctuation) token ids, FastGen's two cheapest policies."""
     special = tuple(i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special)
@@ -180,8 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--prompt", help="the prompt (default: a ~2,000-token pass-key demo)")
     source.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
     prompt.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                        help="wrap the prompt in the ChatML template (default: on for --prompt/--prompt-file "
-                             "when the tokenizer has <|im_start|>, off for the demo)")
+                        help="wrap the prompt in the checkpoint's chat template (default: on for --prompt/--prompt-file "
+                             "when the checkpoint has one or ChatML tokens, off for the demo)")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, help="default 64 (16 for the demo)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -295,18 +291,18 @@ def main(argv=None) -> int:
             text, key = passkey_prompt(seed=args.seed)
         device = parse_device(args.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        model, tokenizer = load(args.checkpoint, device=device, dtype=dtype)
+        checkpoint_path = resolve(args.checkpoint)
+        model, tokenizer = load(checkpoint_path, device=device, dtype=dtype)
         if config.method == "fastgen":
             special, punctuation = fastgen_token_ids(tokenizer)
             config = replace(config, special_ids=special, punctuation_ids=punctuation)
 
-        specials = {name: tokenizer.token_to_id(name) for name in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
-        chat = args.chat if args.chat is not None else (key is None and specials["<|im_start|>"] is not None)
+        chat_form = chat_format(checkpoint_path)
+        chat = args.chat if args.chat is not None else (key is None and chat_form.template is not None)
         shown = text if len(text) <= 300 else f"{text[:150]} [...] {text[-150:]}"
         if chat:
-            text = chat_prompt(text)
-        stop_tokens = tuple(i for name, i in specials.items() if i is not None and name != "<|im_start|>")
-        encoding = tokenizer.encode(text)
+            text = chat_form.render([{"role": "user", "content": text}])
+        encoding = tokenizer.encode(text, add_special_tokens=not chat)  # a template writes its own BOS
         prompt = torch.tensor([encoding.ids], device=device)
         if prompt.shape[1] == 0:
             raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
@@ -320,10 +316,10 @@ def main(argv=None) -> int:
         if key is not None:
             print(f"Pass-key demo: the pass key {key} is hidden in a {prompt.shape[1]}-token prompt that asks for it.")
         else:
-            print(f"Prompt ({prompt.shape[1]} tokens{', ChatML' if chat else ''}): {shown.strip()}")
+            print(f"Prompt ({prompt.shape[1]} tokens{', chat template' if chat else ''}): {shown.strip()}")
         print("--- answer ---")
         stats, stream = {}, TextStream(tokenizer)
-        generate(model, prompt, config, max_new_tokens, args.temperature, args.top_k, stop_tokens,
+        generate(model, prompt, config, max_new_tokens, args.temperature, args.top_k, chat_form.stop_ids,
                  on_token=stream, decode=decode, stats=stats)
         print("\n---")
         print(summary(stats, config, model.args.n_layers))

@@ -31,6 +31,7 @@ import torch
 from tokenizers import Tokenizer
 
 from checkpoint import CheckpointError, log, read_gguf, write_checkpoint
+from tokenizer import chat_format
 from checkpoint import load as load_path
 from model import Transformer
 
@@ -67,7 +68,8 @@ CHECKPOINTS = {
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064, 32768, "Apache-2.0"),
 }
 DEFAULT = "smollm2-135m"
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                    "generation_config.json")  # the last two carry the chat template and stop ids
 
 
 def describe(name: str) -> str:
@@ -118,7 +120,7 @@ def named_checkpoint(name: str) -> Path:
             with sigterm_as_exit(), work_dir(home, entry.folder) as work:
                 gguf_path = fetch_gguf(entry, work)
                 log(f"Converting {name} to safetensors")
-                write_checkpoint(out_dir, *read_gguf(gguf_path))
+                write_checkpoint(out_dir, *read_gguf(gguf_path), chat_format(gguf_path).hf_files())
         except OSError as e:  # a full disk, most likely
             raise CheckpointError(f"cannot write to the cache folder CHUNKKV_HOME={home} ({e.strerror}): "
                                   "free some space there, or set CHUNKKV_HOME to another folder") from None

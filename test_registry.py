@@ -199,7 +199,7 @@ def test_an_incomplete_folder_is_replaced(fake_default, tmp_path, capfd):
     (out_dir / "config.json").write_text("{}")  # an earlier crash, or a user's rm
     assert registry.resolve(None) == out_dir
     assert registry.is_complete(out_dir)
-    assert f"Replacing the incomplete {out_dir} (no model.safetensors, tokenizer.json)" in capfd.readouterr().err
+    assert f"Replacing the incomplete {out_dir} (no model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json)" in capfd.readouterr().err
     registry.load()
 
 
