@@ -111,7 +111,7 @@ def pyramid_budgets(budget: int, window: int, n_layers: int, beta: float, n_prom
     floors = [math.floor(x) for x in exact]
     extra = n_layers * prefix - sum(floors)  # the rounding remainder: +1 for the top layers not already whole
     rounded_up = [layer for layer, (f, x) in enumerate(zip(floors, exact)) if f < x][:extra]
-    return [window + f + (layer in rounded_up) for layer, f in enumerate(floors)]
+    return [window + f + (1 if layer in rounded_up else 0) for layer, f in enumerate(floors)]
 
 
 # ---------------------------------------------------------------------------------------

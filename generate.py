@@ -84,7 +84,8 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
     reach a stop token are padded with it until every row has stopped. `on_token(ids [B, 1])`
     sees each new token as it is made; `decode` replaces `model.decode` (e.g. a compiled one);
     `n_slots` fixes every layer's cache size (so one compiled graph serves many prompts);
-    a `stats` dict receives timings and cache sizes.
+    a `stats` dict receives timings and cache sizes. Raises PromptError for a prompt beyond the
+    context and for max_new_tokens or top_k below 1 or a negative or non-finite temperature.
     """
     check_sampling(max_new_tokens, temperature, top_k)
     n_batch, n_prompt = prompt.shape
@@ -245,7 +246,8 @@ def fail(message: str):
 
 
 class TextStream:
-    """Prints a growing token sequence as text, holding back incomplete UTF-8 characters."""
+    """Prints a growing token sequence as text, holding back incomplete UTF-8 characters until
+    they complete or `flush` is called at the end."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer, self.ids, self.printed = tokenizer, [], ""
