@@ -126,7 +126,8 @@ def reference_keep(config: CompressionConfig, q, k, tokens, budget: int) -> tupl
         recent = list(range(n_prompt - budget + config.n_sinks, n_prompt))
         return [[list(range(config.n_sinks)) + recent] * n_kv_heads] * n_batch, math.inf
     if config.method == "chunkkv" and not config.per_head:  # one choice per layer: every head, every window query
-        choices = [ref_chunks(row, budget, config) for row in ref_attention(q, k, config.window).sum(axis=(1, 2)).tolist()]
+        scores = ref_attention(q, k, config.window).sum(axis=(1, 2))  # [B, T]
+        choices = [ref_chunks(row, budget, config) for row in scores.tolist()]
         return [[kept] * n_kv_heads for kept, _ in choices], min(margin for _, margin in choices)
     scores = ref_head_scores(q, k, n_prompt if config.method == "h2o" else config.window).tolist()
     kept, margin = [], math.inf
@@ -208,11 +209,12 @@ def test_token_and_chunk_methods_keep_what_their_reference_keeps(case):
 @given(scored_case(("fastgen",)))
 def test_fastgen_keeps_the_cheapest_sufficient_policy(case):
     config, q, k, tokens = case
-    positions, policy = chunkkv.fastgen_positions(chunkkv.head_window_scores(q[:, :, -config.window:], k), tokens, config)
-    scores = ref_head_scores(q, k, config.window).tolist()
+    positions, scores = chunkkv.keep_positions(config, q, k, tokens, q.shape[2], layer=0)
+    policy = chunkkv.fastgen_positions(scores, tokens, config)[1]
+    reference_scores = ref_head_scores(q, k, config.window).tolist()
     for b in range(q.shape[0]):
         for h in range(k.shape[1]):
-            expected_policy, expected, margin = ref_fastgen(scores[b][h], tokens[b].tolist(), config)
+            expected_policy, expected, margin = ref_fastgen(reference_scores[b][h], tokens[b].tolist(), config)
             assume(margin > NEAR_TIE)
             assert int(policy[b, h]) == expected_policy
             assert [p for p in positions[b, h].tolist() if p >= 0] == expected
@@ -327,12 +329,14 @@ DECODE_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=lambda c: f"{c.method}{'-per-head' if c.per_head else ''}-r{c.reuse}")
+@pytest.mark.parametrize("config", DECODE_CONFIGS,
+                         ids=lambda c: f"{c.method}{'-per-head' if c.per_head else ''}-r{c.reuse}")
 def test_decode_attends_to_exactly_what_each_head_kept(config):
     model = tiny_model(n_layers=3)
     n_prompt, n_steps = 64, 6
     gen = torch.Generator().manual_seed(1)
-    prompt, forced = torch.randint(0, 256, (2, n_prompt), generator=gen), torch.randint(0, 256, (2, n_steps), generator=gen)
+    prompt = torch.randint(0, 256, (2, n_prompt), generator=gen)
+    forced = torch.randint(0, 256, (2, n_steps), generator=gen)
     budgets = config.layer_budgets(n_prompt, 3)
     captured = []
     logits = [model.prefill(prompt, Prefill(config, prompt, budgets, n_steps + 1, captured=captured))]
@@ -551,5 +555,6 @@ def test_summary_names_only_the_settings_a_method_uses():
     method_line = lambda config: summary(stats, config, 2).splitlines()[0]  # noqa: E731
     assert method_line(CompressionConfig(method="streaming", budget=40)) == "method            streaming (4 sinks)"
     assert method_line(CompressionConfig(method="full")) == "method            full"
-    assert method_line(CompressionConfig(budget=40, reuse=2)) == "method            chunkkv (chunk 10, window 32, reuse 2)"
+    assert method_line(CompressionConfig(budget=40, reuse=2)) == \
+        "method            chunkkv (chunk 10, window 32, reuse 2)"
     assert method_line(CompressionConfig(method="snapkv", budget=40)) == "method            snapkv (window 32, reuse 1)"
