@@ -13,6 +13,7 @@ T prompt tokens, W observation window, D head dim, N kept entries.
 """
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ class CompressionConfig:
     per_head: bool = False  # chunkkv: choose chunks per KV head instead of once per layer
     n_sinks: int = 4  # streaming: attention-sink tokens kept at the start
     pool_kernel: int = 7  # snapkv / pyramidkv: max-pool width along keys
-    pyramid_beta: float = 20.0  # pyramidkv: the top layer keeps (budget - window) / beta prefix tokens
+    pyramid_beta: float = 20.0  # pyramidkv: the last layer keeps (budget - window) / beta prefix tokens
     recovery: float = 0.9  # fastgen: attention mass each head's policy must recover
     special_ids: tuple[int, ...] = ()  # fastgen: special-token ids of the tokenizer
     punctuation_ids: tuple[int, ...] = ()  # fastgen: punctuation-token ids of the tokenizer
@@ -50,9 +51,15 @@ class CompressionConfig:
             raise CompressionError(f"keep must be in (0, 1], got {self.keep}: 0.1 keeps 10 % of the prompt")
         if not 0 < self.recovery <= 1:
             raise CompressionError(f"recovery must be in (0, 1], got {self.recovery}: 0.9 keeps 90 % of the attention mass")
-        for name in ("window", "chunk_size", "reuse", "pool_kernel"):
+        for name in ("window", "chunk_size", "reuse", "pool_kernel", "n_sinks"):
             if getattr(self, name) < 1:
                 raise CompressionError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.pool_kernel % 2 == 0:
+            raise CompressionError(f"pool_kernel must be odd so the pooling is centred on each token, "
+                                   f"got {self.pool_kernel}: use {self.pool_kernel - 1} or {self.pool_kernel + 1}")
+        if not 1 <= self.pyramid_beta < math.inf:  # also refuses nan
+            raise CompressionError(f"pyramid_beta must be a finite number of at least 1, got {self.pyramid_beta}: "
+                                   f"below 1 the budgets would rise with depth; PyramidKV uses 20")
         if self.method == "streaming" and self.window <= self.n_sinks:
             raise CompressionError(f"streaming keeps {self.n_sinks} sinks plus recent tokens: use a window above {self.n_sinks}")
         if self.budget is not None and self.budget < self.window + 1:
@@ -83,22 +90,28 @@ class CompressionConfig:
         budget = self.prompt_budget(n_prompt)
         if self.method != "pyramidkv" or budget >= n_prompt:
             return [budget] * n_layers
-        return [min(b, n_prompt) for b in pyramid_budgets(budget, self.window, n_layers, self.pyramid_beta)]
+        return pyramid_budgets(budget, self.window, n_layers, self.pyramid_beta, n_prompt)
 
 
-def pyramid_budgets(budget: int, window: int, n_layers: int, beta: float) -> list[int]:
+def pyramid_budgets(budget: int, window: int, n_layers: int, beta: float, n_prompt: int | None = None) -> list[int]:
     """PyramidKV: prefix budgets falling linearly with depth from 2(B-w) - (B-w)/beta down to
-    (B-w)/beta, so their mean is B - w; each layer also keeps the window. Non-increasing,
-    integers summing to exactly n_layers * budget."""
+    (B-w)/beta, so their mean is B - w; each layer also keeps the window. When the top layer
+    would need more than the prompt's T - w prefix tokens, it keeps exactly those and the
+    bottom rises to match (as PyramidKV's pyramidkv_utils.py does), so the mean stays B.
+    Non-increasing integers within 1 of the exact line, summing to exactly n_layers * budget."""
     if n_layers == 1:
         return [budget]
     prefix = budget - window
-    low = prefix / beta
+    low = Fraction(prefix) / Fraction(beta)  # exact arithmetic: no budget lost or gained to rounding
     high = 2 * prefix - low
+    if n_prompt is not None and high > n_prompt - window:
+        high = Fraction(n_prompt - window)
+        low = 2 * prefix - high
     exact = [high - (high - low) * layer / (n_layers - 1) for layer in range(n_layers)]
     floors = [math.floor(x) for x in exact]
-    extra = n_layers * prefix - sum(floors)  # hand the rounding remainder to the top layers
-    return [window + f + (1 if layer < extra else 0) for layer, f in enumerate(floors)]
+    extra = n_layers * prefix - sum(floors)  # the rounding remainder: +1 for the top layers not already whole
+    rounded_up = [layer for layer, (f, x) in enumerate(zip(floors, exact)) if f < x][:extra]
+    return [window + f + (1 if layer in rounded_up else 0) for layer, f in enumerate(floors)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,7 +311,10 @@ def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, tokens: Tens
     Precomputed `scores` of this layer also skip scoring (one scoring, many budgets).
     """
     n_batch, n_kv_heads, n_prompt = k.shape[:3]
-    if config.method == "full" or (budget >= n_prompt and config.method != "fastgen"):
+    # a pyramidkv leader that keeps everything still scores: its followers keep less and select from its scores
+    scores_for_followers = (config.method == "pyramidkv" and config.reuse > 1 and is_reuse_leader(layer, config.reuse)
+                            and config.prompt_budget(n_prompt) < n_prompt)
+    if config.method == "full" or (budget >= n_prompt and config.method != "fastgen" and not scores_for_followers):
         shape = (n_batch, n_kv_heads, n_prompt) if config.per_kv_head else (n_batch, n_prompt)
         return torch.arange(n_prompt, device=k.device).expand(shape), None  # nothing to drop
     if leader is not None and not is_reuse_leader(layer, config.reuse) and config.method in SCORED:

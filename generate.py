@@ -4,6 +4,7 @@
     python generate.py --prompt "What is the capital of France?" --method full
 """
 import argparse
+import math
 import random
 import string
 import sys
@@ -16,7 +17,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from checkpoint import CheckpointError
-from chunkkv import METHODS, CompressionConfig, CompressionError
+from chunkkv import METHODS, SCORED, CompressionConfig, CompressionError
 from model import Prefill, Transformer
 from registry import CHECKPOINTS, DEFAULT, describe, load, resolve
 from tokenizer import chat_format
@@ -25,14 +26,26 @@ __all__ = ["load", "chat_format", "generate", "compile_decode", "passkey_prompt"
 
 
 class PromptError(ValueError):
-    """A prompt that cannot be run; the message says how to fix it."""
+    """A prompt or generation setting that cannot be run; the message says how to fix it."""
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None):
+    """Raise PromptError for settings `generate` cannot run (the CLI shows the same messages)."""
+    if max_new_tokens < 1:
+        raise PromptError(f"max new tokens must be at least 1, got {max_new_tokens}: ask for at least one token")
+    if not 0 <= temperature < math.inf:  # also refuses nan
+        raise PromptError(f"temperature must be a finite number >= 0, got {temperature}: 0 is greedy")
+    if top_k is not None and top_k < 1:
+        raise PromptError(f"top-k must be at least 1, got {top_k}: leave it out to sample from the whole vocabulary")
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
     """logits [B, vocab] -> token ids [B, 1]; greedy at temperature 0."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shift the best logit to 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -73,8 +86,10 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
     reach a stop token are padded with it until every row has stopped. `on_token(ids [B, 1])`
     sees each new token as it is made; `decode` replaces `model.decode` (e.g. a compiled one);
     `n_slots` fixes every layer's cache size (so one compiled graph serves many prompts);
-    a `stats` dict receives timings and cache sizes.
+    a `stats` dict receives timings and cache sizes. Raises PromptError for a prompt beyond the
+    context and for max_new_tokens or top_k below 1 or a negative or non-finite temperature.
     """
+    check_sampling(max_new_tokens, temperature, top_k)
     n_batch, n_prompt = prompt.shape
     budgets = check_prompt(model, n_prompt, compression, max_new_tokens)
     prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots)
@@ -196,20 +211,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="torch.compile the decode step: one full graph; CUDA graphs on CUDA")
     run.add_argument("--compile-prefill", action="store_true", help="also compile the prefill, with dynamic shapes")
     args = parser.parse_args(argv)
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        fail("--temperature must be >= 0 and --top-k >= 1")
+    try:
+        check_sampling(1 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_k)
+    except PromptError as e:
+        fail(str(e))
+    if not 0 <= args.seed < 2 ** 64:  # torch.manual_seed's range
+        fail(f"--seed must be between 0 and {2 ** 64 - 1}, got {args.seed}")
     return args
 
 
 def parse_device(name: str) -> torch.device:
+    """The --device argument as a device this torch can run a model on, or a one-line error."""
     try:
         device = torch.device(name)
     except RuntimeError:
         fail(f"unknown device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda, but this torch sees no CUDA device: use --device cpu")
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        fail("--device meta holds no data, so no model can run on it: use --device cpu")
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if not getattr(backend, "is_available", lambda: False)():
+        fail(f"--device {name}, but this torch sees no {device.type} device: use --device cpu")
+    n_devices = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= n_devices:
+        fail(f"--device {name}, but this torch sees {n_devices} {device.type} device(s): "
+             f"use --device {device.type}:0 to {device.type}:{n_devices - 1}")
     return device
 
 
@@ -219,7 +246,8 @@ def fail(message: str):
 
 
 class TextStream:
-    """Prints a growing token sequence as text, holding back incomplete UTF-8 characters."""
+    """Prints a growing token sequence as text, holding back incomplete UTF-8 characters until
+    they complete or `flush` is called at the end."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer, self.ids, self.printed = tokenizer, [], ""
@@ -228,8 +256,15 @@ class TextStream:
         self.ids.append(int(token[0, 0]))
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
-            print(text[len(self.printed):], end="", flush=True)
-            self.printed = text
+            self.write(text)
+
+    def flush(self):
+        """Print what is still held back: at the end, a character cut short shows as U+FFFD."""
+        self.write(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def write(self, text: str):
+        print(text[len(self.printed):], end="", flush=True)
+        self.printed = text
 
 
 def summary(stats: dict, config: CompressionConfig, n_layers: int) -> str:
@@ -247,11 +282,12 @@ def summary(stats: dict, config: CompressionConfig, n_layers: int) -> str:
         decode += f", first step {stats['decode_step_seconds'][0]:.2f} s"
     share = 100 * stats["compress_seconds"] / stats["prefill_seconds"]
     mib = 2.0 ** 20
-    details = {"chunkkv": f"chunk {config.chunk_size}{', per KV head' if config.per_head else ''}, ",
-               "streaming": f"{config.n_sinks} sinks, ", "fastgen": f"recovery {config.recovery}, ",
-               "pyramidkv": f"beta {config.pyramid_beta:g}, "}.get(config.method, "")
-    method = config.method if config.method == "full" else (
-        f"{config.method} ({details}window {config.window}, reuse {config.reuse})")
+    details = {"chunkkv": [f"chunk {config.chunk_size}"] + (["per KV head"] if config.per_head else []),
+               "streaming": [f"{config.n_sinks} sinks"], "fastgen": [f"recovery {config.recovery}"],
+               "pyramidkv": [f"beta {config.pyramid_beta:g}"]}.get(config.method, [])
+    if config.method in SCORED:  # only scored methods have an observation window and layer-wise reuse
+        details += [f"window {config.window}", f"reuse {config.reuse}"]
+    method = f"{config.method} ({', '.join(details)})" if details else config.method
     return "\n".join([
         f"method            {method}",
         f"prompt tokens     {n_prompt}",
@@ -289,6 +325,8 @@ def main(argv=None) -> int:
             text, key = args.prompt, None
         else:
             text, key = passkey_prompt(seed=args.seed)
+        if not text.strip():  # before any chat template wraps it into something non-empty
+            raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
         device = parse_device(args.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         checkpoint_path = resolve(args.checkpoint)
@@ -321,6 +359,7 @@ def main(argv=None) -> int:
         stats, stream = {}, TextStream(tokenizer)
         generate(model, prompt, config, max_new_tokens, args.temperature, args.top_k, chat_form.stop_ids,
                  on_token=stream, decode=decode, stats=stats)
+        stream.flush()
         print("\n---")
         print(summary(stats, config, model.args.n_layers))
         if key is not None:
