@@ -221,8 +221,14 @@ def safetensors_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]
     for shard in shards:
         try:
             with safe_open(shard, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+                names = list(f.keys())
+            for name in names:
+                # one memory map per tensor: a tensor converted to another dtype takes its file pages
+                # with it; one in the same dtype stays a copy-on-write view of the file (no copy)
+                with safe_open(shard, framework="pt") as f:
+                    w = f.get_tensor(name)
+                yield name, w
+                del w
         except CheckpointError:
             raise
         except Exception as e:
