@@ -134,6 +134,22 @@ def test_transformers_4_config_layout(tmp_path):
     assert max_logit_diff(model, reference, tokens) < 1e-5
 
 
+@pytest.mark.parametrize("config_class", [LlamaConfig, MistralConfig, Qwen2Config])
+def test_minimal_config_takes_transformers_defaults(tmp_path, config_class):
+    """A config.json with only the required keys: every default (norm eps, tied head, RoPE base,
+    context, sliding window) is the one transformers takes."""
+    path = save_hf(hf_model(config_class, rms_norm_eps=1e-6), tmp_path / "minimal")
+    config = json.loads((path / "config.json").read_text())
+    required = ["model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size"]
+    (path / "config.json").write_text(json.dumps({key: config[key] for key in required}))
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, _ = checkpoint.load(path)
+    assert model.args.max_seq_len == reference.config.max_position_embeddings
+    assert model.args.sliding_window == getattr(reference.config, "sliding_window", None)
+    assert max_logit_diff(model, reference, prompt()) < 1e-5
+
+
 def test_mistral_sliding_window_beyond_the_run_is_refused(tmp_path):
     reference = hf_model(MistralConfig, sliding_window=64)
     model, _ = checkpoint.load(save_hf(reference, tmp_path / "mistral"))
