@@ -86,7 +86,8 @@ def model_args(config, source: Path) -> ModelArgs:
     refused = {"hidden_act": config.get("hidden_act", "silu") != "silu", "mlp_bias": config.get("mlp_bias", False)}
     for key, bad in refused.items():
         if bad:
-            raise CheckpointError(f"{source}: {key} {config[key]!r} is not supported: chunkkv runs SiLU MLPs without biases")
+            raise CheckpointError(f"{source}: {key} {config[key]!r} is not supported (chunkkv runs SiLU MLPs without "
+                                  "biases): use a Llama, Mistral or Qwen2 checkpoint")
     try:
         n_heads, n_layers = config["num_attention_heads"], config["num_hidden_layers"]
         n_kv_heads = config.get("num_key_value_heads") or n_heads
@@ -117,13 +118,15 @@ def rope_args(config: dict, source: Path) -> dict:
     scaling keys); earlier versions `rope_theta` and `rope_scaling` (whose type may be `type`)."""
     params = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
     if any(isinstance(value, dict) for value in params.values()):
-        raise CheckpointError(f"{source}: per-layer-type RoPE parameters are not supported")
+        raise CheckpointError(f"{source}: per-layer-type RoPE parameters are not supported: use a checkpoint with one "
+                              "RoPE setting for all layers")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise CheckpointError(f"{source}: RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}): "
-                              "chunkkv would run it with the wrong positions")
+                              "chunkkv would run it with wrong positions; use a checkpoint without it")
     if params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise CheckpointError(f"{source}: partial_rotary_factor is not supported: chunkkv rotates whole heads")
+        raise CheckpointError(f"{source}: partial_rotary_factor is not supported (chunkkv rotates whole heads): "
+                              "use a Llama, Mistral or Qwen2 checkpoint")
     args = {"rope_theta": params.get("rope_theta", config.get("rope_theta", 10000.0))}
     if config.get("rope_freqs") is not None:  # from a GGUF file: per-frequency divisors
         args["rope_freqs"] = tuple(float(x) for x in config["rope_freqs"])
@@ -229,8 +232,6 @@ def safetensors_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]
                     w = f.get_tensor(name)
                 yield name, w
                 del w
-        except CheckpointError:
-            raise
         except Exception as e:
             raise CheckpointError(f"{shard} is missing or corrupt ({e}): re-download or re-convert it") from None
 
@@ -263,7 +264,8 @@ def open_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tok
         raise CheckpointError(f"{path} is not a readable GGUF file ({e}): re-download it") from None
     family = fields.get("general.architecture")
     if family not in ("llama", "qwen2"):
-        raise CheckpointError(f"{path} holds a {family!r} model; supported GGUF architectures: llama, qwen2")
+        raise CheckpointError(f"{path} holds a {family!r} model; supported GGUF architectures: llama, qwen2: "
+                              "use a file of one of these")
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path} has no token_embd.weight tensor: the file is incomplete; re-download it")
@@ -278,14 +280,14 @@ def gguf_config(path: Path, fields: dict, family: str, tensors: dict) -> dict:
     head_dim = arch("attention.key_length") or (dim // n_heads if dim and n_heads else None)
     if arch("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: RoPE over {arch('rope.dimension_count')} of {head_dim} head dimensions "
-                              "(partial rotary) is not supported")
+                              "(partial rotary) is not supported: use a llama or qwen2 GGUF file")
     rope = {"rope_theta": arch("rope.freq_base", 10000.0), "rope_type": "default"}
     kind = arch("rope.scaling.type", "none")
     if kind == "linear" or (kind == "none" and arch("rope.scale_linear", 1.0) != 1.0):
         rope.update(rope_type="linear", factor=arch("rope.scaling.factor") or arch("rope.scale_linear"))
     elif kind != "none":
         raise CheckpointError(f"{path}: RoPE scaling {kind!r} is not supported (supported: none, linear, "
-                              "and Llama 3.1's rope_freqs): chunkkv would run it with the wrong positions")
+                              "and Llama 3.1's rope_freqs): chunkkv would run it with wrong positions; use a file without it")
     config = {
         "model_type": family,
         "hidden_size": dim,
@@ -330,7 +332,8 @@ def gguf_tensors(path: Path, reader, config: dict) -> Iterator[tuple[str, torch.
             continue  # read into the config
         kind = parts[2] if parts[0] == "blk" and len(parts) == 4 else parts[0]
         if kind not in GGUF_NAMES:
-            raise CheckpointError(f"{path}: unexpected tensor {tensor.name!r}: not a plain {config['model_type']} model")
+            raise CheckpointError(f"{path}: unexpected tensor {tensor.name!r}: not a plain {config['model_type']} model; "
+                                  "use a llama or qwen2 GGUF file")
         w = dequantize_tensor(tensor)
         if interleaved and kind in ("attn_q", "attn_k"):  # GGUF's interleaved RoPE rows -> rotate-half rows
             w = unpermute_rope(w, n_heads if kind == "attn_q" else n_kv_heads)

@@ -8,7 +8,8 @@ Ways to run it:
   model.compress(captured, prefill) refills the caches from a captured prefill, compressed anew
   model.decode(token, step)         one token per sequence through the cache, [B, vocab]
 
-Module names follow Hugging Face's Llama, so its state dicts load without renaming.
+Module names follow Hugging Face's Llama, so its state dicts load without renaming. Llama, Mistral
+and Qwen2 checkpoints all run on it: they differ only in ModelArgs fields.
 """
 import math
 import time
