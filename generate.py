@@ -71,6 +71,11 @@ def check_prompt(model: Transformer, n_prompt: int, compression: CompressionConf
     if n_prompt + max_new_tokens > context:
         raise PromptError(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's "
                           f"context of {context}: shorten the prompt or lower max_new_tokens")
+    window = model.args.sliding_window
+    if window is not None and n_prompt + max_new_tokens > window:  # full attention is exact only inside it
+        raise PromptError(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's sliding "
+                          f"window of {window}: chunkkv runs sliding-window models only within the window; "
+                          "shorten the prompt or lower max_new_tokens")
     return compression.layer_budgets(n_prompt, model.args.n_layers)
 
 

@@ -8,8 +8,10 @@ Ways to run it:
   model.compress(captured, prefill) refills the caches from a captured prefill, compressed anew
   model.decode(token, step)         one token per sequence through the cache, [B, vocab]
 
-Module names follow Hugging Face's Llama, so its state dicts load without renaming.
+Module names follow Hugging Face's Llama, so its state dicts load without renaming. Llama, Mistral
+and Qwen2 checkpoints all run on it: they differ only in ModelArgs fields.
 """
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -28,37 +30,31 @@ class ModelArgs:
     n_heads: int = 9
     n_kv_heads: int = 3
     ffn_dim: int = 1536
-    vocab_size: int = 49152
+    vocab_size: int = 49152  # rows of the embedding; may exceed the tokenizer's token count
     rope_theta: float = 100000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 8192
     tie_embeddings: bool = True
-    head_dim: int | None = None  # dim // n_heads unless a checkpoint says otherwise
+    head_dim: int | None = None  # dim // n_heads unless a checkpoint says otherwise (Mistral Nemo, key_length in GGUF)
+    # What the families differ by (Llama 2/3.x, Mistral, Qwen2); the defaults are a plain Llama.
+    rope_scaling: str | None = None  # "linear" (Llama 2 long-context fine-tunes) or "llama3" (Llama 3.1/3.2)
+    rope_factor: float = 1.0  # both: how many times the pre-training context the frequencies are stretched to
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original context / this are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original context / this are kept; smooth between
+    rope_original_context: int = 8192  # llama3: the pre-training context (original_max_position_embeddings)
+    rope_freqs: tuple[float, ...] | None = None  # per-frequency divisors [head_dim/2] (a GGUF's rope_freqs tensor)
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2, Llama's attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama's attention_bias)
+    sliding_window: int | None = None  # Mistral v0.1, some Qwen2: runs are exact only while they fit in it
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
-        assert self.n_heads % self.n_kv_heads == 0, "query heads must split evenly over KV heads"
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.n_heads} query heads do not split evenly over {self.n_kv_heads} KV heads")
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
         return cls(**CONFIGS[name])
-
-    @classmethod
-    def from_hf_config(cls, config: dict) -> "ModelArgs":
-        """From a Hugging Face Llama config.json."""
-        return cls(
-            dim=config["hidden_size"],
-            n_layers=config["num_hidden_layers"],
-            n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-            ffn_dim=config["intermediate_size"],
-            vocab_size=config["vocab_size"],
-            rope_theta=config.get("rope_theta", 10000.0),
-            norm_eps=config.get("rms_norm_eps", 1e-5),
-            max_seq_len=config.get("max_position_embeddings", 4096),
-            tie_embeddings=config.get("tie_word_embeddings", False),
-            head_dim=config.get("head_dim"),
-        )
 
 
 CONFIGS = {
@@ -128,10 +124,28 @@ class KVCache(nn.Module):
         return self.k, self.v, self.valid
 
 
+def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> Tensor:
+    """Inverse frequencies [D/2] in float32, theta^(-2i/D), scaled for long contexts as `args` say:
+    linear divides every one by rope_factor; llama3 is Llama 3.1's rule (Meta's llama-models,
+    transformers' modeling_rope_utils); rope_freqs divides each by its own factor (llama.cpp)."""
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim)
+    if args.rope_scaling == "linear":
+        inv_freq = inv_freq / args.rope_factor
+    elif args.rope_scaling == "llama3":
+        # 0 for wavelengths longer than original / low_freq_factor (stretched by the factor), 1 for those
+        # shorter than original / high_freq_factor (kept), linear in 1 / wavelength between
+        wavelen = 2 * math.pi / inv_freq
+        low, high = args.rope_low_freq_factor, args.rope_high_freq_factor
+        smooth = ((args.rope_original_context / wavelen - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / args.rope_factor + smooth * inv_freq
+    if args.rope_freqs is not None:
+        inv_freq = inv_freq / torch.tensor(args.rope_freqs, device=device)
+    return inv_freq
+
+
 def rope(positions: Tensor, args: ModelArgs) -> tuple[Tensor, Tensor]:
     """cos, sin [T, D] in float32 for the rotate-half RoPE layout at `positions` [T]."""
-    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=positions.device).float() / args.head_dim)
-    angles = positions.float()[:, None] * inv_freq  # [T, D/2]
+    angles = positions.float()[:, None] * rope_inv_freq(args, positions.device)  # [T, D/2]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -159,10 +173,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         self.cache = KVCache()
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -262,6 +276,11 @@ class Transformer(nn.Module):
         n_tokens = tokens.shape[1]
         if n_tokens > self.args.max_seq_len:
             raise ValueError(f"{n_tokens} tokens exceed the model's context of {self.args.max_seq_len}")
+        window, n_new = self.args.sliding_window, prefill.max_new_tokens if prefill is not None else 0
+        if window is not None and n_tokens + n_new > window:
+            # full attention equals sliding-window attention only while every token sees the whole run
+            raise ValueError(f"{n_tokens} tokens + {n_new} new tokens exceed the model's sliding window of {window}: "
+                             "chunkkv runs sliding-window models only within the window; shorten the prompt")
         cos, sin = rope(torch.arange(n_tokens, device=tokens.device), self.args)
         x = self.embed_tokens(tokens)
         for block in self.layers:

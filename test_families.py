@@ -1,0 +1,361 @@
+"""Model families and checkpoint formats against transformers, the oracle: tiny random models of
+each family are built and saved by transformers itself and loaded by chunkkv; GGUF files written
+here with the gguf writer are read by transformers' own GGUF import. Each numbered fault of
+issue 7's failing list (items 1, 2, 3, 5, 6) has a test below."""
+import json
+import math
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+import checkpoint
+from checkpoint import CheckpointError
+from chunkkv import CompressionConfig
+from generate import generate
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=256, max_position_embeddings=1024, rms_norm_eps=1e-5)
+N_PROMPT, N_NEW = 200, 16  # the prompt is longer than every scaled wavelength threshold below (64 tokens)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+FAMILIES = {  # name: (config class, overrides)
+    "llama3-scaling": (LlamaConfig, dict(rope_parameters=LLAMA3, tie_word_embeddings=True)),
+    "linear-scaling": (LlamaConfig, dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+                                         tie_word_embeddings=True)),
+    "mistral": (MistralConfig, dict(sliding_window=256)),  # prompt + new tokens fit in the window
+    "qwen2-biases": (Qwen2Config, dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                       tie_word_embeddings=True)),
+    "head-dim-and-attention-bias": (LlamaConfig, dict(head_dim=32, attention_bias=True)),
+    "untied-head": (LlamaConfig, dict(tie_word_embeddings=False, rope_parameters={"rope_theta": 100000.0})),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0):
+    """Weights far from transformers' init (std 0.02, zero biases, unit norms), so RoPE scaling,
+    biases and norms all move the logits well above float32 round-off."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1 + 0.2 * noise if "norm" in name else (0.5 if name.endswith("bias") else 0.15) * noise)
+
+
+def byte_tokenizer() -> Tokenizer:
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE({ch: i for i, ch in enumerate(alphabet)}, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def hf_model(config_class, **overrides):
+    torch.manual_seed(0)
+    config = config_class(**{**TINY, **overrides})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    randomize(model)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def save_hf(model, path):
+    model.save_pretrained(path)  # safetensors, transformers' own config.json layout
+    byte_tokenizer().save(str(path / "tokenizer.json"))
+    return path
+
+
+def prompt(n_tokens: int = N_PROMPT, vocab: int = 256) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, tokens) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(tokens)
+    return getattr(out, "logits", out)  # transformers returns an output object, chunkkv the tensor
+
+
+def max_logit_diff(a, b, tokens) -> float:
+    return (logits(a, tokens) - logits(b, tokens)).abs().max().item()
+
+
+def hf_greedy(model, tokens, n_new=N_NEW) -> torch.Tensor:
+    out = model.generate(tokens, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[:, tokens.shape[1]:]
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face directories, one per family (items 1 and 5)
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_transformers(tmp_path, family):
+    config_class, overrides = FAMILIES[family]
+    reference = hf_model(config_class, **overrides)
+    model, _ = checkpoint.load(save_hf(reference, tmp_path / family))
+    tokens = prompt()
+    diff = max_logit_diff(model, reference, tokens)
+    print(f"{family}: max |logit diff| {diff:.2e}")
+    assert diff < 1e-5
+    assert torch.equal(generate(model, tokens, CompressionConfig(method="full"), max_new_tokens=N_NEW),
+                       hf_greedy(reference, tokens))
+
+
+def test_rope_settings_matter():
+    """The comparison above can fail: each family's RoPE settings change the logits by far more
+    than its tolerance (so a loader that ignored them would be caught)."""
+    tokens = prompt()
+    for family, plain in [("llama3-scaling", {"rope_theta": 500000.0}), ("linear-scaling", {}),
+                          ("qwen2-biases", {})]:
+        config_class, overrides = FAMILIES[family]
+        scaled = hf_model(config_class, **overrides)
+        unscaled = hf_model(config_class, **{**overrides, "rope_parameters": {"rope_type": "default", **plain}})
+        assert max_logit_diff(scaled, unscaled, tokens) > 1e-2, family
+
+
+def test_transformers_4_config_layout(tmp_path):
+    """rope_theta at the top and `rope_scaling` (with the old key `type`), as transformers 4 wrote."""
+    reference = hf_model(LlamaConfig, rope_parameters=LLAMA3)
+    path = save_hf(reference, tmp_path / "old")
+    config = json.loads((path / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    config["rope_theta"] = params.pop("rope_theta")
+    config["rope_scaling"] = {"type": params.pop("rope_type"), **params}
+    (path / "config.json").write_text(json.dumps(config))
+    old = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, _ = checkpoint.load(path)
+    tokens = prompt()
+    assert max_logit_diff(old, reference, tokens) == 0  # transformers reads the old layout the same way
+    assert max_logit_diff(model, reference, tokens) < 1e-5
+
+
+@pytest.mark.parametrize("config_class", [LlamaConfig, MistralConfig, Qwen2Config])
+def test_minimal_config_takes_transformers_defaults(tmp_path, config_class):
+    """A config.json with only the required keys: every default (norm eps, tied head, RoPE base,
+    context, sliding window) is the one transformers takes."""
+    path = save_hf(hf_model(config_class, rms_norm_eps=1e-6), tmp_path / "minimal")
+    config = json.loads((path / "config.json").read_text())
+    required = ["model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size"]
+    (path / "config.json").write_text(json.dumps({key: config[key] for key in required}))
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, _ = checkpoint.load(path)
+    assert model.args.max_seq_len == reference.config.max_position_embeddings
+    assert model.args.sliding_window == getattr(reference.config, "sliding_window", None)
+    assert max_logit_diff(model, reference, prompt()) < 1e-5
+
+
+def test_mistral_sliding_window_beyond_the_run_is_refused(tmp_path):
+    reference = hf_model(MistralConfig, sliding_window=64)
+    model, _ = checkpoint.load(save_hf(reference, tmp_path / "mistral"))
+    assert model.args.sliding_window == 64
+    inside, beyond = prompt(48), prompt(N_PROMPT)
+    assert max_logit_diff(model, reference, inside) < 1e-5
+    assert torch.equal(generate(model, inside, CompressionConfig(method="full"), max_new_tokens=N_NEW),
+                       hf_greedy(reference, inside))
+    # beyond the window transformers' sliding attention differs from full attention: refuse, never run wrong
+    full = hf_model(MistralConfig, sliding_window=None)
+    assert max_logit_diff(full, reference, beyond) > 1e-2
+    for tokens, n_new in [(beyond, 0), (prompt(60), 8)]:
+        with pytest.raises(ValueError, match="sliding window of 64"):
+            generate(model, tokens, CompressionConfig(method="full"), max_new_tokens=n_new) if n_new else model(tokens)
+
+
+def test_qwen2_sliding_window_only_where_layers_slide(tmp_path):
+    sliding = hf_model(Qwen2Config, use_sliding_window=True, sliding_window=64, max_window_layers=1)
+    assert checkpoint.load(save_hf(sliding, tmp_path / "slides"))[0].args.sliding_window == 64
+    full = hf_model(Qwen2Config, use_sliding_window=True, sliding_window=64, max_window_layers=2)
+    model, _ = checkpoint.load(save_hf(full, tmp_path / "full"))
+    assert model.args.sliding_window is None  # no layer slides: any length runs exactly
+    assert max_logit_diff(model, full, prompt()) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------
+# Refusals: one-line CheckpointErrors, never a traceback or wrong logits (items 1, 5 and 6)
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    return save_hf(hf_model(LlamaConfig), tmp_path / "llama")
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def assert_refused(path, *fragments):
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.load(path)
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.mark.parametrize("kind", ["yarn", "dynamic", "longrope"])
+def test_unimplemented_rope_scaling_is_refused(llama_dir, kind):
+    edit_config(llama_dir, rope_parameters={"rope_type": kind, "rope_theta": 10000.0, "factor": 4.0})
+    assert_refused(llama_dir, f"RoPE scaling {kind!r} is not supported")
+    edit_config(llama_dir, rope_parameters=None, rope_scaling={"type": kind, "factor": 4.0})
+    assert_refused(llama_dir, f"RoPE scaling {kind!r} is not supported")
+
+
+def test_other_families_are_refused(llama_dir):
+    edit_config(llama_dir, model_type="gemma")
+    assert_refused(llama_dir, "model_type 'gemma' is not supported", "llama, mistral, qwen2")
+
+
+def test_broken_configs_are_refused(llama_dir):
+    edit_config(llama_dir, num_key_value_heads=3)
+    assert_refused(llama_dir, "num_key_value_heads 3 does not divide num_attention_heads 4")
+    for content in ["null", "[1, 2]", '"llama"']:
+        (llama_dir / "config.json").write_text(content)
+        assert_refused(llama_dir, "config.json holds", "not a JSON object")
+
+
+def test_broken_shard_indexes_and_missing_tensors_are_refused(llama_dir):
+    weights = load_file(llama_dir / "model.safetensors")
+    (llama_dir / "model.safetensors").unlink()
+    index = llama_dir / "model.safetensors.index.json"
+    for content in ["{not json", "{}", '{"weight_map": {}}', '{"weight_map": {"x": "../elsewhere.safetensors"}}']:
+        index.write_text(content)
+        assert_refused(llama_dir, "model.safetensors.index.json is not a valid shard index")
+    index.write_text(json.dumps({"weight_map": {name: "model-1.safetensors" for name in weights}}))
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, llama_dir / "model-1.safetensors")
+    assert_refused(llama_dir, "1 tensors are missing (layers.1.mlp.up_proj.weight)")
+    index.write_text(json.dumps({"weight_map": {"x": "model-2.safetensors"}}))
+    assert_refused(llama_dir, "model-2.safetensors is missing or corrupt")
+
+
+# ---------------------------------------------------------------------------------------
+# GGUF files (items 2 and 3), compared with transformers' own GGUF import
+
+def interleave(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Hugging Face's rotate-half q/k rows -> the interleaved rows llama.cpp's converter writes."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_rope_freqs(head_dim: int, params: dict) -> np.ndarray:
+    """The rope_freqs tensor llama.cpp's convert_hf_to_gguf.py writes for a llama3-scaled model: a
+    divisor per frequency (1 for short wavelengths, the factor for long ones, smooth between)."""
+    freqs = 1.0 / params["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    context, low, high = params["original_max_position_embeddings"], params["low_freq_factor"], params["high_freq_factor"]
+    divisors = []
+    for wavelen in 2 * math.pi / freqs:
+        smooth = (context / wavelen - low) / (high - low)
+        divisors.append(1.0 if wavelen < context / high else params["factor"] if wavelen > context / low
+                        else 1 / ((1 - smooth) / params["factor"] + smooth))
+    return np.array(divisors, dtype=np.float32)
+
+
+GGUF_KINDS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def write_gguf(path, model, arch: str, rope_freqs=None, scaling=None):
+    """A float32 GGUF file of `model` laid out as llama.cpp's converter lays out `arch`."""
+    config = model.config
+    n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads  # Qwen2Config has none
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(f"tiny-{arch}")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if scaling is not None:  # (gguf.RopeScalingType, factor)
+        writer.add_rope_scaling_type(scaling[0])
+        writer.add_rope_scaling_factor(scaling[1])
+    vocab = json.loads(byte_tokenizer().to_str())["model"]["vocab"]  # 256 tokens, maybe fewer than the rows
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe" if arch == "llama" else "qwen2")
+    writer.add_token_list(sorted(vocab, key=vocab.get))
+    writer.add_token_types([1] * len(vocab))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(3)
+    writer.add_eos_token_id(7)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
+    tied = config.tie_word_embeddings
+    for name, w in model.state_dict().items():
+        w = w.numpy()
+        parts = name.split(".")
+        if parts[1] == "layers":
+            kind = GGUF_KINDS[".".join(parts[3:-1])]
+            if arch == "llama" and kind in ("attn_q", "attn_k"):
+                w = interleave(w, n_heads if kind == "attn_q" else n_kv_heads)
+            writer.add_tensor(f"blk.{parts[2]}.{kind}.{parts[-1]}", np.ascontiguousarray(w))
+        elif not (tied and name == "lm_head.weight"):
+            gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                         "lm_head.weight": "output.weight"}[name]
+            writer.add_tensor(gguf_name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+LLAMA_GGUF = dict(head_dim=32, vocab_size=320)  # key_length != dim / heads; more embedding rows than tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_matches_transformers_gguf_import(tmp_path, arch):
+    if arch == "llama":
+        source = hf_model(LlamaConfig, **LLAMA_GGUF)
+    else:
+        source = hf_model(Qwen2Config, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    path = write_gguf(tmp_path / f"tiny-{arch}.gguf", source, arch)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    model, _ = checkpoint.load(path)
+    assert model.args.vocab_size == source.config.vocab_size
+    assert model.args.head_dim == (32 if arch == "llama" else 16)
+    tokens = prompt(vocab=source.config.vocab_size)
+    diff = max_logit_diff(model, reference, tokens)
+    print(f"gguf {arch}: max |logit diff| vs transformers' GGUF import {diff:.2e}")
+    assert diff < 1e-5
+    assert max_logit_diff(model, source, tokens) < 1e-5
+    assert torch.equal(generate(model, tokens, CompressionConfig(method="full"), max_new_tokens=N_NEW),
+                       hf_greedy(reference, tokens))
+    config, _, _ = checkpoint.open_gguf(path)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (3, 7)
+
+
+@pytest.mark.parametrize("scaling", ["rope_freqs", "linear"])
+def test_gguf_rope_scaling_matches_the_hf_model(tmp_path, scaling):
+    """transformers' GGUF import ignores both `rope_freqs` and `llama.rope.scaling.*` (it runs such a
+    file unscaled), so the oracle is the Hugging Face model the file was made from."""
+    if scaling == "rope_freqs":
+        source = hf_model(LlamaConfig, **LLAMA_GGUF, rope_parameters=LLAMA3)
+        path = write_gguf(tmp_path / "scaled.gguf", source, "llama", rope_freqs=llama_cpp_rope_freqs(32, LLAMA3))
+    else:
+        source = hf_model(LlamaConfig, **LLAMA_GGUF, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                                     "factor": 4.0})
+        path = write_gguf(tmp_path / "scaled.gguf", source, "llama", scaling=(gguf.RopeScalingType.LINEAR, 4.0))
+    model, _ = checkpoint.load(path)
+    tokens = prompt(vocab=320)
+    diff = max_logit_diff(model, source, tokens)
+    print(f"gguf llama {scaling}: max |logit diff| vs the transformers model it was made from {diff:.2e}")
+    assert diff < 1e-5
+    unscaled = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    assert max_logit_diff(unscaled, source, tokens) > 1e-2  # the scaling matters at this length
+
+
+def test_gguf_unsupported_rope_scaling_is_refused(tmp_path):
+    path = write_gguf(tmp_path / "yarn.gguf", hf_model(LlamaConfig), "llama", scaling=(gguf.RopeScalingType.YARN, 4.0))
+    assert_refused(path, "RoPE scaling 'yarn' is not supported")
