@@ -130,24 +130,22 @@ def compress(model, captured, tokens, config, max_new_tokens, scores=None) -> Pr
 
 def greedy(model, logits, n_tokens: int, stop: set[int]) -> list[int]:
     """Greedy tokens until a stop token (the answer's end of line) or n_tokens."""
-    tokens, step = [], torch.zeros(1, dtype=torch.long)
+    tokens = []
     for i in range(n_tokens):
         token = logits.argmax(-1, keepdim=True)
         tokens.append(int(token[0, 0]))
         if tokens[-1] in stop:
             break
         if i < n_tokens - 1:
-            step.fill_(i)
-            logits = model.decode(token, step)
+            logits = model.decode(token)
     return tokens
 
 
 def teacher_forced(model, logits, continuation: torch.Tensor) -> torch.Tensor:
     """Log-probabilities [n, vocab] of each continuation token's prediction, fed one at a time."""
-    out, step = [logits], torch.zeros(1, dtype=torch.long)
+    out = [logits]
     for i in range(continuation.shape[1] - 1):
-        step.fill_(i)
-        out.append(model.decode(continuation[:, i:i + 1], step))
+        out.append(model.decode(continuation[:, i:i + 1]))
     return torch.cat(out).float().log_softmax(-1)
 
 
@@ -395,13 +393,12 @@ def memory_bandwidth() -> float:
 def decode_seconds(model, decode, n_batch: int, n_steps: int) -> tuple[float, float]:
     """Median and spread of one decode step's time, after two warm-up steps (compilation)."""
     token = torch.zeros(n_batch, 1, dtype=torch.long)
-    step = torch.zeros(1, dtype=torch.long)
-    times = []
-    for i in range(n_steps + 2):
-        step.fill_(i)
+    times, compressed = [], model.snapshot()
+    for _ in range(n_steps + 2):
         start = time.perf_counter()
-        decode(token, step).clone()
+        decode(token).clone()
         times.append(time.perf_counter() - start)
+    model.restore(compressed)  # the next mode decodes from the same cache
     return statistics.median(times[2:]), max(times[2:]) - min(times[2:])
 
 

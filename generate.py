@@ -85,7 +85,6 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
     decode = decode or model.decode
     stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     done = torch.zeros(n_batch, dtype=torch.bool, device=device)
-    step = torch.zeros(1, dtype=torch.long, device=device)
     new_tokens, step_seconds = [], []
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k)
@@ -98,8 +97,7 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
         if i == max_new_tokens - 1 or bool(done.all()):
             break
         start = time.perf_counter()
-        step.fill_(i)
-        logits = decode(token, step).clone()  # clone: a CUDA-graph step reuses its output buffer
+        logits = decode(token).clone()  # clone: a CUDA-graph step reuses its output buffer
         synchronize(device)
         step_seconds.append(time.perf_counter() - start)
 
