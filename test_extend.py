@@ -160,7 +160,11 @@ def test_question_2_after_question_1_equals_question_2_alone(config):
     context, q1, q2 = torch.randint(0, 256, (2, 70)), torch.randint(0, 256, (2, 11)), torch.randint(0, 256, (2, 6))
     prefill(model, context, config, room=30)
     snapshot = model.snapshot()
+    compressed = [(c.used.clone(), c.length.clone(), c.valid.clone()) for c in model.caches()]
     answer(model, snapshot, q1)
+    model.restore(snapshot)
+    for cache, state in zip(model.caches(), compressed):  # the state right after compression
+        assert all(torch.equal(a, b) for a, b in zip((cache.used, cache.length, cache.valid), state))
     after = answer(model, snapshot, q2)
     prefill(model, context, config, room=30)
     snapshot = model.snapshot()
