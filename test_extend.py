@@ -237,3 +237,74 @@ def test_compiled_decode_after_extend_does_not_recompile():
             for (_, tokens, logits), (_, eager_tokens, eager_logits) in zip(run(context, questions, compiled), eager):
                 assert torch.equal(tokens, eager_tokens)
                 torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# The query-agnostic API and CLI
+
+def test_answer_from_an_uncompressed_context_equals_generate_on_the_whole_prompt():
+    from generate import answer, compress_context, generate
+
+    model = tiny_model(n_layers=3)
+    full = CompressionConfig(method="full")
+    context, questions = torch.randint(0, 256, (2, 50)), [torch.randint(0, 256, (2, n)) for n in (9, 4)]
+    questions.append(questions[0])  # the first question again, after the second
+    expected = [generate(model, torch.cat([context, q], 1), full, max_new_tokens=12) for q in questions]
+    compressed = compress_context(model, context, full, max_new_tokens=30)  # once, for every question
+    for question, tokens in zip(questions, expected):
+        assert torch.equal(answer(model, compressed, question, max_new_tokens=12), tokens)
+
+
+def test_answer_that_does_not_fit_is_a_prompt_error():
+    from generate import PromptError, answer, compress_context
+
+    model = tiny_model()
+    compressed = compress_context(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), 10)
+    with pytest.raises(PromptError, match="does not fit in the 12 cache slots"):  # 20 + 10 -> 32 slots
+        answer(model, compressed, torch.zeros(1, 5, dtype=torch.long), max_new_tokens=8)
+    compress_context(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), 10)
+    with pytest.raises(ValueError, match="compress the context again"):
+        answer(model, compressed, torch.zeros(1, 2, dtype=torch.long), max_new_tokens=2)
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, str(HERE / "generate.py"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_answers_several_questions_from_one_compression(tiny_dir, tmp_path):
+    context = tmp_path / "context.txt"
+    context.write_text("z" * 200)
+    questions = tmp_path / "questions.txt"
+    questions.write_text("first question?\n\nsecond one?\nthird\n")
+    common = ("--checkpoint", str(tiny_dir), "--context-file", str(context), "--window", "8", "--max-new-tokens", "5")
+    for asked in (("--question", "first question?", "--question", "second one?", "--question", "third"),
+                  ("--questions-file", str(questions))):
+        result = cli(*common, *asked)
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        assert out.count("Compressing") == 1 and "201 tokens" in out  # the context and its newline
+        assert "KV kept per layer 20 of 201" in out
+        assert "context was prefilled and compressed once, 3 questions answered from it" in out
+        for i, question in enumerate(["first question?", "second one?", "third"], start=1):
+            assert f"--- question {i}: {question} ---" in out
+            assert f"question {i:<8} {len(question)} tokens, extend" in out  # byte tokenizer: one token a byte
+
+
+def test_cli_question_errors(tiny_dir, tmp_path):
+    from test_chunkkv import assert_user_error
+
+    context, empty, latin1 = tmp_path / "context.txt", tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    context.write_text("z" * 200)
+    empty.write_text("\n  \n")
+    latin1.write_bytes("café".encode("latin-1"))
+    tiny = ("--checkpoint", str(tiny_dir), "--window", "8")
+    assert_user_error(cli(*tiny, "--context-file", str(context)), "--context-file needs questions")
+    assert_user_error(cli(*tiny, "--prompt", "hi", "--question", "q"), "use --context-file")
+    assert_user_error(cli(*tiny, "--context-file", str(context), "--questions-file", str(empty)), "has no questions")
+    assert_user_error(cli(*tiny, "--context-file", str(latin1), "--question", "q"), "context file", "is not UTF-8")
+    assert_user_error(cli(*tiny, "--context-file", str(context), "--question", "q", "--questions-file", str(empty)),
+                      "not allowed with argument")
+    assert_user_error(cli(*tiny, "--context-file", str(context), "--question", " "), "a --question is empty")
+    assert_user_error(cli(*tiny, "--context-file", str(context), "--question", "q", "--max-new-tokens", "60"),
+                      "exceeds the model's context of 256")
