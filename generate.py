@@ -396,17 +396,32 @@ def passkey_report(model: Transformer, prompt: str, offsets: list, key: str, ans
             f"pass key {key}: {'found' if key in answer else 'NOT found'} in the answer")
 
 
+def questions_summary(context_stats: dict, asked: list[dict], config: CompressionConfig, n_layers: int) -> str:
+    """The one compression, then per question its tokens, extend time and decode speed."""
+    steps = [s for stats in asked for s in stats["decode_step_seconds"]]
+    lines = [summary({**context_stats, "new_tokens": sum(s["new_tokens"] for s in asked), "decode_step_seconds": steps},
+                     config, n_layers),
+             f"setting           query-agnostic: the context was prefilled and compressed once, "
+             f"{len(asked)} question{'s' if len(asked) > 1 else ''} answered from it"]
+    for i, stats in enumerate(asked, start=1):
+        steps = stats["decode_step_seconds"][1 if i == 1 else 0:]  # the first step may include compilation
+        speed = f"{len(steps) / sum(steps):.1f} tokens/s" if steps else "too few tokens to time"
+        lines.append(f"question {i:<8} {stats['question_tokens']} tokens, extend {stats['extend_seconds']:.3f} s; "
+                     f"answer {stats['new_tokens']} tokens, {speed}")
+    return "\n".join(lines)
+
+
 def ask_questions(model: Transformer, tokenizer: Tokenizer, config: CompressionConfig, args: argparse.Namespace,
                   context: str, questions: list[str], key: str | None, chat: bool, stop_tokens: tuple[int, ...]) -> int:
     """The CLI's query-agnostic path: compress the context once, answer each question from it."""
+    if not context.strip():
+        raise PromptError("the context is empty: put some text in --context-file")
     device = model.lm_head.weight.device
     parts = [split_turn(context, question, chat) for question in questions]
     context_text = parts[0][0]  # the same for every question: the split is just before the question
     encoding = tokenizer.encode(context_text)
     context_ids = torch.tensor([encoding.ids], device=device)
     question_ids = [torch.tensor([tokenizer.encode(question).ids], device=device) for _, question in parts]
-    if context_ids.shape[1] == 0:
-        raise PromptError("the context is empty: put some text in --context-file")
     max_new_tokens = args.max_new_tokens or (16 if key is not None else 64)
     room = max(ids.shape[1] for ids in question_ids) + max_new_tokens  # slots each question + answer needs
     check_prompt(model, context_ids.shape[1], config, room)  # fail before printing anything
@@ -427,16 +442,7 @@ def ask_questions(model: Transformer, tokenizer: Tokenizer, config: CompressionC
         answers.append(stream.printed)
         asked.append(stats)
     print("---")
-    steps = [s for stats in asked for s in stats["decode_step_seconds"]]
-    print(summary({**context.stats, "new_tokens": sum(s["new_tokens"] for s in asked), "decode_step_seconds": steps},
-                  config, model.args.n_layers))
-    print(f"setting           query-agnostic: the context was prefilled and compressed once, "
-          f"{len(questions)} question{'s' if len(questions) > 1 else ''} answered from it")
-    for i, stats in enumerate(asked, start=1):
-        steps = stats["decode_step_seconds"][1 if i == 1 else 0:]  # the first step may include compilation
-        speed = f"{len(steps) / sum(steps):.1f} tokens/s" if steps else "too few tokens to time"
-        print(f"question {i:<8} {stats['question_tokens']} tokens, extend {stats['extend_seconds']:.3f} s; "
-              f"answer {stats['new_tokens']} tokens, {speed}")
+    print(questions_summary(context.stats, asked, config, model.args.n_layers))
     if key is not None:
         report = passkey_report(model, context_text, encoding.offsets, key, answers[0]).splitlines()
         print(report[0])  # which layers kept the key's tokens: the same for every question
