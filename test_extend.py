@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import chunkkv
 from chunkkv import CompressionConfig
 from model import Prefill, Transformer
 from test_chunkkv import HERE, tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
