@@ -254,6 +254,8 @@ def test_answer_from_an_uncompressed_context_equals_generate_on_the_whole_prompt
     compressed = compress_context(model, context, full, max_new_tokens=30)  # once, for every question
     for question, tokens in zip(questions, expected):
         assert torch.equal(answer(model, compressed, question, max_new_tokens=12), tokens)
+        # context + this question + the answer's tokens but the last (never fed back); nothing earlier
+        assert all(c.length.tolist() == [50 + question.shape[1] + 11] * 2 for c in model.caches())
 
 
 def test_answer_that_does_not_fit_is_a_prompt_error():
