@@ -340,7 +340,7 @@ def test_decode_attends_to_exactly_what_each_head_kept(config):
     budgets = config.layer_budgets(n_prompt, 3)
     captured = []
     logits = [model.prefill(prompt, Prefill(config, prompt, budgets, n_steps + 1, captured=captured))]
-    logits += [model.decode(forced[:, i:i + 1], torch.tensor([i])) for i in range(n_steps)]
+    logits += [model.decode(forced[:, i:i + 1]) for i in range(n_steps)]
     logits = torch.stack(logits, dim=1)
     kept = [block.self_attn.cache.positions for block in model.layers]
 
