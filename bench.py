@@ -345,6 +345,8 @@ def settings_table(rows: list[dict]) -> str:
     """Retrieval accuracy per method x keep x setting, with the number of prompts and a 95 %
     Wilson interval; binary tasks only (single, multikey)."""
     rows = [r for r in rows if r["bench"] == "retrieval" and r.get("setting") and r["task"] != "multivalue"]
+    if not rows:
+        return "\n(no single or multikey prompts ran: no table by setting)"
     settings = [s for s in ("aware", "agnostic") if any(r["setting"] == s for r in rows)]
     keeps = sorted({r["keep"] for r in rows if r["keep"] not in (None, 1.0)})
     labels = ["full"] + list(METHODS) + ["fastgen"]
