@@ -82,23 +82,53 @@ def check_prompt(model: Transformer, n_prompt: int, compression: CompressionConf
     return compression.layer_budgets(n_prompt, model.args.n_layers)
 
 
+def batch_prompts(prompt: Tensor | list[list[int]], lengths: Tensor | list[int] | None,
+                  device: torch.device) -> tuple[Tensor, list[int] | None]:
+    """(tokens [B, T], each row's length, or None when every row fills T) from token-id lists of
+    any lengths, or from a right-padded [B, T] tensor with its `lengths` [B].
+
+    Right padding, not left: under causal attention a real token never sees the padding after
+    it, so the prefill needs no mask and every row's RoPE positions start at 0 unshifted; each
+    row's last logits are read at its own length - 1, and compression slices each row's real
+    tokens. Raises PromptError for an empty prompt or lengths that do not fit the tensor."""
+    if not isinstance(prompt, Tensor):
+        if lengths is not None:
+            raise PromptError("lengths go with a padded tensor of prompts; token-id lists carry their own lengths")
+        lengths = [len(ids) for ids in prompt]
+        if not lengths or min(lengths) == 0:
+            raise PromptError("a prompt is empty: every prompt needs at least one token")
+        prompt = torch.tensor([list(ids) + [0] * (max(lengths) - len(ids)) for ids in prompt], device=device)
+    elif lengths is None:
+        return prompt, None
+    lengths = [int(n) for n in lengths]
+    if len(lengths) != prompt.shape[0] or not all(1 <= n <= prompt.shape[1] for n in lengths):
+        raise PromptError(f"lengths {lengths} do not fit prompts of shape {tuple(prompt.shape)}: "
+                          f"give one length per row, each between 1 and {prompt.shape[1]}")
+    prompt = prompt[:, :max(lengths)]  # nobody's tokens past the longest row
+    return prompt, (None if min(lengths) == prompt.shape[1] else lengths)
+
+
 @torch.no_grad()
-def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig = CompressionConfig(),
+def generate(model: Transformer, prompt: Tensor | list[list[int]], compression: CompressionConfig = CompressionConfig(),
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              stop_tokens: tuple[int, ...] = (), on_token=None, decode=None, n_slots: int | None = None,
-             stats: dict | None = None) -> Tensor:
-    """New token ids [B, n] (n <= max_new_tokens) for prompts [B, T] of one length.
+             stats: dict | None = None, lengths: Tensor | list[int] | None = None) -> Tensor:
+    """New token ids [B, n] (n <= max_new_tokens) for prompts [B, T], or a ragged batch: a list of
+    token-id lists, or a right-padded [B, T] tensor with each row's `lengths` [B].
 
     The prompt is prefilled with full attention, each layer's KV cache is compressed as
-    `compression` says, then tokens are decoded one at a time through the cache. Rows that
+    `compression` says, then tokens are decoded one at a time through the cache. In a ragged
+    batch each row is compressed alone with its own budget (keep x its length) and window; its
+    padding is never scored, kept or attended, and every row gives what it gives alone. Rows that
     reach a stop token are padded with it until every row has stopped. `on_token(ids [B, 1])`
     sees each new token as it is made; `decode` replaces `model.decode` (e.g. a compiled one);
-    `n_slots` fixes every layer's cache size (so one compiled graph serves many prompts);
-    a `stats` dict receives timings and cache sizes. Raises PromptError for a prompt beyond the
-    context and for max_new_tokens or top_k below 1 or a negative or non-finite temperature.
+    `n_slots` fixes every layer's cache size (so one compiled graph serves many prompts and
+    length mixes); a `stats` dict receives timings and cache sizes. Raises PromptError for a
+    prompt beyond the context or empty, lengths that do not fit, and for max_new_tokens or top_k
+    below 1 or a negative or non-finite temperature; CompressionError for an impossible budget.
     """
     check_sampling(max_new_tokens, temperature, top_k)
-    logits, prefill_stats = prefill_and_compress(model, prompt, compression, max_new_tokens, n_slots)
+    logits, prefill_stats = prefill_and_compress(model, prompt, compression, max_new_tokens, n_slots, lengths)
     new_tokens, step_seconds = decode_tokens(model, logits, max_new_tokens, temperature, top_k, stop_tokens,
                                              on_token, decode)
     if stats is not None:
@@ -106,21 +136,41 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
     return new_tokens
 
 
-def prefill_and_compress(model: Transformer, prompt: Tensor, compression: CompressionConfig, max_new_tokens: int,
-                         n_slots: int | None) -> tuple[Tensor, dict]:
-    """Prefill and compress `prompt` [B, T], leaving `max_new_tokens` free slots per layer;
-    (last logits [B, vocab], timings and cache sizes)."""
+def prefill_and_compress(model: Transformer, prompt: Tensor | list[list[int]], compression: CompressionConfig,
+                         max_new_tokens: int, n_slots: int | None,
+                         lengths: Tensor | list[int] | None = None) -> tuple[Tensor, dict]:
+    """Prefill and compress `prompt` [B, T] (or a ragged batch, as `generate` takes it), leaving
+    `max_new_tokens` free slots per layer; (last logits [B, vocab], timings and cache sizes)."""
+    prompt, lengths = batch_prompts(prompt, lengths, model.lm_head.weight.device)
     n_batch, n_prompt = prompt.shape
-    budgets = check_prompt(model, n_prompt, compression, max_new_tokens)
-    prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots)
+    if lengths is None:
+        budgets = check_prompt(model, n_prompt, compression, max_new_tokens)
+        prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots)
+    else:
+        budgets = [row_budgets(model, i, n, compression, max_new_tokens) for i, n in enumerate(lengths)]
+        prefill = Prefill(compression, prompt, budgets[lengths.index(n_prompt)], max_new_tokens, n_slots,
+                          lengths=lengths, row_budgets=budgets)
     start = time.perf_counter()
     logits = model.prefill(prompt, prefill)
     synchronize(prompt.device)
-    entry_bytes = 2 * n_batch * model.args.n_kv_heads * model.args.head_dim * model.lm_head.weight.element_size()
-    return logits, dict(prompt_tokens=n_prompt, budgets=budgets, kept=prefill.kept, stored=prefill.stored,
-                        prefill_seconds=time.perf_counter() - start, compress_seconds=prefill.compress_seconds,
-                        kv_bytes_full=entry_bytes * n_prompt * model.args.n_layers,
-                        kv_bytes_kept=entry_bytes * sum(prefill.stored))
+    entry_bytes = 2 * model.args.n_kv_heads * model.args.head_dim * model.lm_head.weight.element_size()
+    lengths = lengths or [n_prompt] * n_batch
+    row_kept = [[(cache.positions[row] >= 0).sum(-1).float().mean().item() for cache in model.caches()]
+                for row in range(n_batch)]  # [row][layer], mean over KV heads
+    return logits, dict(prompt_tokens=n_prompt, lengths=lengths, budgets=budgets, kept=prefill.kept,
+                        row_kept=row_kept, stored=prefill.stored, prefill_seconds=time.perf_counter() - start,
+                        compress_seconds=prefill.compress_seconds,
+                        kv_bytes_full=entry_bytes * sum(lengths) * model.args.n_layers,
+                        kv_bytes_kept=entry_bytes * n_batch * sum(prefill.stored))
+
+
+def row_budgets(model: Transformer, row: int, n_prompt: int, compression: CompressionConfig,
+                max_new_tokens: int) -> list[int]:
+    """check_prompt for one row of a ragged batch; errors name the prompt (1-based)."""
+    try:
+        return check_prompt(model, n_prompt, compression, max_new_tokens)
+    except (PromptError, CompressionError) as e:
+        raise type(e)(f"prompt {row + 1}: {e}") from None
 
 
 def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
