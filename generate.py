@@ -6,6 +6,7 @@
     python generate.py --context-file doc.txt --question "Who wrote it?" --question "When?"
 """
 import argparse
+import json
 import math
 import random
 import string
@@ -333,12 +334,89 @@ def read_questions(args: argparse.Namespace) -> list[str] | None:
         if args.context_file is not None:
             raise PromptError("--context-file needs questions: add --question Q (repeatable) or --questions-file F")
         return None
-    if args.prompt is not None or args.prompt_file is not None:
+    if args.prompt is not None or args.prompt_file is not None or args.prompts_jsonl is not None:
         raise PromptError("questions are asked about --context-file (or the pass-key demo's context), "
                           "not about --prompt/--prompt-file: use --context-file")
     if any(not q.strip() for q in questions):
         raise PromptError("a --question is empty: pass some text")
     return questions
+
+
+def read_batch(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """(name, text) of each prompt of a batch (several --prompt-file, or --prompts-jsonl), or
+    None for a single prompt; a one-line error for an empty or unreadable prompt."""
+    if args.prompts_jsonl is not None:
+        batch = []
+        for number, line in enumerate(read_prompt_file(args.prompts_jsonl, "prompts file").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptError(f"{args.prompts_jsonl} line {number} is not JSON ({e.msg}): write one JSON string "
+                                  'or {"prompt": "..."} per line') from None
+            text = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(text, str):
+                raise PromptError(f'{args.prompts_jsonl} line {number} has no prompt: write a JSON string or '
+                                  '{"prompt": "..."}')
+            batch.append((f"line {number}", text))
+    elif args.prompt_file is not None and len(args.prompt_file) > 1:
+        batch = [(path, read_prompt_file(path)) for path in args.prompt_file]
+    else:
+        return None
+    for name, text in batch:
+        if not text.strip():
+            raise PromptError(f"prompt {name} is empty: put some text in it")
+    if not batch:
+        raise PromptError(f"{args.prompts_jsonl} holds no prompts: write one per line")
+    return batch
+
+
+def run_batch(model: Transformer, tokenizer: Tokenizer, config: CompressionConfig, args: argparse.Namespace,
+              batch: list[tuple[str, str]], chat: ChatFormat | None, stop_tokens: tuple[int, ...]) -> int:
+    """The CLI's batch path: prompts of any lengths prefilled, compressed (each row with its own
+    budget) and decoded as one ragged batch; each answer printed after the batch finished."""
+    device = model.lm_head.weight.device
+    texts = [chat.render([{"role": "user", "content": text}]) if chat else text for _, text in batch]
+    rows = [tokenizer.encode(text, add_special_tokens=chat is None).ids for text in texts]
+    max_new_tokens = args.max_new_tokens or 64
+    for i, ids in enumerate(rows):  # fail before printing anything
+        if not ids:
+            raise PromptError(f"prompt {batch[i][0]} is empty: put some text in it")
+        row_budgets(model, i, len(ids), config, max_new_tokens)
+    torch.manual_seed(args.seed)
+    decode = compile_decode(model) if args.compile else None
+    print(f"{len(rows)} prompts ({', '.join(str(len(ids)) for ids in rows)} tokens) as one batch"
+          f"{', chat template' if chat else ''}.")
+    stats = {}
+    new_tokens = generate(model, rows, config, max_new_tokens, args.temperature, args.top_k, stop_tokens,
+                          decode=decode, stats=stats)
+    for i, (name, _) in enumerate(batch):
+        ids = new_tokens[i].tolist()
+        ids = ids[:next((j for j, t in enumerate(ids) if t in stop_tokens), len(ids))]  # up to its first stop token
+        print(f"--- answer {i + 1} ({name}) ---\n{tokenizer.decode(ids, skip_special_tokens=True)}")
+    print("---")
+    print(batch_summary(stats, config, model.args.n_layers))
+    return 0
+
+
+def batch_summary(stats: dict, config: CompressionConfig, n_layers: int) -> str:
+    """`summary` of the whole batch (its prompts' tokens and kept entries added up), then a line
+    per prompt with its own length and kept entries."""
+    n_batch, lengths = len(stats["lengths"]), stats["lengths"]
+    together = {**stats, "prompt_tokens": sum(lengths), "kept": [k * n_batch for k in stats["kept"]],
+                "budgets": [sum(layer) for layer in zip(*stats["budgets"])] if isinstance(stats["budgets"][0], list)
+                else [b * n_batch for b in stats["budgets"]]}
+    steps = stats["decode_step_seconds"][1:]  # the first step may include compilation
+    speed = f"{n_batch * len(steps) / sum(steps):.1f} tokens/s over the batch" if steps else "too few tokens to time"
+    lines = summary(together, config, n_layers).splitlines()  # method, prompt, kept, cache, prefill, decode
+    lines[1] = f"prompt tokens     {sum(lengths)} in {n_batch} prompts"
+    lines[-1] = f"decode            {stats['new_tokens']} steps, {n_batch} prompts together, {speed}"
+    for i, (n_prompt, kept) in enumerate(zip(lengths, stats["row_kept"]), start=1):
+        mean = sum(kept) / len(kept)
+        count = f"{mean:.0f}" if mean == round(mean) else f"{mean:.1f}"
+        lines.append(f"prompt {i:<10} {n_prompt} tokens, KV kept per layer {count} ({100 * mean / n_prompt:.1f} %)")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,7 +439,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompt = parser.add_argument_group("prompt")
     source = prompt.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt (default: a ~2,000-token pass-key demo)")
-    source.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
+    source.add_argument("--prompt-file", action="append",
+                        help="read the prompt from a UTF-8 file; repeat for a batch of prompts of any lengths")
+    source.add_argument("--prompts-jsonl", help="a batch of prompts, one per line: a JSON string or {\"prompt\": ...}")
     prompt.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="wrap the prompt in the checkpoint's chat template (default: on for --prompt/--prompt-file "
                              "when the checkpoint has one or ChatML tokens, off for the demo)")
@@ -554,15 +634,18 @@ def main(argv=None) -> int:
         if config.method == "fastgen" and (args.keep is not None or args.budget is not None):
             raise CompressionError("fastgen chooses each head's budget itself: drop --keep/--budget, tune --recovery")
         questions = read_questions(args)  # None unless the context is compressed alone
-        if args.prompt_file is not None:
-            text, key = read_prompt_file(args.prompt_file), None
+        batch = read_batch(args)  # None unless several prompts run as one batch
+        if batch is not None:
+            text, key = "", None
+        elif args.prompt_file is not None:
+            text, key = read_prompt_file(args.prompt_file[0]), None
         elif args.prompt is not None:
             text, key = args.prompt, None
         elif args.context_file is not None:
             text, key = read_prompt_file(args.context_file, "context file"), None
         else:
             text, key = passkey_prompt(seed=args.seed) if questions is None else passkey_context(seed=args.seed)
-        if questions is None and not text.strip():  # before any chat template wraps it into something non-empty
+        if questions is None and batch is None and not text.strip():  # before any chat template wraps it into something non-empty
             raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
         device = parse_device(args.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -574,6 +657,8 @@ def main(argv=None) -> int:
 
         chat_form = chat_format(checkpoint_path)
         chat = args.chat if args.chat is not None else (key is None and chat_form.template is not None)
+        if batch is not None:
+            return run_batch(model, tokenizer, config, args, batch, chat_form if chat else None, chat_form.stop_ids)
         if questions is not None:
             return ask_questions(model, tokenizer, config, args, text, questions, key, chat_form if chat else None,
                                  chat_form.stop_ids)
