@@ -3,6 +3,7 @@
     python bench.py quality   [--quick] [--setting aware|agnostic|both] [--out results/quality.json] [--plot accuracy.png]
     python bench.py speed     [--quick] [--out results/speed.json]
     python bench.py throughput [--quick] [--memory-gib 1] [--lengths 8000 4096] [--out results/throughput.json]
+    python bench.py pages     [--quick] [--lengths 1024] [--out results/pages.json]
     python bench.py questions [--quick] [--out results/questions.json]
     python bench.py passkey   [--quick] [--out results/passkey.json]
 
@@ -15,6 +16,7 @@ speed: prefill, compression, eager and compiled decode, KV bytes and the memory-
 roofline of a decode step.
 throughput: decode tokens/s at a fixed KV-cache memory (1 GiB): the largest batch of 8k-token
 prompts each method's cache lets fit; and tokens/s against batch size at 4k.
+pages: chunk 16 (a paged engine's page size) against chunk 10, retrieval and fidelity.
 questions: time to answer k questions about one document, one prefill + k extends
 (agnostic) against k full prefills (aware).
 passkey: how often the CLI's pass-key demo finds its key, per keep and setting, over seeds.
@@ -607,11 +609,11 @@ def run_throughput(model, tokenizer, quick: bool, memory_gib: float = 1.0, lengt
     long, short = lengths or ((512, 256) if quick else (8000, 4096))
     n_new = 16 if quick else 64
     batches = [1, 2] if quick else [1, 2, 4, 8, 16]
-    repeats, n_steps = (2, 2) if quick else (2, 3)
+    repeats, n_steps = (2, 2) if quick else (2, 3)  # the batch sweep runs one repeat: 10 configurations already
     memory = int((memory_gib / 16 if quick else memory_gib) * 2**30)
     paragraphs = stdlib_paragraphs()
     prompt = lambda n: torch.tensor([tokenizer.encode("\n".join(take_prose(paragraphs, tokenizer, n, 0))).ids[:n]])  # noqa: E731
-    rows, progress = [], Progress(2 + repeats * (len(THROUGHPUT_CONFIGS) + 2 * len(batches)), "throughput")
+    rows, progress = [], Progress(2 + repeats * len(THROUGHPUT_CONFIGS) + 2 * len(batches), "throughput")
 
     def measure(label, config, captured, tokens, n_batch, **fields):
         prefill = replicated(model, captured, tokens, config, n_batch, n_new)
@@ -645,10 +647,9 @@ def run_throughput(model, tokenizer, quick: bool, memory_gib: float = 1.0, lengt
     tokens = prompt(short)
     _, captured = capture(model, tokens, n_new)
     progress.step(f"prefill {short}")
-    for _ in range(repeats):
-        for n_batch in batches:
-            for label in ("full", "chunkkv"):
-                measure(label, THROUGHPUT_CONFIGS[label], captured, tokens, n_batch, setting="batch_sweep")
+    for n_batch in batches:
+        for label in ("full", "chunkkv"):
+            measure(label, THROUGHPUT_CONFIGS[label], captured, tokens, n_batch, setting="batch_sweep")
     return rows
 
 
@@ -683,6 +684,67 @@ def throughput_tables(rows: list[dict]) -> str:
     out.append(table(f"Decode tokens/s against batch size, {n_tokens}-token prompts (chunkkv keep 0.1)",
                      ["batch", "full step ms", "full tok/s", "chunkkv step ms", "chunkkv tok/s"], sweep))
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# page-aligned chunks: what chunk 16 (a serving engine's page) costs against the paper's 10
+
+PAGE_CONFIGS = {"full": CompressionConfig(method="full"), "chunkkv-c10": CompressionConfig(keep=0.1, chunk_size=10),
+                "chunkkv-c16": CompressionConfig(keep=0.1, chunk_size=16)}
+
+
+def run_pages(model, tokenizer, quick: bool, lengths=None) -> list[dict]:
+    """Query-aware retrieval (single, multikey) and fidelity on prose, chunk 16 against chunk 10
+    at keep 0.1, with the quality bench's cases and machinery (one prefill, every config)."""
+    paragraphs, rng, rows = stdlib_paragraphs(), random.Random(0), []
+    lengths = lengths or [1024]
+    depths = [0.25, 0.75] if quick else [0.1, 0.3, 0.5, 0.7, 0.9]
+    stop = set(tokenizer.encode("\n").ids) | {tokenizer.token_to_id("<|endoftext|>")} - {None}
+    cases = [(task, n, d) for n in lengths for task in ("single", "multikey") for d in depths]
+    progress = Progress(len(cases) + 1, "pages")
+    for task, n_tokens, depth in cases:
+        context, questions, max_new = retrieval_case(task, paragraphs, tokenizer, n_tokens, depth, rng)
+        question, answers = questions[0]
+        tokens = torch.tensor([tokenizer.encode(context + question).ids])
+        logits, captured = capture(model, tokens, max_new)
+        scores = layer_scores(PAGE_CONFIGS["chunkkv-c10"], captured)  # chunk size does not change the scores
+        for label, config in PAGE_CONFIGS.items():
+            compress(model, captured, tokens, config, max_new, scores if label != "full" else None)
+            answer = tokenizer.decode(greedy(model, logits, max_new, stop))
+            rows.append({"bench": "pages", "metric": "accuracy", "method": label, "task": task, "context": n_tokens,
+                         "depth": depth, "prompt_tokens": tokens.shape[1], "value": float(answers[0] in answer)})
+        progress.step(f"{task} {n_tokens} tokens, depth {depth}")
+    n_context, n_next = (512, 32) if quick else (1024, 128)
+    prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
+    ids = tokenizer.encode(prose).ids
+    tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
+    logits, captured = capture(model, tokens, n_next)
+    reference = None
+    for label, config in PAGE_CONFIGS.items():
+        compress(model, captured, tokens, config, n_next)
+        logprobs = teacher_forced(model, logits, continuation)
+        reference = logprobs if reference is None else reference
+        kl = F.kl_div(logprobs, reference, log_target=True, reduction="none").sum(-1)  # [n_next], per token
+        nll = -logprobs.gather(1, continuation[0, :, None])[:, 0]
+        rows.append({"bench": "pages", "metric": "fidelity", "method": label, "prompt_tokens": n_context,
+                     "continuation_tokens": n_next, "kl_per_token": kl.tolist(), "nll_per_token": nll.tolist()})
+    progress.step("fidelity")
+    return rows
+
+
+def pages_table(rows: list[dict]) -> str:
+    cells = []
+    for label in PAGE_CONFIGS:
+        hits = [r["value"] for r in rows if r["metric"] == "accuracy" and r["method"] == label]
+        low, high = wilson(sum(hits), len(hits))
+        fid = next(r for r in rows if r["metric"] == "fidelity" and r["method"] == label)
+        kl = torch.tensor(fid["kl_per_token"])
+        half = 1.96 * kl.std() / math.sqrt(len(kl))  # normal interval of the mean over continuation tokens
+        cells.append([label, f"{sum(hits):.0f}/{len(hits)} [{low:.2f}, {high:.2f}]",
+                      f"{math.exp(statistics.mean(fid['nll_per_token'])):.2f}",
+                      f"{kl.mean():.3f} [{kl.mean() - half:.3f}, {kl.mean() + half:.3f}]"])
+    return table("Page-aligned chunks (keep 0.1, query-aware retrieval single + multikey; 95 % intervals)",
+                 ["method", "retrieval hits [Wilson]", "perplexity", "KL to full per token [normal]"], cells)
 
 
 # ---------------------------------------------------------------------------------------
@@ -791,7 +853,7 @@ def passkey_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["quality", "speed", "throughput", "questions", "passkey"])
+    parser.add_argument("bench", choices=["quality", "speed", "throughput", "pages", "questions", "passkey"])
     parser.add_argument("--quick", action="store_true", help="a small subset: minutes, not the full run")
     parser.add_argument("--setting", choices=["aware", "agnostic", "both"], default="both",
                         help="quality: retrieval with the question in the prompt (aware), after compression "
@@ -830,6 +892,9 @@ def main(argv=None) -> int:
     elif args.bench == "throughput":
         rows = run_throughput(model, tokenizer, args.quick, args.memory_gib, args.lengths)
         print(throughput_tables(rows))
+    elif args.bench == "pages":
+        rows = run_pages(model, tokenizer, args.quick, args.lengths)
+        print(pages_table(rows))
     elif args.bench == "questions":
         rows = run_questions(model, tokenizer, args.quick)
         print(questions_table(rows))
