@@ -143,3 +143,19 @@ def test_cli_runs_several_prompt_files_as_one_batch(tiny_dir, tmp_path):
     assert f"--- answer 1 ({short}) ---" in out and f"--- answer 2 ({long}) ---" in out
     assert "prompt 1          60 tokens, KV kept per layer 18 (30.0 %)" in out
     assert "prompt 2          130 tokens, KV kept per layer 39 (30.0 %)" in out
+
+
+def test_cli_batch_errors(tmp_path):
+    from test_chunkkv import assert_user_error
+
+    good, empty, bad = tmp_path / "good.txt", tmp_path / "empty.txt", tmp_path / "bad.jsonl"
+    good.write_text("hello")
+    empty.write_text("  \n")
+    bad.write_text('"first prompt"\n{"prompt": "second"\nnot json\n')
+    assert_user_error(cli("--prompt-file", str(good), "--prompt-file", str(empty)), "is empty")
+    assert_user_error(cli("--prompts-jsonl", str(bad)), "line 2 is not JSON")
+    bad.write_text('{"text": "no prompt key"}\n')
+    assert_user_error(cli("--prompts-jsonl", str(bad)), "line 1 has no prompt")
+    bad.write_text("\n\n")
+    assert_user_error(cli("--prompts-jsonl", str(bad)), "holds no prompts")
+    assert_user_error(cli("--prompts-jsonl", str(bad), "--prompt", "x"), "not allowed with")
