@@ -661,13 +661,14 @@ def throughput_tables(rows: list[dict]) -> str:
         times = [t for r in steps if r["setting"] == setting and all(r[k] == v for k, v in match.items()) for t in r["values"]]
         return statistics.median(times), len(times)
 
-    out, equal = [], []
+    out, equal, tokens_per_s = [], [], {}
     for r in (r for r in rows if r["metric"] == "max_batch"):
         step, n = speed("equal_memory", method=r["method"])
+        tokens_per_s[r["method"]] = r["value"] / step
         equal.append([r["method"], r["prompt_tokens"], f"{r['row_bytes'] / 2**20:.1f}", r["value"],
-                      f"{r['value'] * r['row_bytes'] / 2**20:.0f}", f"{1000 * step:.0f}", f"{r['value'] / step:.1f}", n])
-    full = next(float(e[6]) for e in equal if e[0] == "full")
-    equal = [e + [f"{float(e[6]) / full:.2f}x"] for e in equal]
+                      f"{r['value'] * r['row_bytes'] / 2**20:.0f}", f"{1000 * step:.0f}",
+                      f"{tokens_per_s[r['method']]:.2f}", n])
+    equal = [e + [f"{tokens_per_s[e[0]] / tokens_per_s['full']:.1f}x"] for e in equal]
     memory = next(r["memory_bytes"] for r in rows if r["metric"] == "max_batch") / 2**30
     out.append(table(f"Throughput at equal KV-cache memory ({memory:g} GiB), eager decode, median step "
                      f"(load average {load:.1f})",
@@ -678,7 +679,7 @@ def throughput_tables(rows: list[dict]) -> str:
         cells = [n_batch]
         for label in ("full", "chunkkv"):
             step, n = speed("batch_sweep", method=label, batch=n_batch)
-            cells += [f"{1000 * step:.0f}", f"{n_batch / step:.1f}"]
+            cells += [f"{1000 * step:.0f}", f"{n_batch / step:.2f}"]
         sweep.append(cells)
     n_tokens = next(r["prompt_tokens"] for r in steps if r["setting"] == "batch_sweep")
     out.append(table(f"Decode tokens/s against batch size, {n_tokens}-token prompts (chunkkv keep 0.1)",
