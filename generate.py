@@ -376,7 +376,6 @@ def run_batch(model: Transformer, tokenizer: Tokenizer, config: CompressionConfi
               batch: list[tuple[str, str]], chat: ChatFormat | None, stop_tokens: tuple[int, ...]) -> int:
     """The CLI's batch path: prompts of any lengths prefilled, compressed (each row with its own
     budget) and decoded as one ragged batch; each answer printed after the batch finished."""
-    device = model.lm_head.weight.device
     texts = [chat.render([{"role": "user", "content": text}]) if chat else text for _, text in batch]
     rows = [tokenizer.encode(text, add_special_tokens=chat is None).ids for text in texts]
     max_new_tokens = args.max_new_tokens or 64
