@@ -2,6 +2,8 @@
 
     python bench.py quality   [--quick] [--setting aware|agnostic|both] [--out results/quality.json] [--plot accuracy.png]
     python bench.py speed     [--quick] [--out results/speed.json]
+    python bench.py throughput [--quick] [--memory-gib 1] [--lengths 8000 4096] [--out results/throughput.json]
+    python bench.py pages     [--quick] [--lengths 1024] [--out results/pages.json]
     python bench.py questions [--quick] [--out results/questions.json]
     python bench.py passkey   [--quick] [--out results/passkey.json]
 
@@ -12,6 +14,9 @@ query-agnostic one (kvpress's: the haystack is compressed alone, once, and every
 about it is appended to that one cache). Fidelity and the ablations are query-aware.
 speed: prefill, compression, eager and compiled decode, KV bytes and the memory-bandwidth
 roofline of a decode step.
+throughput: decode tokens/s at a fixed KV-cache memory (1 GiB): the largest batch of 8k-token
+prompts each method's cache lets fit; and tokens/s against batch size at 4k.
+pages: chunk 16 (a paged engine's page size) against chunk 10, retrieval and fidelity.
 questions: time to answer k questions about one document, one prefill + k extends
 (agnostic) against k full prefills (aware).
 passkey: how often the CLI's pass-key demo finds its key, per keep and setting, over seeds.
@@ -22,6 +27,7 @@ import importlib
 import inspect
 import json
 import math
+import os
 import platform
 import random
 import resource
@@ -569,6 +575,182 @@ def speed_tables(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# throughput at equal memory: a smaller cache lets more sequences decode at once
+
+THROUGHPUT_CONFIGS = {"full": CompressionConfig(method="full"), "chunkkv": CompressionConfig(keep=0.1),
+                      "chunkkv-reuse2": CompressionConfig(keep=0.1, reuse=2)}
+
+
+def cache_bytes(model) -> int:
+    """Bytes every layer's cache holds now: K, V and the valid mask."""
+    return sum(2 * c.k.numel() * c.k.element_size() + c.valid.numel() for c in model.caches())
+
+
+def replicated(model, captured, tokens, config, n_batch: int, max_new_tokens: int) -> Prefill:
+    """Compress `n_batch` copies of one captured prefill: decode speed does not depend on the
+    content, so the rows of a large batch are copies of one prompt (prefilled once)."""
+    batch = [tuple(t.expand(n_batch, *t.shape[1:]) for t in layer) for layer in captured]
+    return compress(model, batch, tokens.expand(n_batch, -1), config, max_new_tokens)
+
+
+def step_times(model, n_batch: int, n_steps: int) -> list[float]:
+    """Seconds of each of n_steps eager decode steps after one warm-up step."""
+    token, times = torch.zeros(n_batch, 1, dtype=torch.long), []
+    for _ in range(n_steps + 1):
+        start = time.perf_counter()
+        model.decode(token)
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def run_throughput(model, tokenizer, quick: bool, memory_gib: float = 1.0, lengths=None) -> list[dict]:
+    """Decode tokens/s (i) at a fixed KV-cache memory: the largest batch of `long`-token prompts
+    whose caches fit, per method; (ii) against batch size at `short` tokens (lengths = [long,
+    short]). Eager decode; the configurations take turns within each repeat (a shared machine's
+    load hits them alike)."""
+    long, short = lengths or ((512, 256) if quick else (8000, 4096))
+    n_new = 16 if quick else 64
+    batches = [1, 2] if quick else [1, 2, 4, 8, 16]
+    repeats, n_steps = (2, 2) if quick else (2, 3)  # the batch sweep runs one repeat: 10 configurations already
+    memory = int((memory_gib / 16 if quick else memory_gib) * 2**30)
+    paragraphs = stdlib_paragraphs()
+    prompt = lambda n: torch.tensor([tokenizer.encode("\n".join(take_prose(paragraphs, tokenizer, n, 0))).ids[:n]])  # noqa: E731
+    rows, progress = [], Progress(2 + repeats * len(THROUGHPUT_CONFIGS) + 2 * len(batches), "throughput")
+
+    def measure(label, config, captured, tokens, n_batch, **fields):
+        prefill = replicated(model, captured, tokens, config, n_batch, n_new)
+        times = step_times(model, n_batch, n_steps)
+        rows.append({"bench": "throughput", "method": label, "batch": n_batch, "prompt_tokens": tokens.shape[1],
+                     "metric": "decode_step_seconds", "values": times, "kv_cache_bytes": cache_bytes(model),
+                     "compress_seconds_batch": prefill.compress_seconds, "load_average_1min": os.getloadavg()[0],
+                     **fields})
+        progress.step(f"{tokens.shape[1]} tokens, {label}, batch {n_batch}")
+
+    # (i) equal memory: each method's largest batch, from the cache size of one row
+    tokens = prompt(long)
+    start = time.perf_counter()
+    _, captured = capture(model, tokens, n_new)
+    rows.append({"bench": "throughput", "prompt_tokens": long, "metric": "prefill_seconds",
+                 "value": time.perf_counter() - start, "load_average_1min": os.getloadavg()[0]})
+    progress.step(f"prefill {long}")
+    fits = {}
+    for label, config in THROUGHPUT_CONFIGS.items():
+        prefill = replicated(model, captured, tokens, config, 1, n_new)
+        fits[label] = memory // cache_bytes(model)
+        rows.append({"bench": "throughput", "method": label, "prompt_tokens": long, "metric": "max_batch",
+                     "value": fits[label], "memory_bytes": memory, "row_bytes": cache_bytes(model),
+                     "compress_seconds": prefill.compress_seconds})
+    for _ in range(repeats):
+        for label, config in THROUGHPUT_CONFIGS.items():
+            measure(label, config, captured, tokens, fits[label], setting="equal_memory", memory_bytes=memory)
+    del captured
+
+    # (ii) tokens/s against batch size
+    tokens = prompt(short)
+    _, captured = capture(model, tokens, n_new)
+    progress.step(f"prefill {short}")
+    for n_batch in batches:
+        for label in ("full", "chunkkv"):
+            measure(label, THROUGHPUT_CONFIGS[label], captured, tokens, n_batch, setting="batch_sweep")
+    return rows
+
+
+def throughput_tables(rows: list[dict]) -> str:
+    steps = [r for r in rows if r["metric"] == "decode_step_seconds"]
+    load = statistics.median(r["load_average_1min"] for r in steps)
+
+    def speed(setting, **match):
+        times = [t for r in steps if r["setting"] == setting and all(r[k] == v for k, v in match.items()) for t in r["values"]]
+        return statistics.median(times), len(times)
+
+    out, equal, tokens_per_s = [], [], {}
+    for r in (r for r in rows if r["metric"] == "max_batch"):
+        step, n = speed("equal_memory", method=r["method"])
+        tokens_per_s[r["method"]] = r["value"] / step
+        equal.append([r["method"], r["prompt_tokens"], f"{r['row_bytes'] / 2**20:.1f}", r["value"],
+                      f"{r['value'] * r['row_bytes'] / 2**20:.0f}", f"{1000 * step:.0f}",
+                      f"{tokens_per_s[r['method']]:.2f}", n])
+    equal = [e + [f"{tokens_per_s[e[0]] / tokens_per_s['full']:.1f}x"] for e in equal]
+    memory = next(r["memory_bytes"] for r in rows if r["metric"] == "max_batch") / 2**30
+    out.append(table(f"Throughput at equal KV-cache memory ({memory:g} GiB), eager decode, median step "
+                     f"(load average {load:.1f})",
+                     ["method", "prompt", "MiB per row", "max batch", "cache MiB", "step ms", "tokens/s", "steps",
+                      "vs full"], equal))
+    sweep = []
+    for n_batch in sorted({r["batch"] for r in steps if r["setting"] == "batch_sweep"}):
+        cells = [n_batch]
+        for label in ("full", "chunkkv"):
+            step, n = speed("batch_sweep", method=label, batch=n_batch)
+            cells += [f"{1000 * step:.0f}", f"{n_batch / step:.2f}"]
+        sweep.append(cells)
+    n_tokens = next(r["prompt_tokens"] for r in steps if r["setting"] == "batch_sweep")
+    out.append(table(f"Decode tokens/s against batch size, {n_tokens}-token prompts (chunkkv keep 0.1)",
+                     ["batch", "full step ms", "full tok/s", "chunkkv step ms", "chunkkv tok/s"], sweep))
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# page-aligned chunks: what chunk 16 (a serving engine's page) costs against the paper's 10
+
+PAGE_CONFIGS = {"full": CompressionConfig(method="full"), "chunkkv-c10": CompressionConfig(keep=0.1, chunk_size=10),
+                "chunkkv-c16": CompressionConfig(keep=0.1, chunk_size=16)}
+
+
+def run_pages(model, tokenizer, quick: bool, lengths=None) -> list[dict]:
+    """Query-aware retrieval (single, multikey) and fidelity on prose, chunk 16 against chunk 10
+    at keep 0.1, with the quality bench's cases and machinery (one prefill, every config)."""
+    paragraphs, rng, rows = stdlib_paragraphs(), random.Random(0), []
+    lengths = lengths or [1024]
+    depths = [0.25, 0.75] if quick else [0.1, 0.3, 0.5, 0.7, 0.9]
+    stop = set(tokenizer.encode("\n").ids) | {tokenizer.token_to_id("<|endoftext|>")} - {None}
+    cases = [(task, n, d) for n in lengths for task in ("single", "multikey") for d in depths]
+    progress = Progress(len(cases) + 1, "pages")
+    for task, n_tokens, depth in cases:
+        context, questions, max_new = retrieval_case(task, paragraphs, tokenizer, n_tokens, depth, rng)
+        question, answers = questions[0]
+        tokens = torch.tensor([tokenizer.encode(context + question).ids])
+        logits, captured = capture(model, tokens, max_new)
+        scores = layer_scores(PAGE_CONFIGS["chunkkv-c10"], captured)  # chunk size does not change the scores
+        for label, config in PAGE_CONFIGS.items():
+            compress(model, captured, tokens, config, max_new, scores if label != "full" else None)
+            answer = tokenizer.decode(greedy(model, logits, max_new, stop))
+            rows.append({"bench": "pages", "metric": "accuracy", "method": label, "task": task, "context": n_tokens,
+                         "depth": depth, "prompt_tokens": tokens.shape[1], "value": float(answers[0] in answer)})
+        progress.step(f"{task} {n_tokens} tokens, depth {depth}")
+    n_context, n_next = (512, 32) if quick else (1024, 128)
+    prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
+    ids = tokenizer.encode(prose).ids
+    tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
+    logits, captured = capture(model, tokens, n_next)
+    reference = None
+    for label, config in PAGE_CONFIGS.items():
+        compress(model, captured, tokens, config, n_next)
+        logprobs = teacher_forced(model, logits, continuation)
+        reference = logprobs if reference is None else reference
+        kl = F.kl_div(logprobs, reference, log_target=True, reduction="none").sum(-1)  # [n_next], per token
+        nll = -logprobs.gather(1, continuation[0, :, None])[:, 0]
+        rows.append({"bench": "pages", "metric": "fidelity", "method": label, "prompt_tokens": n_context,
+                     "continuation_tokens": n_next, "kl_per_token": kl.tolist(), "nll_per_token": nll.tolist()})
+    progress.step("fidelity")
+    return rows
+
+
+def pages_table(rows: list[dict]) -> str:
+    cells = []
+    for label in PAGE_CONFIGS:
+        hits = [r["value"] for r in rows if r["metric"] == "accuracy" and r["method"] == label]
+        low, high = wilson(sum(hits), len(hits))
+        fid = next(r for r in rows if r["metric"] == "fidelity" and r["method"] == label)
+        kl = torch.tensor(fid["kl_per_token"])
+        half = 1.96 * kl.std() / math.sqrt(len(kl))  # normal interval of the mean over continuation tokens
+        cells.append([label, f"{sum(hits):.0f}/{len(hits)} [{low:.2f}, {high:.2f}]",
+                      f"{math.exp(statistics.mean(fid['nll_per_token'])):.2f}",
+                      f"{kl.mean():.3f} [{kl.mean() - half:.3f}, {kl.mean() + half:.3f}]"])
+    return table("Page-aligned chunks (keep 0.1, query-aware retrieval single + multikey; 95 % intervals)",
+                 ["method", "retrieval hits [Wilson]", "perplexity", "KL to full per token [normal]"], cells)
+
+
+# ---------------------------------------------------------------------------------------
 # k questions about one document; the pass-key demo over seeds
 
 def run_questions(model, tokenizer, quick: bool) -> list[dict]:
@@ -674,13 +856,14 @@ def passkey_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["quality", "speed", "questions", "passkey"])
+    parser.add_argument("bench", choices=["quality", "speed", "throughput", "pages", "questions", "passkey"])
     parser.add_argument("--quick", action="store_true", help="a small subset: minutes, not the full run")
     parser.add_argument("--setting", choices=["aware", "agnostic", "both"], default="both",
                         help="quality: retrieval with the question in the prompt (aware), after compression "
                              "(agnostic), or both (default)")
     parser.add_argument("--retrieval-only", action="store_true", help="quality: skip fidelity, overlap and ablations")
     parser.add_argument("--lengths", type=int, nargs="+", help="quality: haystack lengths in tokens")
+    parser.add_argument("--memory-gib", type=float, default=1.0, help="throughput: KV-cache memory (default 1)")
     parser.add_argument("--keeps", type=float, nargs="+", help="quality: kept fractions")
     parser.add_argument("--tasks", nargs="+", choices=["single", "multikey", "multivalue"], help="quality: retrieval tasks")
     parser.add_argument("--out", help="JSON rows (default results/<bench>.json)")
@@ -709,6 +892,12 @@ def main(argv=None) -> int:
     elif args.bench == "speed":
         rows = run_speed(model, tokenizer, args.quick)
         print(speed_tables(rows))
+    elif args.bench == "throughput":
+        rows = run_throughput(model, tokenizer, args.quick, args.memory_gib, args.lengths)
+        print(throughput_tables(rows))
+    elif args.bench == "pages":
+        rows = run_pages(model, tokenizer, args.quick, args.lengths)
+        print(pages_table(rows))
     elif args.bench == "questions":
         rows = run_questions(model, tokenizer, args.quick)
         print(questions_table(rows))

@@ -6,6 +6,7 @@
     python generate.py --context-file doc.txt --question "Who wrote it?" --question "When?"
 """
 import argparse
+import json
 import math
 import random
 import string
@@ -82,23 +83,53 @@ def check_prompt(model: Transformer, n_prompt: int, compression: CompressionConf
     return compression.layer_budgets(n_prompt, model.args.n_layers)
 
 
+def batch_prompts(prompt: Tensor | list[list[int]], lengths: Tensor | list[int] | None,
+                  device: torch.device) -> tuple[Tensor, list[int] | None]:
+    """(tokens [B, T], each row's length, or None when every row fills T) from token-id lists of
+    any lengths, or from a right-padded [B, T] tensor with its `lengths` [B].
+
+    Right padding, not left: under causal attention a real token never sees the padding after
+    it, so the prefill needs no mask and every row's RoPE positions start at 0 unshifted; each
+    row's last logits are read at its own length - 1, and compression slices each row's real
+    tokens. Raises PromptError for an empty prompt or lengths that do not fit the tensor."""
+    if not isinstance(prompt, Tensor):
+        if lengths is not None:
+            raise PromptError("lengths go with a padded tensor of prompts; token-id lists carry their own lengths")
+        lengths = [len(ids) for ids in prompt]
+        if not lengths or min(lengths) == 0:
+            raise PromptError("a prompt is empty: every prompt needs at least one token")
+        prompt = torch.tensor([list(ids) + [0] * (max(lengths) - len(ids)) for ids in prompt], device=device)
+    elif lengths is None:
+        return prompt, None
+    lengths = [int(n) for n in lengths]
+    if len(lengths) != prompt.shape[0] or not all(1 <= n <= prompt.shape[1] for n in lengths):
+        raise PromptError(f"lengths {lengths} do not fit prompts of shape {tuple(prompt.shape)}: "
+                          f"give one length per row, each between 1 and {prompt.shape[1]}")
+    prompt = prompt[:, :max(lengths)]  # nobody's tokens past the longest row
+    return prompt, (None if min(lengths) == prompt.shape[1] else lengths)
+
+
 @torch.no_grad()
-def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig = CompressionConfig(),
+def generate(model: Transformer, prompt: Tensor | list[list[int]], compression: CompressionConfig = CompressionConfig(),
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              stop_tokens: tuple[int, ...] = (), on_token=None, decode=None, n_slots: int | None = None,
-             stats: dict | None = None) -> Tensor:
-    """New token ids [B, n] (n <= max_new_tokens) for prompts [B, T] of one length.
+             stats: dict | None = None, lengths: Tensor | list[int] | None = None) -> Tensor:
+    """New token ids [B, n] (n <= max_new_tokens) for prompts [B, T], or a ragged batch: a list of
+    token-id lists, or a right-padded [B, T] tensor with each row's `lengths` [B].
 
     The prompt is prefilled with full attention, each layer's KV cache is compressed as
-    `compression` says, then tokens are decoded one at a time through the cache. Rows that
+    `compression` says, then tokens are decoded one at a time through the cache. In a ragged
+    batch each row is compressed alone with its own budget (keep x its length) and window; its
+    padding is never scored, kept or attended, and every row gives what it gives alone. Rows that
     reach a stop token are padded with it until every row has stopped. `on_token(ids [B, 1])`
     sees each new token as it is made; `decode` replaces `model.decode` (e.g. a compiled one);
-    `n_slots` fixes every layer's cache size (so one compiled graph serves many prompts);
-    a `stats` dict receives timings and cache sizes. Raises PromptError for a prompt beyond the
-    context and for max_new_tokens or top_k below 1 or a negative or non-finite temperature.
+    `n_slots` fixes every layer's cache size (so one compiled graph serves many prompts and
+    length mixes); a `stats` dict receives timings and cache sizes. Raises PromptError for a
+    prompt beyond the context or empty, lengths that do not fit, and for max_new_tokens or top_k
+    below 1 or a negative or non-finite temperature; CompressionError for an impossible budget.
     """
     check_sampling(max_new_tokens, temperature, top_k)
-    logits, prefill_stats = prefill_and_compress(model, prompt, compression, max_new_tokens, n_slots)
+    logits, prefill_stats = prefill_and_compress(model, prompt, compression, max_new_tokens, n_slots, lengths)
     new_tokens, step_seconds = decode_tokens(model, logits, max_new_tokens, temperature, top_k, stop_tokens,
                                              on_token, decode)
     if stats is not None:
@@ -106,21 +137,41 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
     return new_tokens
 
 
-def prefill_and_compress(model: Transformer, prompt: Tensor, compression: CompressionConfig, max_new_tokens: int,
-                         n_slots: int | None) -> tuple[Tensor, dict]:
-    """Prefill and compress `prompt` [B, T], leaving `max_new_tokens` free slots per layer;
-    (last logits [B, vocab], timings and cache sizes)."""
+def prefill_and_compress(model: Transformer, prompt: Tensor | list[list[int]], compression: CompressionConfig,
+                         max_new_tokens: int, n_slots: int | None,
+                         lengths: Tensor | list[int] | None = None) -> tuple[Tensor, dict]:
+    """Prefill and compress `prompt` [B, T] (or a ragged batch, as `generate` takes it), leaving
+    `max_new_tokens` free slots per layer; (last logits [B, vocab], timings and cache sizes)."""
+    prompt, lengths = batch_prompts(prompt, lengths, model.lm_head.weight.device)
     n_batch, n_prompt = prompt.shape
-    budgets = check_prompt(model, n_prompt, compression, max_new_tokens)
-    prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots)
+    if lengths is None:
+        budgets = check_prompt(model, n_prompt, compression, max_new_tokens)
+        prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots)
+    else:
+        budgets = [row_budgets(model, i, n, compression, max_new_tokens) for i, n in enumerate(lengths)]
+        prefill = Prefill(compression, prompt, budgets[lengths.index(n_prompt)], max_new_tokens, n_slots,
+                          lengths=lengths, row_budgets=budgets)
     start = time.perf_counter()
     logits = model.prefill(prompt, prefill)
     synchronize(prompt.device)
-    entry_bytes = 2 * n_batch * model.args.n_kv_heads * model.args.head_dim * model.lm_head.weight.element_size()
-    return logits, dict(prompt_tokens=n_prompt, budgets=budgets, kept=prefill.kept, stored=prefill.stored,
-                        prefill_seconds=time.perf_counter() - start, compress_seconds=prefill.compress_seconds,
-                        kv_bytes_full=entry_bytes * n_prompt * model.args.n_layers,
-                        kv_bytes_kept=entry_bytes * sum(prefill.stored))
+    entry_bytes = 2 * model.args.n_kv_heads * model.args.head_dim * model.lm_head.weight.element_size()
+    lengths = lengths or [n_prompt] * n_batch
+    row_kept = [[(cache.positions[row] >= 0).sum(-1).float().mean().item() for cache in model.caches()]
+                for row in range(n_batch)]  # [row][layer], mean over KV heads
+    return logits, dict(prompt_tokens=n_prompt, lengths=lengths, budgets=budgets, kept=prefill.kept,
+                        row_kept=row_kept, stored=prefill.stored, prefill_seconds=time.perf_counter() - start,
+                        compress_seconds=prefill.compress_seconds,
+                        kv_bytes_full=entry_bytes * sum(lengths) * model.args.n_layers,
+                        kv_bytes_kept=entry_bytes * n_batch * sum(prefill.stored))
+
+
+def row_budgets(model: Transformer, row: int, n_prompt: int, compression: CompressionConfig,
+                max_new_tokens: int) -> list[int]:
+    """check_prompt for one row of a ragged batch; errors name the prompt (1-based)."""
+    try:
+        return check_prompt(model, n_prompt, compression, max_new_tokens)
+    except (PromptError, CompressionError) as e:
+        raise type(e)(f"prompt {row + 1}: {e}") from None
 
 
 def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
@@ -283,12 +334,88 @@ def read_questions(args: argparse.Namespace) -> list[str] | None:
         if args.context_file is not None:
             raise PromptError("--context-file needs questions: add --question Q (repeatable) or --questions-file F")
         return None
-    if args.prompt is not None or args.prompt_file is not None:
+    if args.prompt is not None or args.prompt_file is not None or args.prompts_jsonl is not None:
         raise PromptError("questions are asked about --context-file (or the pass-key demo's context), "
                           "not about --prompt/--prompt-file: use --context-file")
     if any(not q.strip() for q in questions):
         raise PromptError("a --question is empty: pass some text")
     return questions
+
+
+def read_batch(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """(name, text) of each prompt of a batch (several --prompt-file, or --prompts-jsonl), or
+    None for a single prompt; a one-line error for an empty or unreadable prompt."""
+    if args.prompts_jsonl is not None:
+        batch = []
+        for number, line in enumerate(read_prompt_file(args.prompts_jsonl, "prompts file").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptError(f"{args.prompts_jsonl} line {number} is not JSON ({e.msg}): write one JSON string "
+                                  'or {"prompt": "..."} per line') from None
+            text = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(text, str):
+                raise PromptError(f'{args.prompts_jsonl} line {number} has no prompt: write a JSON string or '
+                                  '{"prompt": "..."}')
+            batch.append((f"line {number}", text))
+    elif args.prompt_file is not None and len(args.prompt_file) > 1:
+        batch = [(path, read_prompt_file(path)) for path in args.prompt_file]
+    else:
+        return None
+    for name, text in batch:
+        if not text.strip():
+            raise PromptError(f"prompt {name} is empty: put some text in it")
+    if not batch:
+        raise PromptError(f"{args.prompts_jsonl} holds no prompts: write one per line")
+    return batch
+
+
+def run_batch(model: Transformer, tokenizer: Tokenizer, config: CompressionConfig, args: argparse.Namespace,
+              batch: list[tuple[str, str]], chat: ChatFormat | None, stop_tokens: tuple[int, ...]) -> int:
+    """The CLI's batch path: prompts of any lengths prefilled, compressed (each row with its own
+    budget) and decoded as one ragged batch; each answer printed after the batch finished."""
+    texts = [chat.render([{"role": "user", "content": text}]) if chat else text for _, text in batch]
+    rows = [tokenizer.encode(text, add_special_tokens=chat is None).ids for text in texts]
+    max_new_tokens = args.max_new_tokens or 64
+    for i, ids in enumerate(rows):  # fail before printing anything
+        if not ids:
+            raise PromptError(f"prompt {batch[i][0]} is empty: put some text in it")
+        row_budgets(model, i, len(ids), config, max_new_tokens)
+    torch.manual_seed(args.seed)
+    decode = compile_decode(model) if args.compile else None
+    print(f"{len(rows)} prompts ({', '.join(str(len(ids)) for ids in rows)} tokens) as one batch"
+          f"{', chat template' if chat else ''}.")
+    stats = {}
+    new_tokens = generate(model, rows, config, max_new_tokens, args.temperature, args.top_k, stop_tokens,
+                          decode=decode, stats=stats)
+    for i, (name, _) in enumerate(batch):
+        ids = new_tokens[i].tolist()
+        ids = ids[:next((j for j, t in enumerate(ids) if t in stop_tokens), len(ids))]  # up to its first stop token
+        print(f"--- answer {i + 1} ({name}) ---\n{tokenizer.decode(ids, skip_special_tokens=True)}")
+    print("---")
+    print(batch_summary(stats, config, model.args.n_layers))
+    return 0
+
+
+def batch_summary(stats: dict, config: CompressionConfig, n_layers: int) -> str:
+    """`summary` of the whole batch (its prompts' tokens and kept entries added up), then a line
+    per prompt with its own length and kept entries."""
+    n_batch, lengths = len(stats["lengths"]), stats["lengths"]
+    together = {**stats, "prompt_tokens": sum(lengths), "kept": [k * n_batch for k in stats["kept"]],
+                "budgets": [sum(layer) for layer in zip(*stats["budgets"])] if isinstance(stats["budgets"][0], list)
+                else [b * n_batch for b in stats["budgets"]]}
+    steps = stats["decode_step_seconds"][1:]  # the first step may include compilation
+    speed = f"{n_batch * len(steps) / sum(steps):.1f} tokens/s over the batch" if steps else "too few tokens to time"
+    lines = summary(together, config, n_layers).splitlines()  # method, prompt, kept, cache, prefill, decode
+    lines[1] = f"prompt tokens     {sum(lengths)} in {n_batch} prompts"
+    lines[-1] = f"decode            {stats['new_tokens']} steps, {n_batch} prompts together, {speed}"
+    for i, (n_prompt, kept) in enumerate(zip(lengths, stats["row_kept"]), start=1):
+        mean = sum(kept) / len(kept)
+        count = f"{mean:.0f}" if mean == round(mean) else f"{mean:.1f}"
+        lines.append(f"prompt {i:<10} {n_prompt} tokens, KV kept per layer {count} ({100 * mean / n_prompt:.1f} %)")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------
@@ -311,7 +438,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompt = parser.add_argument_group("prompt")
     source = prompt.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt (default: a ~2,000-token pass-key demo)")
-    source.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
+    source.add_argument("--prompt-file", action="append",
+                        help="read the prompt from a UTF-8 file; repeat for a batch of prompts of any lengths")
+    source.add_argument("--prompts-jsonl", help="a batch of prompts, one per line: a JSON string or {\"prompt\": ...}")
     prompt.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="wrap the prompt in the checkpoint's chat template (default: on for --prompt/--prompt-file "
                              "when the checkpoint has one or ChatML tokens, off for the demo)")
@@ -504,15 +633,18 @@ def main(argv=None) -> int:
         if config.method == "fastgen" and (args.keep is not None or args.budget is not None):
             raise CompressionError("fastgen chooses each head's budget itself: drop --keep/--budget, tune --recovery")
         questions = read_questions(args)  # None unless the context is compressed alone
-        if args.prompt_file is not None:
-            text, key = read_prompt_file(args.prompt_file), None
+        batch = read_batch(args)  # None unless several prompts run as one batch
+        if batch is not None:
+            text, key = "", None
+        elif args.prompt_file is not None:
+            text, key = read_prompt_file(args.prompt_file[0]), None
         elif args.prompt is not None:
             text, key = args.prompt, None
         elif args.context_file is not None:
             text, key = read_prompt_file(args.context_file, "context file"), None
         else:
             text, key = passkey_prompt(seed=args.seed) if questions is None else passkey_context(seed=args.seed)
-        if questions is None and not text.strip():  # before any chat template wraps it into something non-empty
+        if questions is None and batch is None and not text.strip():  # before any chat template wraps it into something non-empty
             raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
         device = parse_device(args.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -524,6 +656,8 @@ def main(argv=None) -> int:
 
         chat_form = chat_format(checkpoint_path)
         chat = args.chat if args.chat is not None else (key is None and chat_form.template is not None)
+        if batch is not None:
+            return run_batch(model, tokenizer, config, args, batch, chat_form if chat else None, chat_form.stop_ids)
         if questions is not None:
             return ask_questions(model, tokenizer, config, args, text, questions, key, chat_form if chat else None,
                                  chat_form.stop_ids)

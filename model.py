@@ -76,11 +76,14 @@ class Prefill:
     budgets: list[int]  # prompt KV entries each layer keeps
     max_new_tokens: int  # cache slots left free for generated tokens
     n_slots: int | None = None  # fixed cache size per layer; default: each layer's need, rounded up to 8
-    leader: tuple | None = None  # (positions, scores) of the latest reuse leader
+    leader: tuple | list | None = None  # (positions, scores) of the latest reuse leader (ragged: one per row)
     scores: list[Tensor] | None = None  # precomputed token scores per layer: scoring is skipped
     captured: list[tuple] | None = None  # a list to receive each layer's (q, k, v), for model.compress
-    kept: list[float] = field(default_factory=list)  # prompt entries kept per layer (mean over KV heads)
-    stored: list[int] = field(default_factory=list)  # prompt slots used per layer (the largest head's count)
+    # ragged batch: tokens are right-padded; each row is compressed alone, as its own batch of one
+    lengths: list[int] | None = None  # each row's prompt length (its real tokens are tokens[row, :length])
+    row_budgets: list[list[int]] | None = None  # [row][layer] prompt KV entries kept; `budgets` is then unused
+    kept: list[float] = field(default_factory=list)  # prompt entries kept per layer (mean over KV heads and rows)
+    stored: list[float] = field(default_factory=list)  # prompt slots used per layer (largest head's count; mean over rows)
     compress_seconds: float = 0.0  # scoring + selection + gather, all layers
 
 
@@ -112,9 +115,12 @@ class KVCache(nn.Module):
         self.register_buffer("used", torch.zeros(shape[0], dtype=torch.long, device=device), persistent=False)
         self.register_buffer("length", torch.zeros(shape[0], dtype=torch.long, device=device), persistent=False)
 
-    def fill(self, k: Tensor, v: Tensor, positions: Tensor, n_slots: int, n_prompt: int):
+    def fill(self, k: Tensor, v: Tensor, positions: Tensor, n_slots: int, n_prompt: int | Tensor,
+             n_used: Tensor | None = None):
         """Kept prompt entries k, v [B, Hkv, n, D] and their positions [B, n] or [B, Hkv, n]
-        (-1 = unused) of an `n_prompt`-token prompt."""
+        (-1 = unused) of an `n_prompt`-token prompt. A ragged batch passes each row's prompt
+        length and slots filled as [B] tensors (`n_prompt`, `n_used`): appended tokens then take
+        each row's own next slot and position; a shorter row's slots past its own are masked."""
         n_batch, n_kv_heads, n_kept, head_dim = k.shape
         self.allocate((n_batch, n_kv_heads, n_slots, head_dim), k.dtype, k.device)
         self.k[:, :, :n_kept] = k
@@ -123,8 +129,8 @@ class KVCache(nn.Module):
         self.valid.zero_()
         self.valid[:, :, :n_kept] = used if used.dim() == 3 else used[:, None]  # per head, or all heads
         self.n_kept.fill_(n_kept)
-        self.used.fill_(n_kept)
-        self.length.fill_(n_prompt)
+        self.used.copy_(n_used if n_used is not None else torch.full_like(self.used, n_kept))
+        self.length.copy_(torch.as_tensor(n_prompt, device=self.length.device).expand_as(self.length))
         self.positions = positions
         self.fills += 1
 
@@ -242,6 +248,8 @@ class Attention(nn.Module):
         start = time.perf_counter()
         if prefill.captured is not None:
             prefill.captured.append((q, k, v))
+        if prefill.lengths is not None:
+            return self.compress_rows(q, k, v, prefill, start)
         scores = prefill.scores[self.layer] if prefill.scores is not None else None
         positions, scores = chunkkv.keep_positions(prefill.config, q, k, prefill.tokens, prefill.budgets[self.layer],
                                                    self.layer, prefill.leader, scores)
@@ -258,6 +266,35 @@ class Attention(nn.Module):
             prefill.leader = (positions, scores)
         prefill.kept.append((positions >= 0).sum(-1).float().mean().item())
         prefill.stored.append(n_stored)
+
+    def compress_rows(self, q: Tensor, k: Tensor, v: Tensor, prefill: Prefill, start: float):
+        """A ragged batch: each row's real tokens [0, length) are scored, selected and gathered
+        alone, exactly as a batch of one (padding is never scored or kept); the rows' positions
+        are padded with -1 to the longest row's count and the cache masks them."""
+        rows, leaders = [], prefill.leader or [None] * len(prefill.lengths)
+        for row, n_prompt in enumerate(prefill.lengths):
+            row_q, row_k, row_v = (t[row:row + 1, :, :n_prompt] for t in (q, k, v))  # [1, H, T_row, D]
+            scores = prefill.scores[self.layer][row:row + 1, ..., :n_prompt] if prefill.scores is not None else None
+            positions, scores = chunkkv.keep_positions(prefill.config, row_q, row_k, prefill.tokens[row:row + 1, :n_prompt],
+                                                       prefill.row_budgets[row][self.layer], self.layer, leaders[row], scores)
+            rows.append((positions, scores, *chunkkv.gather_kv(row_k, row_v, positions)))
+        n_stored = max(positions.shape[-1] for positions, *_ in rows)
+        positions = torch.cat([F.pad(p, (0, n_stored - p.shape[-1]), value=-1) for p, *_ in rows])  # [B, (Hkv,) N]
+        k_kept, v_kept = (torch.cat([F.pad(row[i], (0, 0, 0, n_stored - row[i].shape[2])) for row in rows])
+                          for i in (2, 3))  # [B, Hkv, N, D]; the padding slots are masked
+        n_slots = prefill.n_slots or -(-(n_stored + prefill.max_new_tokens) // 8) * 8
+        if n_slots < n_stored + prefill.max_new_tokens:
+            raise ValueError(f"a cache of {n_slots} slots cannot hold {n_stored} prompt entries "
+                             f"+ {prefill.max_new_tokens} new tokens")
+        n_used = torch.tensor([p.shape[-1] for p, *_ in rows], device=k.device)  # each row's slots, as alone
+        self.cache.fill(k_kept, v_kept, positions, n_slots, torch.tensor(prefill.lengths, device=k.device), n_used)
+        if k.is_cuda:
+            torch.cuda.synchronize()
+        prefill.compress_seconds += time.perf_counter() - start
+        if chunkkv.is_reuse_leader(self.layer, prefill.config.reuse):
+            prefill.leader = [(p, s) for p, s, *_ in rows]
+        prefill.kept.append((positions >= 0).sum(-1).float().mean().item())
+        prefill.stored.append(n_used.float().mean().item())
 
     def extend(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """New tokens x [B, T', dim] appended to the cache; each attends to the valid cache
@@ -328,8 +365,13 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def prefill(self, tokens: Tensor, prefill: Prefill) -> Tensor:
-        """Run the prompt [B, T], compress it into the caches; logits of its last position [B, vocab]."""
-        return self.lm_head(self.trunk(tokens, prefill)[:, -1])
+        """Run the prompt [B, T], compress it into the caches; logits of its last position [B, vocab]
+        (of each row's own last token when `prefill.lengths` gives a right-padded ragged batch)."""
+        x = self.trunk(tokens, prefill)
+        if prefill.lengths is None:
+            return self.lm_head(x[:, -1])
+        last = torch.tensor(prefill.lengths, device=tokens.device) - 1
+        return self.lm_head(x[torch.arange(tokens.shape[0], device=tokens.device), last])
 
     def compress(self, captured: list[tuple], prefill: Prefill):
         """Refill the caches from an earlier prefill's captured (q, k, v), compressed as `prefill`
