@@ -9,9 +9,11 @@ import random
 import pytest
 import torch
 
+import checkpoint
 import registry
 from bench import capture, compress, greedy, stdlib_paragraphs, take_prose
 from chunkkv import CompressionConfig
+from tokenizer import gguf_tokenizer, read_gguf_fields
 
 pytestmark = pytest.mark.model
 NAME = "qwen2.5-coder-0.5b"
@@ -30,9 +32,12 @@ def test_logits_match_transformers_gguf_import(qwen):
     from transformers import AutoModelForCausalLM
 
     model, tokenizer, gguf_path = qwen
+    fresh, _ = checkpoint.load(gguf_path)  # converted afresh: the cached checkpoint may predate a change
+    tokens = torch.tensor([tokenizer.encode(TEXT).ids])
+    assert torch.equal(model(tokens), fresh(tokens))
+    del fresh
     reference = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                      dtype=torch.float32).eval()
-    tokens = torch.tensor([tokenizer.encode(TEXT).ids])
     with torch.no_grad():
         expected = reference(tokens).logits
     del reference  # 2 GB of float32 weights
@@ -47,9 +52,12 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(qwen):
 
     _, tokenizer, gguf_path = qwen
     reference = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    fresh = gguf_tokenizer(read_gguf_fields(gguf_path))  # built afresh, as above
     for text in [TEXT, "Numbers 1234567 and 3.14159, dates 1999-12-31.", "  indented\n\n\tcode()  ",
                  "naïve café — 東京 🙂", "<|im_start|>user\nHi<|im_end|>", "don't WE'LL they're"]:
-        assert tokenizer.encode(text).ids == reference.encode(text, add_special_tokens=False), text
+        expected = reference.encode(text, add_special_tokens=False)
+        assert tokenizer.encode(text).ids == expected, text
+        assert fresh.encode(text).ids == expected, text
 
 
 def needle_prompt(tokenizer, n_tokens: int, depth: float, seed: int) -> tuple[str, str]:
