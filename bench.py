@@ -1,15 +1,23 @@
 """Benchmarks on the default model (or --checkpoint), printed as tables and written as flat JSON rows.
 
-    python bench.py quality [--quick] [--out results/quality.json] [--plot accuracy.png]
-    python bench.py speed   [--quick] [--out results/speed.json]
+    python bench.py quality   [--quick] [--setting aware|agnostic|both] [--out results/quality.json] [--plot accuracy.png]
+    python bench.py speed     [--quick] [--out results/speed.json]
+    python bench.py questions [--quick] [--out results/questions.json]
+    python bench.py passkey   [--quick] [--out results/passkey.json]
 
 quality: every prompt is prefilled once and every method x keep is compressed from that one
-prefill (the prefill does not depend on the method). Setting: query-aware, as in the paper —
-the question is part of the prompt, so it sits inside the observation window.
+prefill (the prefill does not depend on the method). Retrieval runs in the query-aware setting
+(the paper's: the question is part of the prompt, inside the observation window) and the
+query-agnostic one (kvpress's: the haystack is compressed alone, once, and every question
+about it is appended to that one cache). Fidelity and the ablations are query-aware.
 speed: prefill, compression, eager and compiled decode, KV bytes and the memory-bandwidth
 roofline of a decode step.
+questions: time to answer k questions about one document, one prefill + k extends
+(agnostic) against k full prefills (aware).
+passkey: how often the CLI's pass-key demo finds its key, per keep and setting, over seeds.
 """
 import argparse
+import copy
 import importlib
 import inspect
 import json
@@ -29,7 +37,8 @@ import torch.nn.functional as F
 import chunkkv
 from checkpoint import CheckpointError
 from chunkkv import CompressionConfig
-from generate import compile_decode, fastgen_token_ids
+from generate import (PASSKEY_QUESTION, answer, compile_decode, compress_context, fastgen_token_ids, generate,
+                      passkey_context)
 from model import Prefill, Transformer
 from registry import load
 
@@ -83,8 +92,9 @@ INTRO = ("Some special magic numbers are hidden within the following text. Make 
 
 
 def retrieval_case(task: str, paragraphs, tokenizer, n_tokens: int, depth: float, rng: random.Random):
-    """(prompt, answers, max_new_tokens) for task single | multikey | multivalue; the needle that
-    is asked about sits at `depth` (0 = start, 1 = end) of the haystack."""
+    """(context, [(question, answers)], max_new_tokens) for task single | multikey | multivalue;
+    the needle asked about first sits at `depth` (0 = start, 1 = end) of the haystack; multikey
+    then asks each of its other keys in turn. A prompt is the context + one question."""
     keys = rng.sample(KEYS, 4)
     values = [str(rng.randint(100000, 999999)) for _ in range(4)]
     if task == "single":
@@ -98,12 +108,13 @@ def retrieval_case(task: str, paragraphs, tokenizer, n_tokens: int, depth: float
     for (key, value), spot in sorted(zip(needles, spots), key=lambda pair: -pair[1]):
         haystack.insert(spot, f"One of the special magic numbers for {key} is: {value}.")
     if task == "multivalue":
-        question = (f"\nWhat are all the special magic numbers for {asked} mentioned in the provided text? "
-                    f"The special magic numbers for {asked} mentioned in the provided text are")
+        questions = [(f"\nWhat are all the special magic numbers for {asked} mentioned in the provided text? "
+                      f"The special magic numbers for {asked} mentioned in the provided text are", answers)]
     else:
-        question = (f"\nWhat is the special magic number for {asked} mentioned in the provided text? "
-                    f"The special magic number for {asked} mentioned in the provided text is")
-    return INTRO + "\n".join(haystack) + question, answers, 8 * len(answers) + 2
+        questions = [(f"\nWhat is the special magic number for {key} mentioned in the provided text? "
+                      f"The special magic number for {key} mentioned in the provided text is", [value])
+                     for key, value in needles]  # single: one; multikey: the asked key first, then the others
+    return INTRO + "\n".join(haystack), questions, 8 * len(answers) + 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,24 +142,22 @@ def compress(model, captured, tokens, config, max_new_tokens, scores=None) -> Pr
 
 def greedy(model, logits, n_tokens: int, stop: set[int]) -> list[int]:
     """Greedy tokens until a stop token (the answer's end of line) or n_tokens."""
-    tokens, step = [], torch.zeros(1, dtype=torch.long)
+    tokens = []
     for i in range(n_tokens):
         token = logits.argmax(-1, keepdim=True)
         tokens.append(int(token[0, 0]))
         if tokens[-1] in stop:
             break
         if i < n_tokens - 1:
-            step.fill_(i)
-            logits = model.decode(token, step)
+            logits = model.decode(token)
     return tokens
 
 
 def teacher_forced(model, logits, continuation: torch.Tensor) -> torch.Tensor:
     """Log-probabilities [n, vocab] of each continuation token's prediction, fed one at a time."""
-    out, step = [logits], torch.zeros(1, dtype=torch.long)
+    out = [logits]
     for i in range(continuation.shape[1] - 1):
-        step.fill_(i)
-        out.append(model.decode(continuation[:, i:i + 1], step))
+        out.append(model.decode(continuation[:, i:i + 1]))
     return torch.cat(out).float().log_softmax(-1)
 
 
@@ -234,40 +243,64 @@ def quality_configs(keeps, fastgen_ids) -> list[tuple[str, str, float | None, Co
     return configs
 
 
-def run_quality(model, tokenizer, quick: bool) -> list[dict]:
+def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), lengths=None, keeps=None,
+                tasks=None, retrieval_only=False) -> list[dict]:
     paragraphs = stdlib_paragraphs()
     rng = random.Random(0)
-    lengths = [2048] if quick else [1024, 2048, 4096]
+    lengths = lengths or ([2048] if quick else [1024, 2048, 4096])
     depths = [0.25, 0.75] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]
-    tasks = ["single", "multikey", "multivalue"]
-    keeps = [0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3]
+    tasks = tasks or ["single", "multikey", "multivalue"]
+    keeps = keeps or ([0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3])
     stop = set(tokenizer.encode("\n").ids) | {i for i in (tokenizer.token_to_id("<|endoftext|>"),
                                                          tokenizer.token_to_id("<|im_end|>")) if i is not None}
     configs = quality_configs(keeps, fastgen_token_ids(tokenizer))
-    if quick:
+    if quick or retrieval_only:
         configs = [c for c in configs if c[0] == "main"]
     rows = []
 
     def evaluate(bench, **fields):
         rows.append({"bench": bench, **fields})
 
+    encode = lambda text: torch.tensor([tokenizer.encode(text).ids])  # noqa: E731
     cases = [(task, n, d) for n in lengths for task in tasks for d in depths]
-    progress = Progress(len(cases) + 1, "quality")
+    progress = Progress(len(cases) + (0 if retrieval_only else 1), "quality")
     for task, n_tokens, depth in cases:
-        text, answers, max_new = retrieval_case(task, paragraphs, tokenizer, n_tokens, depth, rng)
-        tokens = torch.tensor([tokenizer.encode(text).ids])
-        logits, captured = capture(model, tokens, max_new)
-        scores = {}
-        for bench, label, keep, config in configs:
-            key = (config.method, config.per_head)
-            if key not in scores:  # score once per method: every keep, reuse and chunk size selects from it
-                scores[key] = layer_scores(config, captured)
-            compress(model, captured, tokens, config, max_new, scores[key])
-            answer = tokenizer.decode(greedy(model, logits, max_new, stop))
-            evaluate("retrieval" if bench == "main" else f"{bench}-ablation", method=label, keep=keep, task=task,
-                     context=n_tokens, prompt_tokens=tokens.shape[1], depth=depth, metric="accuracy",
-                     value=sum(a in answer for a in answers) / len(answers))
-        progress.step(f"{task} {tokens.shape[1]} tokens, depth {depth:.2f}")
+        context, questions, max_new = retrieval_case(task, paragraphs, tokenizer, n_tokens, depth, rng)
+        common = dict(task=task, context=n_tokens, depth=depth, metric="accuracy")
+        if "aware" in settings:  # every question in its own prompt: prefilled and compressed with it
+            for asked, (question, answers) in enumerate(questions):
+                tokens = encode(context + question)
+                logits, captured = capture(model, tokens, max_new)
+                scores = {}
+                for bench, label, keep, config in configs:
+                    key = (config.method, config.per_head)
+                    if key not in scores:  # score once per method: every keep, reuse and chunk size selects from it
+                        scores[key] = layer_scores(config, captured)
+                    compress(model, captured, tokens, config, max_new, scores[key])
+                    answer = tokenizer.decode(greedy(model, logits, max_new, stop))
+                    evaluate("retrieval" if bench == "main" else f"{bench}-ablation", setting="aware", method=label,
+                             keep=keep, question=asked, prompt_tokens=tokens.shape[1],
+                             value=sum(a in answer for a in answers) / len(answers), **common)
+        if "agnostic" in settings:  # the context alone, compressed once; every question extends that cache
+            tokens, asks = encode(context), [encode(question) for question, _ in questions]
+            room = max(ask.shape[1] for ask in asks) + max_new
+            _, captured = capture(model, tokens, room)
+            scores = {}
+            for bench, label, keep, config in [c for c in configs if c[0] == "main"]:
+                key = (config.method, config.per_head)
+                if key not in scores:
+                    scores[key] = layer_scores(config, captured)
+                compress(model, captured, tokens, config, room, scores[key])
+                compressed = model.snapshot()
+                for asked, ((_, answers), ask) in enumerate(zip(questions, asks)):
+                    model.restore(compressed)
+                    answer = tokenizer.decode(greedy(model, model.extend(ask)[:, -1], max_new, stop))
+                    evaluate("retrieval", setting="agnostic", method=label, keep=keep, question=asked,
+                             prompt_tokens=tokens.shape[1] + ask.shape[1],
+                             value=sum(a in answer for a in answers) / len(answers), **common)
+        progress.step(f"{task} {n_tokens} tokens, depth {depth:.2f}")
+    if retrieval_only:
+        return rows
 
     # fidelity on real text: compress a long prose prefix, teacher-force its continuation
     n_context, n_next = (1024, 64) if quick else (2048, 256)
@@ -299,7 +332,51 @@ def run_quality(model, tokenizer, quick: bool) -> list[dict]:
     return rows
 
 
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion of k successes in n trials."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def settings_table(rows: list[dict]) -> str:
+    """Retrieval accuracy per method x keep x setting, with the number of prompts and a 95 %
+    Wilson interval; binary tasks only (single, multikey)."""
+    rows = [r for r in rows if r["bench"] == "retrieval" and r.get("setting") and r["task"] != "multivalue"]
+    settings = [s for s in ("aware", "agnostic") if any(r["setting"] == s for r in rows)]
+    keeps = sorted({r["keep"] for r in rows if r["keep"] not in (None, 1.0)})
+    labels = ["full"] + list(METHODS) + ["fastgen"]
+    cells = []
+    for label in labels:
+        for keep in ([1.0] if label == "full" else [None] if label == "fastgen" else keeps):
+            line, accuracies = [label, "all" if keep == 1.0 else "auto" if keep is None else keep], []
+            for setting in settings:
+                values = [r["value"] for r in rows if r["method"] == label and r["keep"] == keep and r["setting"] == setting]
+                low, high = wilson(sum(values), len(values))
+                accuracies.append(sum(values) / len(values) if values else float("nan"))
+                line.append(f"{accuracies[-1]:.2f} [{low:.2f}, {high:.2f}] n={len(values)}")
+            if len(settings) == 2:
+                line.append(f"{accuracies[1] - accuracies[0]:+.2f}")
+            cells.append(line)
+    header = ["method", "keep"] + [f"{s} (95 % CI, prompts)" for s in settings] + (["agnostic - aware"] if len(settings) == 2 else [])
+    tasks = sorted({r["task"] for r in rows})
+    lengths = sorted({r["context"] for r in rows})
+    return table(f"Retrieval accuracy by setting ({', '.join(tasks)}; ~{', '.join(map(str, lengths))} tokens)", header, cells)
+
+
 def quality_tables(rows: list[dict]) -> str:
+    out = [settings_table(rows)] if any(r.get("setting") == "agnostic" for r in rows) else []
+    rows = [r for r in rows if r.get("setting", "aware") == "aware"]  # the tables below: query-aware
+    if not any(r["bench"] == "retrieval" for r in rows):
+        return "\n".join(out)
+    out.append(aware_tables(rows))
+    return "\n".join(out)
+
+
+def aware_tables(rows: list[dict]) -> str:
     keeps = sorted({r["keep"] for r in rows if r["bench"] == "retrieval" and r["keep"] not in (None, 1.0)})
     labels = ["full"] + list(METHODS) + ["fastgen"]
     lengths = sorted({r["context"] for r in rows if r["bench"] == "retrieval"})
@@ -308,7 +385,7 @@ def quality_tables(rows: list[dict]) -> str:
                       ([1.0] if label == "full" else [None] if label == "fastgen" else keeps)] for label in labels]
     out.append(table("Retrieval accuracy (mean over tasks, lengths, depths)", ["method"] + [f"keep {k}" for k in keeps],
                      [row + [""] * (len(keeps) + 1 - len(row)) for row in acc]))
-    tasks = ["single", "multikey", "multivalue"]
+    tasks = [t for t in ("single", "multikey", "multivalue") if any(r.get("task") == t for r in rows)]
     per_task = [[label] + [mean_of(rows, bench="retrieval", method=label, task=t,
                                    keep=1.0 if label == "full" else None if label == "fastgen" else 0.1) for t in tasks]
                 for label in labels]
@@ -318,6 +395,8 @@ def quality_tables(rows: list[dict]) -> str:
                  for label in labels]
     out.append(table("Retrieval accuracy by prompt length at keep 0.1", ["method"] + [f"~{n} tokens" for n in lengths],
                      by_length))
+    if not any(r["bench"] == "fidelity" for r in rows):
+        return "\n".join(out)  # --retrieval-only
     fid = []
     for label in labels:
         for keep in ([1.0] if label == "full" else [None] if label == "fastgen" else keeps):
@@ -360,6 +439,7 @@ def plot(rows: list[dict], path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.get("setting", "aware") == "aware"]
     keeps = sorted({r["keep"] for r in rows if r["bench"] == "retrieval" and r["keep"] not in (None, 1.0)})
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in METHODS:
@@ -396,13 +476,12 @@ def memory_bandwidth() -> float:
 def decode_seconds(model, decode, n_batch: int, n_steps: int) -> tuple[float, float]:
     """Median and spread of one decode step's time, after two warm-up steps (compilation)."""
     token = torch.zeros(n_batch, 1, dtype=torch.long)
-    step = torch.zeros(1, dtype=torch.long)
-    times = []
-    for i in range(n_steps + 2):
-        step.fill_(i)
+    times, compressed = [], model.snapshot()
+    for _ in range(n_steps + 2):
         start = time.perf_counter()
-        decode(token, step).clone()
+        decode(token).clone()
         times.append(time.perf_counter() - start)
+    model.restore(compressed)  # the next mode decodes from the same cache
     return statistics.median(times[2:]), max(times[2:]) - min(times[2:])
 
 
@@ -488,11 +567,120 @@ def speed_tables(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# k questions about one document; the pass-key demo over seeds
+
+def run_questions(model, tokenizer, quick: bool) -> list[dict]:
+    """Seconds to answer the first k questions about one document: aware = k prefills of
+    document + question, each compressed; agnostic = one prefill and compression of the
+    document, then per question a restore, an extend and the answer. Every answer is 8 greedy
+    tokens (no stop), so both settings decode the same amount."""
+    n_tokens, n_questions, n_answer = (1024, 2, 8) if quick else (4096, 16, 8)
+    ids = tokenizer.encode("\n".join(take_prose(stdlib_paragraphs(), tokenizer, n_tokens, 0))).ids[:n_tokens]
+    document = torch.tensor([ids])
+    questions = [torch.tensor([tokenizer.encode(f"\nWhat is the special magic number for {KEYS[i % len(KEYS)]} "
+                                                f"number {i}? The special magic number is").ids])
+                 for i in range(n_questions)]
+    room = max(q.shape[1] for q in questions) + n_answer
+    configs = {"full": CompressionConfig(method="full"), "chunkkv": CompressionConfig(keep=0.1)}
+    runs = [("chunkkv", "aware"), ("chunkkv", "agnostic"), ("full", "agnostic")]  # aware full: the same k prefills
+    generate(model, document[:, :256], CompressionConfig(method="full"), 2)  # warm-up: first-call allocations
+    # each run has its own copy of the model (its own caches), so the runs can take turns question
+    # by question: a change in the machine's load hits all of them alike
+    models = {run: copy.deepcopy(model) for run in runs}
+    seconds, contexts = {run: [] for run in runs}, {}
+    for run in runs:
+        if run[1] == "agnostic":  # the one prefill + compression, counted in every k
+            start = time.perf_counter()
+            contexts[run] = compress_context(models[run], document, configs[run[0]], room)
+            seconds[run].append(time.perf_counter() - start)
+    progress = Progress(n_questions, "questions")
+    for i, question in enumerate(questions):
+        for run in runs:
+            start = time.perf_counter()
+            if run[1] == "aware":
+                generate(models[run], torch.cat([document, question], 1), configs[run[0]], n_answer)
+            else:
+                answer(models[run], contexts[run], question, n_answer)
+            seconds[run].append(time.perf_counter() - start)
+        progress.step(f"question {i + 1}")
+    rows = []
+    for (label, setting), times in seconds.items():
+        once = times[0] if setting == "agnostic" else 0.0
+        per_question = times[1:] if setting == "agnostic" else times
+        for k in sorted({1, 4, n_questions} if not quick else {1, n_questions}):
+            rows.append({"bench": "questions", "setting": setting, "method": label, "keep": 0.1 if label != "full" else 1.0,
+                         "prompt_tokens": n_tokens, "k": k, "answer_tokens": n_answer, "metric": "seconds",
+                         "value": once + sum(per_question[:k]), "compress_once_seconds": once})
+    return rows
+
+
+def questions_table(rows: list[dict]) -> str:
+    find = lambda **m: next(r for r in rows if all(r.get(k) == v for k, v in m.items()))  # noqa: E731
+    ks = sorted({r["k"] for r in rows})
+    cells = []
+    for k in ks:
+        aware, agnostic = find(method="chunkkv", setting="aware", k=k), find(method="chunkkv", setting="agnostic", k=k)
+        full = find(method="full", setting="agnostic", k=k)
+        cells.append([k, f"{aware['value']:.1f}", f"{agnostic['value']:.1f} (once: {agnostic['compress_once_seconds']:.1f})",
+                      f"{aware['value'] / agnostic['value']:.1f}x", f"{full['value']:.1f} (once: {full['compress_once_seconds']:.1f})"])
+    n = rows[0]["prompt_tokens"]
+    return table(f"Seconds to answer the first k questions about one {n}-token document ({rows[0]['answer_tokens']} "
+                 f"answer tokens each; once = the one prefill + compression)",
+                 ["k", "chunkkv 0.1 aware: k prefills", "chunkkv 0.1 agnostic: 1 prefill + k extends", "speed-up",
+                  "full cache agnostic"], cells)
+
+
+def run_passkey(model, tokenizer, quick: bool) -> list[dict]:
+    """The CLI's pass-key demo (chunkkv, chunk 10, window 32) over seeds: does the answer hold
+    the key, with the question in the prompt (aware) or appended after compression (agnostic)?"""
+    seeds, keeps = (range(1), [0.1]) if quick else (range(5), [0.1, 0.2, 0.3])
+    encode = lambda text: torch.tensor([tokenizer.encode(text).ids])  # noqa: E731
+    rows, progress = [], Progress(len(seeds), "passkey")
+    question = encode(PASSKEY_QUESTION)
+    for seed in seeds:
+        context, key = passkey_context(seed=seed)
+        for setting in ("aware", "agnostic"):
+            tokens = encode(context + PASSKEY_QUESTION) if setting == "aware" else encode(context)
+            room = 16 + (0 if setting == "aware" else question.shape[1])
+            logits, captured = capture(model, tokens, room)
+            for keep in [1.0] + keeps:
+                config = CompressionConfig(method="full") if keep == 1.0 else CompressionConfig(keep=keep)
+                compress(model, captured, tokens, config, room)
+                if setting == "agnostic":
+                    logits = model.extend(question)[:, -1]
+                answer_text = tokenizer.decode(greedy(model, logits, 16, set()))
+                rows.append({"bench": "passkey", "setting": setting, "method": config.method, "keep": keep, "seed": seed,
+                             "prompt_tokens": tokens.shape[1], "metric": "found", "value": float(key in answer_text)})
+        progress.step(f"seed {seed}")
+    return rows
+
+
+def passkey_table(rows: list[dict]) -> str:
+    cells = []
+    for keep in sorted({r["keep"] for r in rows}, reverse=True):
+        line = ["full" if keep == 1.0 else f"chunkkv keep {keep}"]
+        for setting in ("aware", "agnostic"):
+            values = [r["value"] for r in rows if r["keep"] == keep and r["setting"] == setting]
+            low, high = wilson(sum(values), len(values))
+            line.append(f"{sum(values):.0f}/{len(values)} [{low:.2f}, {high:.2f}]")
+        cells.append(line)
+    return table("Pass-key demo: key found, over seeds (95 % Wilson interval)",
+                 ["cache", "aware (question in the prompt)", "agnostic (question after compression)"], cells)
+
+
+# ---------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["quality", "speed"])
+    parser.add_argument("bench", choices=["quality", "speed", "questions", "passkey"])
     parser.add_argument("--quick", action="store_true", help="a small subset: minutes, not the full run")
+    parser.add_argument("--setting", choices=["aware", "agnostic", "both"], default="both",
+                        help="quality: retrieval with the question in the prompt (aware), after compression "
+                             "(agnostic), or both (default)")
+    parser.add_argument("--retrieval-only", action="store_true", help="quality: skip fidelity, overlap and ablations")
+    parser.add_argument("--lengths", type=int, nargs="+", help="quality: haystack lengths in tokens")
+    parser.add_argument("--keeps", type=float, nargs="+", help="quality: kept fractions")
+    parser.add_argument("--tasks", nargs="+", choices=["single", "multikey", "multivalue"], help="quality: retrieval tasks")
     parser.add_argument("--out", help="JSON rows (default results/<bench>.json)")
     parser.add_argument("--checkpoint", help="a checkpoint name (see generate.py --help), Hugging Face "
                         "directory or .gguf file (default: smollm2-135m)")
@@ -513,11 +701,18 @@ def main(argv=None) -> int:
     print(f"{command}\n{date.today()}, {machine()}, torch {torch.__version__}, float32")
     start = time.perf_counter()
     if args.bench == "quality":
-        rows = run_quality(model, tokenizer, args.quick)
+        settings = ("aware", "agnostic") if args.setting == "both" else (args.setting,)
+        rows = run_quality(model, tokenizer, args.quick, settings, args.lengths, args.keeps, args.tasks, args.retrieval_only)
         print(quality_tables(rows))
-    else:
+    elif args.bench == "speed":
         rows = run_speed(model, tokenizer, args.quick)
         print(speed_tables(rows))
+    elif args.bench == "questions":
+        rows = run_questions(model, tokenizer, args.quick)
+        print(questions_table(rows))
+    else:
+        rows = run_passkey(model, tokenizer, args.quick)
+        print(passkey_table(rows))
     print(f"\n{args.bench} benchmark took {(time.perf_counter() - start) / 60:.1f} min")
     write_json(args.out or f"results/{args.bench}.json", rows, command)
     if args.plot and args.bench == "quality":

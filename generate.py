@@ -1,7 +1,9 @@
-"""Generate with a compressed KV cache: the Python API (`load`, `generate`) and the CLI.
+"""Generate with a compressed KV cache: the Python API (`load`, `generate`, and
+`compress_context` + `answer` for many questions about one context) and the CLI.
 
     python generate.py --chunk 10                       # pass-key demo, KV kept at 10 %
     python generate.py --prompt "What is the capital of France?" --method full
+    python generate.py --context-file doc.txt --question "Who wrote it?" --question "When?"
 """
 import argparse
 import math
@@ -9,7 +11,7 @@ import random
 import string
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,9 +22,10 @@ from checkpoint import CheckpointError
 from chunkkv import METHODS, SCORED, CompressionConfig, CompressionError
 from model import Prefill, Transformer
 from registry import CHECKPOINTS, DEFAULT, describe, load, resolve
-from tokenizer import chat_format
+from tokenizer import ChatFormat, chat_format
 
-__all__ = ["load", "chat_format", "generate", "compile_decode", "passkey_prompt"]
+__all__ = ["load", "chat_format", "generate", "compress_context", "answer", "CompressedContext", "compile_decode",
+           "passkey_prompt"]
 
 
 class PromptError(ValueError):
@@ -95,19 +98,39 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
     context and for max_new_tokens or top_k below 1 or a negative or non-finite temperature.
     """
     check_sampling(max_new_tokens, temperature, top_k)
+    logits, prefill_stats = prefill_and_compress(model, prompt, compression, max_new_tokens, n_slots)
+    new_tokens, step_seconds = decode_tokens(model, logits, max_new_tokens, temperature, top_k, stop_tokens,
+                                             on_token, decode)
+    if stats is not None:
+        stats.update(prefill_stats, new_tokens=new_tokens.shape[1], decode_step_seconds=step_seconds)
+    return new_tokens
+
+
+def prefill_and_compress(model: Transformer, prompt: Tensor, compression: CompressionConfig, max_new_tokens: int,
+                         n_slots: int | None) -> tuple[Tensor, dict]:
+    """Prefill and compress `prompt` [B, T], leaving `max_new_tokens` free slots per layer;
+    (last logits [B, vocab], timings and cache sizes)."""
     n_batch, n_prompt = prompt.shape
     budgets = check_prompt(model, n_prompt, compression, max_new_tokens)
     prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots)
-    device = prompt.device
     start = time.perf_counter()
     logits = model.prefill(prompt, prefill)
-    synchronize(device)
-    prefill_seconds = time.perf_counter() - start
+    synchronize(prompt.device)
+    entry_bytes = 2 * n_batch * model.args.n_kv_heads * model.args.head_dim * model.lm_head.weight.element_size()
+    return logits, dict(prompt_tokens=n_prompt, budgets=budgets, kept=prefill.kept, stored=prefill.stored,
+                        prefill_seconds=time.perf_counter() - start, compress_seconds=prefill.compress_seconds,
+                        kv_bytes_full=entry_bytes * n_prompt * model.args.n_layers,
+                        kv_bytes_kept=entry_bytes * sum(prefill.stored))
 
+
+def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                  stop_tokens: tuple[int, ...], on_token, decode) -> tuple[Tensor, list[float]]:
+    """Sample from `logits` [B, vocab], then decode through the cache until every row stopped
+    or max_new_tokens: (new ids [B, n], seconds of each decode step)."""
+    device = logits.device
     decode = decode or model.decode
     stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(n_batch, dtype=torch.bool, device=device)
-    step = torch.zeros(1, dtype=torch.long, device=device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     new_tokens, step_seconds = [], []
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k)
@@ -120,19 +143,71 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
         if i == max_new_tokens - 1 or bool(done.all()):
             break
         start = time.perf_counter()
-        step.fill_(i)
-        logits = decode(token, step).clone()  # clone: a CUDA-graph step reuses its output buffer
+        logits = decode(token).clone()  # clone: a CUDA-graph step reuses its output buffer
         synchronize(device)
         step_seconds.append(time.perf_counter() - start)
+    return torch.cat(new_tokens, dim=1), step_seconds
 
+
+# ---------------------------------------------------------------------------------------
+# Compress once, ask many (query-agnostic)
+
+@dataclass
+class CompressedContext:
+    """A context prefilled and compressed once, before any question was seen. The compressed
+    caches live in the model; this records their state right after compression and what it
+    cost. A later prefill or compression on the same model invalidates it."""
+    n_tokens: int  # context tokens T
+    free_slots: int  # cache slots left for each question and its answer
+    snapshot: list  # model.snapshot() right after compression
+    stats: dict  # prefill_seconds, compress_seconds, budgets, kept, stored, kv_bytes_full, kv_bytes_kept
+
+
+@torch.no_grad()
+def compress_context(model: Transformer, context: Tensor, compression: CompressionConfig = CompressionConfig(),
+                     max_new_tokens: int = 256, n_slots: int | None = None) -> CompressedContext:
+    """Prefill the context [B, T] alone and compress its KV cache, query-agnostic: the
+    context's own last `window` tokens are the observation window (NVIDIA kvpress's setting;
+    the paper's query-aware setting puts the question in the window instead).
+
+    `max_new_tokens` cache slots per layer stay free for each question plus its answer.
+    Raises PromptError when the context + max_new_tokens exceed the model's context, and
+    CompressionError for an impossible budget.
+    """
+    _, stats = prefill_and_compress(model, context, compression, max_new_tokens, n_slots)
+    free = min([cache.free_slots() for cache in model.caches()] + [model.args.max_seq_len - context.shape[1]])
+    return CompressedContext(context.shape[1], free, model.snapshot(), stats)
+
+
+@torch.no_grad()
+def answer(model: Transformer, context: CompressedContext, question: Tensor, max_new_tokens: int = 64,
+           temperature: float = 0.0, top_k: int | None = None, stop_tokens: tuple[int, ...] = (), on_token=None,
+           decode=None, stats: dict | None = None) -> Tensor:
+    """New token ids [B, n] (n <= max_new_tokens) answering `question` [B, Tq] from a
+    compressed context: the caches are restored to their state right after compression (no
+    K/V copy), the question is appended with `model.extend` at positions T, T+1, ..., then the
+    answer is decoded. Answering question 2 after question 1 gives exactly what question 2
+    alone gives. Options as in `generate`; `stats` receives extend_seconds and decode steps.
+    Raises PromptError when the question and answer do not fit in the context's free slots.
+    """
+    n_question = question.shape[1]
+    if n_question == 0:
+        raise PromptError("the question is empty: pass some text")
+    if n_question + max_new_tokens > context.free_slots:
+        raise PromptError(f"a question of {n_question} tokens + {max_new_tokens} new tokens does not fit in the "
+                          f"{context.free_slots} cache slots compress_context left free: pass a larger "
+                          f"max_new_tokens to compress_context, or shorten the question")
+    model.restore(context.snapshot)
+    start = time.perf_counter()
+    logits = model.extend(question)[:, -1]
+    synchronize(question.device)
+    extend_seconds = time.perf_counter() - start
+    new_tokens, step_seconds = decode_tokens(model, logits, max_new_tokens, temperature, top_k, stop_tokens,
+                                             on_token, decode)
     if stats is not None:
-        entry_bytes = 2 * n_batch * model.args.n_kv_heads * model.args.head_dim * model.lm_head.weight.element_size()
-        stats.update(prompt_tokens=n_prompt, budgets=budgets, kept=prefill.kept, stored=prefill.stored,
-                     prefill_seconds=prefill_seconds, compress_seconds=prefill.compress_seconds,
-                     new_tokens=len(new_tokens), decode_step_seconds=step_seconds,
-                     kv_bytes_full=entry_bytes * n_prompt * model.args.n_layers,
-                     kv_bytes_kept=entry_bytes * sum(prefill.stored))
-    return torch.cat(new_tokens, dim=1)
+        stats.update(question_tokens=n_question, extend_seconds=extend_seconds, new_tokens=new_tokens.shape[1],
+                     decode_step_seconds=step_seconds)
+    return new_tokens
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,9 +216,18 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
 def passkey_prompt(n_filler: int = 80, seed: int = 0) -> tuple[str, str]:
     """(prompt, pass key): a random 5-digit key hidden at a random depth in ~2,000 tokens of
     filler, asked for at the end, in plain completion format."""
+    context, key = passkey_context(n_filler, seed)
+    return context + PASSKEY_QUESTION, key
+
+
+def passkey_context(n_filler: int = 80, seed: int = 0) -> tuple[str, str]:
+    """(context, pass key): the pass-key demo's prompt up to its question (ends with a newline)."""
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
@@ -151,7 +235,18 @@ def passkey_prompt(n_filler: int = 80, seed: int = 0) -> tuple[str, str]:
     haystack = FILLER * depth + needle + FILLER * (n_filler - depth)
     intro = ("There is an important piece of information hidden inside a lot of irrelevant text. "
              "Find it and memorize it. I will quiz you about it.\n")
-    return f"{intro}{haystack}\nWhat is the pass key? The pass key is", key
+    return f"{intro}{haystack}\n", key
+
+
+def split_turn(context: str, question: str, chat: ChatFormat | None) -> tuple[str, str]:
+    """(context part, question part) of one prompt holding the context and then the question,
+    split just before the question's text. With a `chat` format, both sit in one user turn of its
+    template (a blank line between them); without, the question starts on a new line."""
+    if chat is None:
+        return (context if context.endswith("\n") else context + "\n"), question
+    turn = chat.render([{"role": "user", "content": f"{context}\n\n{question}"}])
+    cut = turn.rindex(question)
+    return turn[:cut], turn[cut:]
 
 
 def fastgen_token_ids(tokenizer: Tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -162,16 +257,38 @@ def fastgen_token_ids(tokenizer: Tokenizer) -> tuple[tuple[int, ...], tuple[int,
     return special, punctuation
 
 
-def read_prompt_file(path: str) -> str:
+def read_prompt_file(path: str, what: str = "prompt file") -> str:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise PromptError(f"cannot read prompt file {path}: {e.strerror}; check the path") from None
+        raise PromptError(f"cannot read {what} {path}: {e.strerror}; check the path") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PromptError(f"prompt file {path} is not UTF-8 (byte {e.start}): convert it, "
+        raise PromptError(f"{what} {path} is not UTF-8 (byte {e.start}): convert it, "
                           f"e.g. iconv -t UTF-8 {path}") from None
+
+
+def read_questions(args: argparse.Namespace) -> list[str] | None:
+    """The questions of the query-agnostic path (--question, --questions-file), or None when
+    the prompt is one piece; a one-line error for combinations that cannot work."""
+    if args.questions_file is not None:
+        questions = [line.strip() for line in read_prompt_file(args.questions_file, "questions file").splitlines()]
+        questions = [q for q in questions if q]
+        if not questions:
+            raise PromptError(f"questions file {args.questions_file} has no questions: write one per line")
+    else:
+        questions = args.question
+    if questions is None:
+        if args.context_file is not None:
+            raise PromptError("--context-file needs questions: add --question Q (repeatable) or --questions-file F")
+        return None
+    if args.prompt is not None or args.prompt_file is not None:
+        raise PromptError("questions are asked about --context-file (or the pass-key demo's context), "
+                          "not about --prompt/--prompt-file: use --context-file")
+    if any(not q.strip() for q in questions):
+        raise PromptError("a --question is empty: pass some text")
+    return questions
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,6 +315,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompt.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="wrap the prompt in the checkpoint's chat template (default: on for --prompt/--prompt-file "
                              "when the checkpoint has one or ChatML tokens, off for the demo)")
+    ask = parser.add_argument_group("questions about one context (query-agnostic: compressed once, before any question)")
+    ask.add_argument("--context-file", help="the context, a UTF-8 file (default: the pass-key demo's context)")
+    asked = ask.add_mutually_exclusive_group()
+    asked.add_argument("--question", action="append", help="a question about the context; repeat for more")
+    asked.add_argument("--questions-file", help="questions about the context, one per line (UTF-8)")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, help="default 64 (16 for the demo)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -316,6 +438,63 @@ def passkey_report(model: Transformer, prompt: str, offsets: list, key: str, ans
             f"pass key {key}: {'found' if key in answer else 'NOT found'} in the answer")
 
 
+def questions_summary(context_stats: dict, asked: list[dict], config: CompressionConfig, n_layers: int) -> str:
+    """The one compression, then per question its tokens, extend time and decode speed."""
+    steps = [s for stats in asked for s in stats["decode_step_seconds"]]
+    lines = [summary({**context_stats, "new_tokens": sum(s["new_tokens"] for s in asked), "decode_step_seconds": steps},
+                     config, n_layers),
+             f"setting           query-agnostic: the context was prefilled and compressed once, "
+             f"{len(asked)} question{'s' if len(asked) > 1 else ''} answered from it"]
+    for i, stats in enumerate(asked, start=1):
+        steps = stats["decode_step_seconds"][1 if i == 1 else 0:]  # the first step may include compilation
+        speed = f"{len(steps) / sum(steps):.1f} tokens/s" if steps else "too few tokens to time"
+        lines.append(f"question {i:<8} {stats['question_tokens']} tokens, extend {stats['extend_seconds']:.3f} s; "
+                     f"answer {stats['new_tokens']} tokens, {speed}")
+    return "\n".join(lines)
+
+
+def ask_questions(model: Transformer, tokenizer: Tokenizer, config: CompressionConfig, args: argparse.Namespace,
+                  context: str, questions: list[str], key: str | None, chat: ChatFormat | None,
+                  stop_tokens: tuple[int, ...]) -> int:
+    """The CLI's query-agnostic path: compress the context once, answer each question from it."""
+    if not context.strip():
+        raise PromptError("the context is empty: put some text in --context-file")
+    device = model.lm_head.weight.device
+    parts = [split_turn(context, question, chat) for question in questions]
+    context_text = parts[0][0]  # the same for every question: the split is just before the question
+    encoding = tokenizer.encode(context_text, add_special_tokens=chat is None)  # a template writes its own BOS
+    context_ids = torch.tensor([encoding.ids], device=device)
+    question_ids = [torch.tensor([tokenizer.encode(question, add_special_tokens=False).ids], device=device)
+                    for _, question in parts]
+    max_new_tokens = args.max_new_tokens or (16 if key is not None else 64)
+    room = max(ids.shape[1] for ids in question_ids) + max_new_tokens  # slots each question + answer needs
+    check_prompt(model, context_ids.shape[1], config, room)  # fail before printing anything
+
+    torch.manual_seed(args.seed)
+    decode = compile_decode(model) if args.compile else None
+    what = f"the pass-key demo's context (key {key})" if key is not None else f"context from {args.context_file}"
+    print(f"Compressing {what}, {context_ids.shape[1]} tokens{', chat template' if chat else ''}, once, "
+          f"without the questions; then {len(questions)} question{'s' if len(questions) > 1 else ''}.")
+    context = compress_context(model, context_ids, config, room)
+    answers, asked = [], []
+    for i, (question, ids) in enumerate(zip(questions, question_ids), start=1):
+        print(f"--- question {i}: {question.strip()} ---")
+        stats, stream = {}, TextStream(tokenizer)
+        answer(model, context, ids, max_new_tokens, args.temperature, args.top_k, stop_tokens, on_token=stream,
+               decode=decode, stats=stats)
+        print()
+        answers.append(stream.printed)
+        asked.append(stats)
+    print("---")
+    print(questions_summary(context.stats, asked, config, model.args.n_layers))
+    if key is not None:
+        report = passkey_report(model, context_text, encoding.offsets, key, answers[0]).splitlines()
+        print(report[0])  # which layers kept the key's tokens: the same for every question
+        for i, text in enumerate(answers, start=1):
+            print(f"pass key {key}: {'found' if key in text else 'NOT found'} in the answer to question {i}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -324,13 +503,16 @@ def main(argv=None) -> int:
                                    reuse=args.reuse, per_head=args.per_head, recovery=args.recovery)
         if config.method == "fastgen" and (args.keep is not None or args.budget is not None):
             raise CompressionError("fastgen chooses each head's budget itself: drop --keep/--budget, tune --recovery")
+        questions = read_questions(args)  # None unless the context is compressed alone
         if args.prompt_file is not None:
             text, key = read_prompt_file(args.prompt_file), None
         elif args.prompt is not None:
             text, key = args.prompt, None
+        elif args.context_file is not None:
+            text, key = read_prompt_file(args.context_file, "context file"), None
         else:
-            text, key = passkey_prompt(seed=args.seed)
-        if not text.strip():  # before any chat template wraps it into something non-empty
+            text, key = passkey_prompt(seed=args.seed) if questions is None else passkey_context(seed=args.seed)
+        if questions is None and not text.strip():  # before any chat template wraps it into something non-empty
             raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
         device = parse_device(args.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -342,6 +524,9 @@ def main(argv=None) -> int:
 
         chat_form = chat_format(checkpoint_path)
         chat = args.chat if args.chat is not None else (key is None and chat_form.template is not None)
+        if questions is not None:
+            return ask_questions(model, tokenizer, config, args, text, questions, key, chat_form if chat else None,
+                                 chat_form.stop_ids)
         shown = text if len(text) <= 300 else f"{text[:150]} [...] {text[-150:]}"
         if chat:
             text = chat_form.render([{"role": "user", "content": text}])

@@ -6,7 +6,9 @@ Ways to run it:
   model.prefill(tokens, prefill)    fills every layer's cache with the compressed prompt KV,
                                     returns the last position's logits [B, vocab]
   model.compress(captured, prefill) refills the caches from a captured prefill, compressed anew
-  model.decode(token, step)         one token per sequence through the cache, [B, vocab]
+  model.extend(tokens)              appends tokens [B, T'] to the caches, returns their logits [B, T', vocab]
+  model.decode(token)               one token per sequence through the cache, [B, vocab]
+  model.snapshot(), model.restore() the caches' counters and masks, saved and put back (no K/V copy)
 
 Module names follow Hugging Face's Llama, so its state dicts load without renaming. Llama, Mistral
 and Qwen2 checkpoints all run on it: they differ only in ModelArgs fields.
@@ -84,13 +86,18 @@ class Prefill:
 
 class KVCache(nn.Module):
     """Static per-layer cache [B, Hkv, slots, D]: the kept prompt entries fill slots [0, n),
-    generated token j goes to slot n + j. Keys are stored rotated at their original positions.
+    every token appended after them (extend, decode) takes the next free slot. Keys are stored
+    rotated at their original (logical) positions, which are not their slot indices.
     `valid` [B, Hkv, slots] marks what each head may attend to (per-head methods keep
-    different counts per head; generated tokens become valid as they are written)."""
+    different counts per head; appended tokens become valid as they are written).
+
+    The cache owns its counters, one per batch row: `used` (slots written) and `length`
+    (logical length: prompt tokens + tokens appended since). Code outside asks them."""
 
     def __init__(self):
         super().__init__()
         self.positions: Tensor | None = None  # kept prompt positions, for inspection only
+        self.fills = 0  # how often fill ran: a snapshot of an earlier fill cannot be restored
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         """(Re)allocate only when the size changes: same-size runs reuse the buffers, so a
@@ -100,11 +107,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("valid", torch.zeros(shape[:3], dtype=torch.bool, device=device), persistent=False)
-        # a tensor, not an int: the decode graph reads it without recompiling per value
+        # tensors, not ints: the decode graph reads them without recompiling per value
         self.register_buffer("n_kept", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("used", torch.zeros(shape[0], dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("length", torch.zeros(shape[0], dtype=torch.long, device=device), persistent=False)
 
-    def fill(self, k: Tensor, v: Tensor, positions: Tensor, n_slots: int):
-        """Kept prompt entries k, v [B, Hkv, n, D] and their positions [B, n] or [B, Hkv, n] (-1 = unused)."""
+    def fill(self, k: Tensor, v: Tensor, positions: Tensor, n_slots: int, n_prompt: int):
+        """Kept prompt entries k, v [B, Hkv, n, D] and their positions [B, n] or [B, Hkv, n]
+        (-1 = unused) of an `n_prompt`-token prompt."""
         n_batch, n_kv_heads, n_kept, head_dim = k.shape
         self.allocate((n_batch, n_kv_heads, n_slots, head_dim), k.dtype, k.device)
         self.k[:, :, :n_kept] = k
@@ -113,15 +123,44 @@ class KVCache(nn.Module):
         self.valid.zero_()
         self.valid[:, :, :n_kept] = used if used.dim() == 3 else used[:, None]  # per head, or all heads
         self.n_kept.fill_(n_kept)
+        self.used.fill_(n_kept)
+        self.length.fill_(n_prompt)
         self.positions = positions
+        self.fills += 1
 
-    def update(self, k: Tensor, v: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Write one token's k, v [B, Hkv, 1, D] at slot n + step; return k, v and valid."""
-        slot = self.n_kept + step  # [1]
-        self.k.index_copy_(2, slot, k)
-        self.v.index_copy_(2, slot, v)
-        self.valid.index_fill_(2, slot, True)
-        return self.k, self.v, self.valid
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Write k, v [B, Hkv, T', D] of T' new tokens at each row's next free slots and advance
+        the counters; return the whole k, v and the attention mask [B, Hkv, T', slots]: each new
+        token sees the valid entries and, causally, the new tokens up to itself."""
+        n_batch, n_kv_heads, n_new, head_dim = k.shape
+        slots = self.used[:, None] + torch.arange(n_new, device=k.device)  # [B, T']
+        index = slots[:, None, :].expand(n_batch, n_kv_heads, n_new)  # [B, Hkv, T']
+        self.k.scatter_(2, index[..., None].expand_as(k), k)
+        self.v.scatter_(2, index[..., None].expand_as(v), v)
+        self.valid.scatter_(2, index, True)
+        slot_ids = torch.arange(self.k.shape[2], device=k.device)
+        mask = self.valid[:, :, None, :] & (slot_ids <= slots[:, None, :, None])  # [B, Hkv, T', slots]
+        self.used.add_(n_new)
+        self.length.add_(n_new)
+        return self.k, self.v, mask
+
+    def free_slots(self) -> int:
+        """Slots left in the fullest row (a host sync: for checks outside the decode step)."""
+        return self.k.shape[2] - int(self.used.max())
+
+    def snapshot(self) -> tuple[int, Tensor, Tensor, Tensor]:
+        """This cache's state: (fill count, used, length, valid), copied (K and V are not)."""
+        return self.fills, self.used.clone(), self.length.clone(), self.valid.clone()
+
+    def restore(self, state: tuple[int, Tensor, Tensor, Tensor]):
+        """Back to a snapshot of the same fill, in place: whatever was appended since stays in
+        its slots but is masked, and the next tokens overwrite it."""
+        fills, used, length, valid = state
+        if fills != self.fills:
+            raise ValueError("the cache was refilled since this snapshot: compress the context again")
+        self.used.copy_(used)
+        self.length.copy_(length)
+        self.valid.copy_(valid)
 
 
 def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> Tensor:
@@ -211,7 +250,7 @@ class Attention(nn.Module):
         if n_slots < n_stored + prefill.max_new_tokens:
             raise ValueError(f"a cache of {n_slots} slots cannot hold {n_stored} prompt entries "
                              f"+ {prefill.max_new_tokens} new tokens")
-        self.cache.fill(*chunkkv.gather_kv(k, v, positions), positions, n_slots)
+        self.cache.fill(*chunkkv.gather_kv(k, v, positions), positions, n_slots, k.shape[2])
         if k.is_cuda:
             torch.cuda.synchronize()
         prefill.compress_seconds += time.perf_counter() - start
@@ -220,11 +259,12 @@ class Attention(nn.Module):
         prefill.kept.append((positions >= 0).sum(-1).float().mean().item())
         prefill.stored.append(n_stored)
 
-    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, step: Tensor) -> Tensor:
-        """One token per sequence, x [B, 1, dim], attending to the cache."""
+    def extend(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """New tokens x [B, T', dim] appended to the cache; each attends to the valid cache
+        entries and causally to the new tokens before it. cos/sin [B, 1, T', D] per row."""
         q, k, v = self.qkv(x, cos, sin)
-        k_all, v_all, valid = self.cache.update(k, v, step)
-        mask = valid.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)[:, :, None]  # [B, Hq, 1, slots]
+        k_all, v_all, mask = self.cache.update(k, v)
+        mask = mask.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [B, Hq, T', slots]
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
         return self.out(y)
 
@@ -252,8 +292,8 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, prefill)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, step: Tensor) -> Tensor:
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, step)
+    def extend(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.self_attn.extend(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -289,28 +329,56 @@ class Transformer(nn.Module):
 
     def prefill(self, tokens: Tensor, prefill: Prefill) -> Tensor:
         """Run the prompt [B, T], compress it into the caches; logits of its last position [B, vocab]."""
-        hidden = self.trunk(tokens, prefill)
-        self.set_prompt_len(tokens)
-        return self.lm_head(hidden[:, -1])
+        return self.lm_head(self.trunk(tokens, prefill)[:, -1])
 
     def compress(self, captured: list[tuple], prefill: Prefill):
         """Refill the caches from an earlier prefill's captured (q, k, v), compressed as `prefill`
         says: one prefill serves many methods and budgets (the prefill does not depend on them)."""
         for block, (q, k, v) in zip(self.layers, captured):
             block.self_attn.compress_into_cache(q, k, v, prefill)
-        self.set_prompt_len(prefill.tokens)
 
-    def set_prompt_len(self, tokens: Tensor):
-        if getattr(self, "prompt_len", None) is None or self.prompt_len.device != tokens.device:
-            # the prompt length as a tensor: decode reads it without recompiling per value
-            self.register_buffer("prompt_len", torch.zeros(1, dtype=torch.long, device=tokens.device), persistent=False)
-        self.prompt_len.fill_(tokens.shape[1])
+    def caches(self) -> list[KVCache]:
+        return [block.self_attn.cache for block in self.layers]
 
-    def decode(self, token: Tensor, step: Tensor) -> Tensor:
-        """token [B, 1] generated at `step` (0 for the first), stored in slot n + step with RoPE
-        position T + step; returns logits [B, vocab]."""
-        cos, sin = rope(self.prompt_len + step, self.args)  # [1, D]
-        x = self.embed_tokens(token)
+    def extend(self, tokens: Tensor) -> Tensor:
+        """Append tokens [B, T'] to the (compressed) caches in one forward; logits [B, T', vocab].
+
+        Each new token attends to every valid cache entry and causally to the new tokens before
+        it; their K/V take the next free slots; their RoPE positions continue from the logical
+        length (prompt + tokens appended since), never from the slot index. Raises ValueError
+        when a layer's cache has fewer free slots than T' or the model's context would overflow.
+        """
+        n_new = tokens.shape[1]
+        free = min(cache.free_slots() for cache in self.caches())
+        if n_new > free:
+            raise ValueError(f"{n_new} new tokens do not fit in the {free} free cache slots: "
+                             f"leave more room for new tokens (max_new_tokens) when compressing")
+        length = int(self.caches()[0].length.max())
+        if length + n_new > self.args.max_seq_len:
+            raise ValueError(f"{length} + {n_new} tokens exceed the model's context of {self.args.max_seq_len}")
+        return self.lm_head(self.through_cache(tokens))
+
+    def decode(self, token: Tensor) -> Tensor:
+        """token [B, 1] appended like `extend`, without its checks or host syncs: the step
+        torch.compile turns into one graph. Logits [B, vocab]."""
+        return self.lm_head(self.through_cache(token)[:, -1])
+
+    def through_cache(self, tokens: Tensor) -> Tensor:
+        n_batch, n_new = tokens.shape
+        positions = self.caches()[0].length[:, None] + torch.arange(n_new, device=tokens.device)  # [B, T']
+        cos, sin = (t.view(n_batch, 1, n_new, -1) for t in rope(positions.flatten(), self.args))  # [B, 1, T', D]
+        x = self.embed_tokens(tokens)
         for block in self.layers:
-            x = block.decode(x, cos, sin, step)
-        return self.lm_head(self.norm(x))[:, -1]
+            x = block.extend(x, cos, sin)
+        return self.norm(x)
+
+    def snapshot(self) -> list[tuple]:
+        """Every layer's counters and valid mask, e.g. right after compression; `restore` puts
+        them back. Nothing appended after the snapshot is copied or kept."""
+        return [cache.snapshot() for cache in self.caches()]
+
+    def restore(self, snapshot: list[tuple]):
+        """Return every layer's cache to `snapshot` in place (the compiled decode step keeps its
+        tensors). Raises ValueError if a prefill or compression ran since the snapshot."""
+        for cache, state in zip(self.caches(), snapshot):
+            cache.restore(state)

@@ -259,7 +259,7 @@ def run_forced(model: Transformer, prompt: torch.Tensor, config: CompressionConf
     budgets = config.layer_budgets(prompt.shape[1], model.args.n_layers)
     logits = [model.prefill(prompt, Prefill(config, prompt, budgets, forced.shape[1] + 1))]
     for step in range(forced.shape[1]):
-        logits.append(model.decode(forced[:, step:step + 1], torch.tensor([step])))
+        logits.append(model.decode(forced[:, step:step + 1]))
     return torch.stack(logits, dim=1)  # [B, n + 1, vocab]
 
 
@@ -348,7 +348,7 @@ def test_one_prefill_serves_many_compressions(config):
     for precomputed in (None, scores):
         model.compress(captured, Prefill(config, prompt, budgets, 7, scores=precomputed))
         assert all(torch.equal(a, b) for a, b in zip(kept_positions(model), direct_kept))
-        logits = [first] + [model.decode(forced[:, i:i + 1], torch.tensor([i])) for i in range(6)]
+        logits = [first] + [model.decode(forced[:, i:i + 1]) for i in range(6)]
         torch.testing.assert_close(torch.stack(logits, 1), direct, rtol=1e-5, atol=1e-5)
 
 
@@ -430,12 +430,11 @@ def greedy_decode(model, prompt, config, decode, n_steps=32, n_slots=128):
     """Greedy tokens and decode logits with a given decode step, in a cache of fixed size."""
     budgets = config.layer_budgets(prompt.shape[1], model.args.n_layers)
     logits = model.prefill(prompt, Prefill(config, prompt, budgets, n_steps, n_slots=n_slots))
-    tokens, all_logits, step = [], [], torch.zeros(1, dtype=torch.long)
+    tokens, all_logits = [], []
     for i in range(n_steps):
         token = logits.argmax(-1, keepdim=True)
         tokens.append(token)
-        step.fill_(i)
-        logits = decode(token, step).clone()
+        logits = decode(token).clone()
         all_logits.append(logits)
     return torch.cat(tokens, 1), torch.stack(all_logits, 1)
 

@@ -1,0 +1,352 @@
+"""Tests for extending a compressed cache: model.extend, snapshot/restore, the query-agnostic
+API and CLI (compress a context once, ask many questions). Tiny random models, plus the real
+default model end to end (marked `model`)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chunkkv import CompressionConfig
+from model import Prefill, Transformer
+from test_chunkkv import HERE, tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
+
+torch.set_grad_enabled(False)
+
+PASSKEY_AGNOSTIC_KEEP = "0.3"  # measured: results/passkey.json (README, "Compress once, ask many")
+
+EVERY_METHOD = [  # every method, per-head ChunkKV included: (label, config without a budget)
+    ("full", dict(method="full")), ("streaming", dict(method="streaming")), ("h2o", dict(method="h2o")),
+    ("snapkv", dict(method="snapkv")), ("pyramidkv", dict(method="pyramidkv")), ("chunkkv", dict(method="chunkkv")),
+    ("chunkkv-per-head", dict(method="chunkkv", per_head=True)),
+    ("fastgen", dict(method="fastgen", special_ids=(0,), punctuation_ids=(1, 2))),
+]
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, config: CompressionConfig, room: int) -> torch.Tensor:
+    """Prefill and compress `tokens` [B, T], leaving `room` free slots; last logits [B, vocab]."""
+    budgets = config.layer_budgets(tokens.shape[1], model.args.n_layers)
+    return model.prefill(tokens, Prefill(config, tokens, budgets, room))
+
+
+def greedy(model: Transformer, logits: torch.Tensor, n_steps: int, decode=None):
+    """Greedy tokens [B, n] and the logits [B, n, vocab] each step produced."""
+    decode = decode or model.decode
+    tokens, all_logits = [], []
+    for _ in range(n_steps):
+        token = logits.argmax(-1, keepdim=True)
+        tokens.append(token)
+        logits = decode(token).clone()
+        all_logits.append(logits)
+    return torch.cat(tokens, 1), torch.stack(all_logits, 1)
+
+
+def reference_logits(model: Transformer, tokens: torch.Tensor, kept: list[torch.Tensor], n_prompt: int):
+    """Uncached forward over `tokens` [B, n], written out independently of the cache: the prompt
+    [0, n_prompt) attends causally in full; every later token sees, of the prompt, exactly the
+    positions each layer kept (per row, and per KV head for per-head methods; -1 = nothing),
+    and causally every later token, all at their original RoPE positions."""
+    args = model.args
+    n_batch, n_tokens = tokens.shape
+    group = args.n_heads // args.n_kv_heads
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim)
+    angles = torch.cat([torch.outer(torch.arange(n_tokens).float(), inv_freq)] * 2, dim=-1)
+
+    def rotate(x):
+        half = x.shape[-1] // 2
+        return x * angles.cos() + torch.cat([-x[..., half:], x[..., :half]], -1) * angles.sin()
+
+    x = model.embed_tokens(tokens)
+    for layer, block in enumerate(model.layers):
+        attn = block.self_attn
+        h = block.input_layernorm(x)
+        q = rotate(attn.q_proj(h).view(n_batch, n_tokens, args.n_heads, -1).transpose(1, 2))
+        k = rotate(attn.k_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2))
+        v = attn.v_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2)
+        positions = kept[layer] if kept[layer].dim() == 3 else kept[layer][:, None].expand(-1, args.n_kv_heads, -1)
+        in_cache = torch.zeros(n_batch, args.n_kv_heads, n_prompt + 1, dtype=torch.bool)
+        in_cache.scatter_(2, torch.where(positions >= 0, positions, n_prompt), True)  # -1 -> a spare column
+        visible = torch.ones(n_batch, args.n_kv_heads, n_tokens, n_tokens, dtype=torch.bool).tril()
+        visible[:, :, n_prompt:, :n_prompt] = in_cache[:, :, None, :n_prompt]
+        visible = visible.repeat_interleave(group, dim=1)  # [B, Hq, n, n]
+        scores = q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) / args.head_dim ** 0.5
+        y = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(group, dim=1)
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(n_batch, n_tokens, -1))
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    return model.lm_head(model.norm(x))
+
+
+def kept_positions(model: Transformer) -> list[torch.Tensor]:
+    return [cache.positions for cache in model.caches()]
+
+
+# ---------------------------------------------------------------------------------------
+# extend = prefill of the concatenation when nothing is dropped
+
+@pytest.mark.parametrize("label, kwargs", EVERY_METHOD)
+@pytest.mark.parametrize("pieces", [(14,), (1, 5, 8)])
+def test_extend_without_dropping_equals_prefill_of_the_whole(label, kwargs, pieces):
+    """prefill(A) then extend(B) (one piece or several) gives prefill(A + B)'s logits and the
+    same greedy tokens over 16 steps, for every method, when the budget covers A."""
+    model = tiny_model(n_layers=3)
+    context, question = torch.randint(0, 256, (2, 40)), torch.randint(3, 256, (2, sum(pieces)))
+    whole = torch.cat([context, question], 1)
+    budget = {} if label in ("full", "fastgen") else dict(budget=40)
+    config = CompressionConfig(window=8, recovery=1.0, **kwargs, **budget)
+    prefill(model, context, config, room=sum(pieces) + 16)
+    logits, start = [], 0
+    for n in pieces:
+        logits.append(model.extend(question[:, start:start + n]))
+        start += n
+    logits = torch.cat(logits, 1)
+    torch.testing.assert_close(logits, model(whole)[:, 40:], rtol=1e-5, atol=1e-5)
+    tokens, decoded = greedy(model, logits[:, -1], 16)
+
+    full = prefill(model, whole, CompressionConfig(method="full"), room=16)
+    torch.testing.assert_close(logits[:, -1], full, rtol=1e-5, atol=1e-5)
+    full_tokens, full_decoded = greedy(model, full, 16)
+    assert torch.equal(tokens, full_tokens)
+    torch.testing.assert_close(decoded, full_decoded, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# extend after compression = attention over exactly the kept positions
+
+@pytest.mark.parametrize("label, kwargs", [m for m in EVERY_METHOD if m[0] != "full"])
+def test_extend_after_compression_attends_to_exactly_the_kept_positions(label, kwargs):
+    """Extended (and then decoded) tokens equal a masked reference attention over the kept
+    context positions plus the new tokens, at their original positions: RoPE continues from
+    the logical length, not from the slot."""
+    model = tiny_model(n_layers=3)
+    context, question, forced = (torch.randint(3, 256, (2, n)) for n in (64, 9, 4))
+    budget = {} if label == "fastgen" else dict(budget=24)
+    config = CompressionConfig(window=5, chunk_size=4, recovery=0.5, **kwargs, **budget)
+    prefill(model, context, config, room=13)
+    kept = kept_positions(model)
+    assert all((k >= 0).sum(-1).min() < 64 for k in kept)  # every layer dropped something
+    extended = torch.cat([model.extend(question[:, :3]), model.extend(question[:, 3:])], 1)
+    decoded = torch.stack([model.decode(forced[:, i:i + 1]) for i in range(4)], 1)
+    reference = reference_logits(model, torch.cat([context, question, forced], 1), kept, 64)[:, 64:]
+    torch.testing.assert_close(torch.cat([extended, decoded], 1), reference[:, :13], rtol=1e-4, atol=1e-4)
+    # compression did change the outputs: a cache that kept everything would fail above
+    assert (extended - model(torch.cat([context, question], 1))[:, 64:]).abs().max() > 1e-3
+
+
+def test_counters_are_per_row_and_owned_by_each_layer():
+    model = tiny_model(n_layers=4)
+    config = CompressionConfig(method="pyramidkv", budget=30, window=4)
+    prefill(model, torch.randint(0, 256, (2, 90)), config, room=12)
+    model.extend(torch.randint(0, 256, (2, 7)))
+    model.decode(torch.zeros(2, 1, dtype=torch.long))
+    for cache, budget in zip(model.caches(), config.layer_budgets(90, 4)):
+        assert cache.used.tolist() == [budget + 8] * 2  # each layer its own count of slots
+        assert cache.length.tolist() == [98, 98]  # logical length: prompt + appended
+
+
+# ---------------------------------------------------------------------------------------
+# snapshot and restore
+
+def answer(model, snapshot, question, n_steps=8, decode=None):
+    model.restore(snapshot)
+    logits = model.extend(question)
+    tokens, decoded = greedy(model, logits[:, -1], n_steps, decode)
+    return logits, tokens, decoded
+
+
+@pytest.mark.parametrize("config", [CompressionConfig(budget=24, window=5, chunk_size=4),
+                                    CompressionConfig(method="snapkv", budget=24, window=5),
+                                    CompressionConfig(method="fastgen", window=5, recovery=0.5, special_ids=(0,))])
+def test_question_2_after_question_1_equals_question_2_alone(config):
+    model = tiny_model(n_layers=3)
+    context, q1, q2 = torch.randint(0, 256, (2, 70)), torch.randint(0, 256, (2, 11)), torch.randint(0, 256, (2, 6))
+    prefill(model, context, config, room=30)
+    snapshot = model.snapshot()
+    compressed = [(c.used.clone(), c.length.clone(), c.valid.clone()) for c in model.caches()]
+    answer(model, snapshot, q1)
+    model.restore(snapshot)
+    for cache, state in zip(model.caches(), compressed):  # the state right after compression
+        assert all(torch.equal(a, b) for a, b in zip((cache.used, cache.length, cache.valid), state))
+    after = answer(model, snapshot, q2)
+    prefill(model, context, config, room=30)
+    snapshot = model.snapshot()
+    alone = answer(model, snapshot, q2)
+    for a, b in zip(after, alone):
+        assert torch.equal(a, b)  # bit for bit
+    model.restore(snapshot)
+    model.extend(q1)
+    without_restore = model.extend(q2)  # q2 appended after q1: it sees q1, so it differs
+    assert (without_restore - alone[0]).abs().max() > 1e-3
+
+
+def test_restore_after_a_new_compression_is_an_error():
+    model = tiny_model()
+    config = CompressionConfig(budget=20, window=4)
+    prefill(model, torch.randint(0, 256, (1, 50)), config, room=8)
+    snapshot = model.snapshot()
+    prefill(model, torch.randint(0, 256, (1, 50)), config, room=8)
+    with pytest.raises(ValueError, match="compress the context again"):
+        model.restore(snapshot)
+
+
+def test_extend_past_the_free_slots_is_an_error():
+    model = tiny_model()
+    prefill(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), room=5)
+    free = min(cache.free_slots() for cache in model.caches())  # 5, rounded up to a multiple of 8 slots
+    with pytest.raises(ValueError, match="free cache slots"):
+        model.extend(torch.zeros(1, free + 1, dtype=torch.long))
+
+
+def test_batch_rows_are_independent():
+    model = tiny_model(n_layers=3)
+    contexts, questions = torch.randint(0, 256, (2, 80)), torch.randint(0, 256, (2, 7))
+    config = CompressionConfig(budget=30, window=6, chunk_size=5)
+    prefill(model, contexts, config, room=16)
+    batch = answer(model, model.snapshot(), questions)
+    batch_kept = kept_positions(model)
+    assert not torch.equal(batch_kept[0][0], batch_kept[0][1])
+    for row in range(2):
+        prefill(model, contexts[row:row + 1], config, room=16)
+        single = answer(model, model.snapshot(), questions[row:row + 1])
+        torch.testing.assert_close(batch[0][row:row + 1], single[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(batch[1][row:row + 1], single[1])
+        assert all(torch.equal(a[row], b[0]) for a, b in zip(batch_kept, kept_positions(model)))
+
+
+# ---------------------------------------------------------------------------------------
+# compiled decode after extend: one graph, no recompiles
+
+def test_compiled_decode_after_extend_does_not_recompile():
+    from generate import compile_decode
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    compiled = compile_decode(model)
+    config = CompressionConfig(budget=20, window=4)
+
+    def run(context, questions, decode):
+        prefill(model, context, config, room=40)
+        snapshot = model.snapshot()
+        return [answer(model, snapshot, q, n_steps=10, decode=decode) for q in questions]
+
+    context = torch.randint(0, 256, (2, 60))
+    run(context, [torch.randint(0, 256, (2, 3))], compiled)  # compiles once
+    with torch.compiler.set_stance("fail_on_recompile"):  # any recompile is an error from here on
+        for n_context in (60, 75):
+            context = torch.randint(0, 256, (2, n_context))
+            questions = [torch.randint(0, 256, (2, n)) for n in (1, 9, 17)]
+            eager = run(context, questions, model.decode)
+            for (_, tokens, logits), (_, eager_tokens, eager_logits) in zip(run(context, questions, compiled), eager):
+                assert torch.equal(tokens, eager_tokens)
+                torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# The query-agnostic API and CLI
+
+def test_answer_from_an_uncompressed_context_equals_generate_on_the_whole_prompt():
+    from generate import answer, compress_context, generate
+
+    model = tiny_model(n_layers=3)
+    full = CompressionConfig(method="full")
+    context, questions = torch.randint(0, 256, (2, 50)), [torch.randint(0, 256, (2, n)) for n in (9, 4)]
+    questions.append(questions[0])  # the first question again, after the second
+    expected = [generate(model, torch.cat([context, q], 1), full, max_new_tokens=12) for q in questions]
+    compressed = compress_context(model, context, full, max_new_tokens=30)  # once, for every question
+    for question, tokens in zip(questions, expected):
+        assert torch.equal(answer(model, compressed, question, max_new_tokens=12), tokens)
+        # context + this question + the answer's tokens but the last (never fed back); nothing earlier
+        assert all(c.length.tolist() == [50 + question.shape[1] + 11] * 2 for c in model.caches())
+
+
+def test_answer_that_does_not_fit_is_a_prompt_error():
+    from generate import PromptError, answer, compress_context
+
+    model = tiny_model()
+    compressed = compress_context(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), 10)
+    with pytest.raises(PromptError, match="does not fit in the 12 cache slots"):  # 20 + 10 -> 32 slots
+        answer(model, compressed, torch.zeros(1, 5, dtype=torch.long), max_new_tokens=8)
+    compress_context(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), 10)
+    with pytest.raises(ValueError, match="compress the context again"):
+        answer(model, compressed, torch.zeros(1, 2, dtype=torch.long), max_new_tokens=2)
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, str(HERE / "generate.py"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_answers_several_questions_from_one_compression(tiny_dir, tmp_path):
+    context = tmp_path / "context.txt"
+    context.write_text("z" * 200)
+    questions = tmp_path / "questions.txt"
+    questions.write_text("first question?\n\nsecond one?\nthird\n")
+    common = ("--checkpoint", str(tiny_dir), "--context-file", str(context), "--window", "8", "--max-new-tokens", "5")
+    for asked in (("--question", "first question?", "--question", "second one?", "--question", "third"),
+                  ("--questions-file", str(questions))):
+        result = cli(*common, *asked)
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        assert out.count("Compressing") == 1 and "201 tokens" in out  # the context and its newline
+        assert "KV kept per layer 20 of 201" in out
+        assert "context was prefilled and compressed once, 3 questions answered from it" in out
+        for i, question in enumerate(["first question?", "second one?", "third"], start=1):
+            assert f"--- question {i}: {question} ---" in out
+            assert f"question {i:<8} {len(question)} tokens, extend" in out  # byte tokenizer: one token a byte
+
+
+def test_cli_question_errors(tiny_dir, tmp_path):
+    from test_chunkkv import assert_user_error
+
+    context, empty, latin1 = tmp_path / "context.txt", tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    context.write_text("z" * 200)
+    empty.write_text("\n  \n")
+    latin1.write_bytes("café".encode("latin-1"))
+    tiny = ("--checkpoint", str(tiny_dir), "--window", "8")
+    assert_user_error(cli(*tiny, "--context-file", str(context)), "--context-file needs questions")
+    assert_user_error(cli(*tiny, "--prompt", "hi", "--question", "q"), "use --context-file")
+    assert_user_error(cli(*tiny, "--context-file", str(context), "--questions-file", str(empty)), "has no questions")
+    assert_user_error(cli(*tiny, "--context-file", str(latin1), "--question", "q"), "context file", "is not UTF-8")
+    assert_user_error(cli(*tiny, "--context-file", str(context), "--question", "q", "--questions-file", str(empty)),
+                      "not allowed with argument")
+    assert_user_error(cli(*tiny, "--context-file", str(context), "--question", " "), "a --question is empty")
+    assert_user_error(cli(*tiny, "--context-file", str(context), "--question", "q", "--max-new-tokens", "60"),
+                      "exceeds the model's context of 256")
+
+
+# ---------------------------------------------------------------------------------------
+# The real default model, end to end
+
+@pytest.mark.model
+def test_cli_answers_the_pass_key_demo_from_a_context_compressed_without_the_question():
+    from generate import PASSKEY_QUESTION
+
+    result = cli("--question", PASSKEY_QUESTION, "--keep", PASSKEY_AGNOSTIC_KEEP)
+    assert result.returncode == 0, result.stderr
+    assert "without the questions; then 1 question" in result.stdout
+    assert f"({float(PASSKEY_AGNOSTIC_KEEP) * 100:.1f} %), 30 layers" in result.stdout
+    assert "found in the answer to question 1" in result.stdout and "NOT found" not in result.stdout
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("bench, args", [
+    ("quality", ["--quick", "--retrieval-only", "--lengths", "512", "--tasks", "multikey", "--keeps", "0.2"]),
+    ("questions", ["--quick"]),
+    ("passkey", ["--quick"]),
+])
+def test_bench_quick_runs(bench, args, tmp_path):
+    import json
+
+    out = tmp_path / f"{bench}.json"
+    result = subprocess.run([sys.executable, str(HERE / "bench.py"), bench, *args, "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert rows and all({"bench", "metric", "value", "command", "date", "machine"} <= row.keys() for row in rows)
+    assert {r["setting"] for r in rows} == {"aware", "agnostic"}
+    if bench == "quality":  # multikey: each of the four keys asked in turn, in both settings
+        assert {(r["setting"], r["question"]) for r in rows} == {(s, q) for s in ("aware", "agnostic") for q in range(4)}
+        assert "Retrieval accuracy by setting" in result.stdout and "n=8" in result.stdout
+    elif bench == "questions":
+        assert {r["k"] for r in rows} == {1, 2} and "speed-up" in result.stdout
+    else:
+        assert "Pass-key demo" in result.stdout
