@@ -1,7 +1,8 @@
 """Benchmarks on the default model (or --checkpoint), printed as tables and written as flat JSON rows.
 
-    python bench.py quality   [--quick] [--setting aware|agnostic|both] [--out results/quality.json] [--plot accuracy.png]
-    python bench.py speed     [--quick] [--out results/speed.json]
+    python bench.py quality   [--quick] [--checkpoint NAME] [--setting aware|agnostic|both] [--lengths N ...]
+                              [--prompts N] [--out results/quality.json] [--plot accuracy.png]
+    python bench.py speed     [--quick] [--checkpoint NAME] [--lengths N ...] [--out results/speed.json]
     python bench.py questions [--quick] [--out results/questions.json]
     python bench.py passkey   [--quick] [--out results/passkey.json]
 
@@ -9,7 +10,9 @@ quality: every prompt is prefilled once and every method x keep is compressed fr
 prefill (the prefill does not depend on the method). Retrieval runs in the query-aware setting
 (the paper's: the question is part of the prompt, inside the observation window) and the
 query-agnostic one (kvpress's: the haystack is compressed alone, once, and every question
-about it is appended to that one cache). Fidelity and the ablations are query-aware.
+about it is appended to that one cache). Fidelity and the ablations are query-aware. Every
+accuracy is printed with its number of prompts and a 95 % interval (Wilson for 0/1 scores,
+bootstrap otherwise), and ChunkKV's difference from each method with a paired-bootstrap one.
 speed: prefill, compression, eager and compiled decode, KV bytes and the memory-bandwidth
 roofline of a decode step.
 questions: time to answer k questions about one document, one prefill + k extends
