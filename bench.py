@@ -262,7 +262,7 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
     depths = [0.25, 0.75] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]
     prompts = prompts or len(depths)
     tasks = tasks or ["single", "multikey", "multivalue"]
-    keeps = keeps or ([0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3])
+    keeps = keeps or ([0.1] if quick else [0.05, 0.1, 0.2, 0.3])  # quick: one keep, as both settings run
     stop = set(tokenizer.encode("\n").ids) | {i for i in (tokenizer.token_to_id("<|endoftext|>"),
                                                          tokenizer.token_to_id("<|im_end|>")) if i is not None}
     configs = quality_configs(keeps, fastgen_token_ids(tokenizer))
@@ -412,6 +412,8 @@ def settings_table(rows: list[dict]) -> str:
     """Retrieval accuracy per method x keep x setting, with the number of prompts and a 95 %
     Wilson interval; binary tasks only (single, multikey)."""
     rows = [r for r in rows if r["bench"] == "retrieval" and r.get("setting") and r["task"] != "multivalue"]
+    if not rows:
+        return "\n(no single or multikey prompts ran: no table by setting)"
     settings = [s for s in ("aware", "agnostic") if any(r["setting"] == s for r in rows)]
     keeps = sorted({r["keep"] for r in rows if r["keep"] not in (None, 1.0)})
     labels = ["full"] + list(METHODS) + ["fastgen"]
