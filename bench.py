@@ -1,7 +1,8 @@
 """Benchmarks on the default model (or --checkpoint), printed as tables and written as flat JSON rows.
 
-    python bench.py quality   [--quick] [--setting aware|agnostic|both] [--out results/quality.json] [--plot accuracy.png]
-    python bench.py speed     [--quick] [--out results/speed.json]
+    python bench.py quality   [--quick] [--checkpoint NAME] [--setting aware|agnostic|both] [--lengths N ...]
+                              [--prompts N] [--out results/quality.json] [--plot accuracy.png]
+    python bench.py speed     [--quick] [--checkpoint NAME] [--lengths N ...] [--out results/speed.json]
     python bench.py throughput [--quick] [--memory-gib 1] [--lengths 8000 4096] [--out results/throughput.json]
     python bench.py pages     [--quick] [--lengths 1024] [--out results/pages.json]
     python bench.py questions [--quick] [--out results/questions.json]
@@ -11,7 +12,9 @@ quality: every prompt is prefilled once and every method x keep is compressed fr
 prefill (the prefill does not depend on the method). Retrieval runs in the query-aware setting
 (the paper's: the question is part of the prompt, inside the observation window) and the
 query-agnostic one (kvpress's: the haystack is compressed alone, once, and every question
-about it is appended to that one cache). Fidelity and the ablations are query-aware.
+about it is appended to that one cache). Fidelity and the ablations are query-aware. Every
+accuracy is printed with its number of prompts and a 95 % interval (Wilson for 0/1 scores,
+bootstrap otherwise), and ChunkKV's difference from each method with a paired-bootstrap one.
 speed: prefill, compression, eager and compiled decode, KV bytes and the memory-bandwidth
 roofline of a decode step.
 throughput: decode tokens/s at a fixed KV-cache memory (1 GiB): the largest batch of 8k-token
@@ -146,13 +149,13 @@ def compress(model, captured, tokens, config, max_new_tokens, scores=None) -> Pr
     return prefill
 
 
-def greedy(model, logits, n_tokens: int, stop: set[int]) -> list[int]:
-    """Greedy tokens until a stop token (the answer's end of line) or n_tokens."""
+def greedy(model, logits, n_tokens: int, stop: set[int], done=None) -> list[int]:
+    """Greedy tokens until a stop token (the answer's end of line), `done(tokens)` or n_tokens."""
     tokens = []
     for i in range(n_tokens):
         token = logits.argmax(-1, keepdim=True)
         tokens.append(int(token[0, 0]))
-        if tokens[-1] in stop:
+        if tokens[-1] in stop or (done is not None and done(tokens)):
             break
         if i < n_tokens - 1:
             logits = model.decode(token)
@@ -220,17 +223,21 @@ def machine() -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
-def write_json(path: str, rows: list[dict], command: str):
+def write_json(path: str, rows: list[dict], command: str, quiet: bool = False):
     meta = {"command": command, "date": date.today().isoformat(), "machine": machine(),
             "cpus": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps([{**row, **meta} for row in rows], indent=1))
-    print(f"\nwrote {len(rows)} rows to {path}")
+    if not quiet:
+        print(f"\nwrote {len(rows)} rows to {path}")
 
 
 # ---------------------------------------------------------------------------------------
 # quality
 
+LENGTHS = {  # default --lengths per named checkpoint and bench: up to the model's context
+    "qwen2.5-coder-0.5b": {"quality": [1024, 4096, 8192, 16384], "speed": [4096, 8192, 16384]},
+}
 METHODS = {  # label -> config at a given keep
     "streaming": dict(method="streaming"), "h2o": dict(method="h2o"), "snapkv": dict(method="snapkv"),
     "pyramidkv": dict(method="pyramidkv"), "chunkkv": dict(method="chunkkv"),
@@ -250,17 +257,22 @@ def quality_configs(keeps, fastgen_ids) -> list[tuple[str, str, float | None, Co
 
 
 def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), lengths=None, keeps=None,
-                tasks=None, retrieval_only=False) -> list[dict]:
+                tasks=None, retrieval_only=False, prompts=None, ablations=True, continuation=None,
+                on_case=None) -> list[dict]:
+    """Rows of every retrieval prompt x method x keep (and setting), then fidelity, overlap and the
+    ablations. `prompts` per length and task (default: one per depth), their needles' depths
+    cycling through 0, 0.25, ..., 1; `on_case(rows)` after each prompt (partial results)."""
     paragraphs = stdlib_paragraphs()
     rng = random.Random(0)
     lengths = lengths or ([2048] if quick else [1024, 2048, 4096])
     depths = [0.25, 0.75] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]
+    prompts = prompts or len(depths)
     tasks = tasks or ["single", "multikey", "multivalue"]
     keeps = keeps or ([0.1] if quick else [0.05, 0.1, 0.2, 0.3])  # quick: one keep, as both settings run
     stop = set(tokenizer.encode("\n").ids) | {i for i in (tokenizer.token_to_id("<|endoftext|>"),
                                                          tokenizer.token_to_id("<|im_end|>")) if i is not None}
     configs = quality_configs(keeps, fastgen_token_ids(tokenizer))
-    if quick or retrieval_only:
+    if quick or retrieval_only or not ablations:
         configs = [c for c in configs if c[0] == "main"]
     rows = []
 
@@ -268,11 +280,16 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
         rows.append({"bench": bench, **fields})
 
     encode = lambda text: torch.tensor([tokenizer.encode(text).ids])  # noqa: E731
-    cases = [(task, n, d) for n in lengths for task in tasks for d in depths]
+
+    def found(answers):  # greedy may stop once every answer is in the text: later tokens cannot change the score
+        return lambda ids: all(a in tokenizer.decode(ids) for a in answers)
+
+    cases = [(task, n, i) for n in lengths for task in tasks for i in range(prompts)]
     progress = Progress(len(cases) + (0 if retrieval_only else 1), "quality")
-    for task, n_tokens, depth in cases:
+    for task, n_tokens, prompt in cases:
+        depth = depths[prompt % len(depths)]
         context, questions, max_new = retrieval_case(task, paragraphs, tokenizer, n_tokens, depth, rng)
-        common = dict(task=task, context=n_tokens, depth=depth, metric="accuracy")
+        common = dict(task=task, context=n_tokens, depth=depth, prompt=prompt, metric="accuracy")
         if "aware" in settings:  # every question in its own prompt: prefilled and compressed with it
             for asked, (question, answers) in enumerate(questions):
                 tokens = encode(context + question)
@@ -283,7 +300,7 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
                     if key not in scores:  # score once per method: every keep, reuse and chunk size selects from it
                         scores[key] = layer_scores(config, captured)
                     compress(model, captured, tokens, config, max_new, scores[key])
-                    answer = tokenizer.decode(greedy(model, logits, max_new, stop))
+                    answer = tokenizer.decode(greedy(model, logits, max_new, stop, found(answers)))
                     evaluate("retrieval" if bench == "main" else f"{bench}-ablation", setting="aware", method=label,
                              keep=keep, question=asked, prompt_tokens=tokens.shape[1],
                              value=sum(a in answer for a in answers) / len(answers), **common)
@@ -300,16 +317,18 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
                 compressed = model.snapshot()
                 for asked, ((_, answers), ask) in enumerate(zip(questions, asks)):
                     model.restore(compressed)
-                    answer = tokenizer.decode(greedy(model, model.extend(ask)[:, -1], max_new, stop))
+                    answer = tokenizer.decode(greedy(model, model.extend(ask)[:, -1], max_new, stop, found(answers)))
                     evaluate("retrieval", setting="agnostic", method=label, keep=keep, question=asked,
                              prompt_tokens=tokens.shape[1] + ask.shape[1],
                              value=sum(a in answer for a in answers) / len(answers), **common)
         progress.step(f"{task} {n_tokens} tokens, depth {depth:.2f}")
+        if on_case is not None:
+            on_case(rows)
     if retrieval_only:
         return rows
 
     # fidelity on real text: compress a long prose prefix, teacher-force its continuation
-    n_context, n_next = (1024, 64) if quick else (2048, 256)
+    n_context, n_next = (1024, continuation or 64) if quick else (2048, continuation or 256)
     prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
     ids = tokenizer.encode(prose).ids
     tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
@@ -346,6 +365,53 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap(values: list[float], n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of a mean (for scores that are not 0/1 or for paired
+    differences), resampled with a fixed seed so tables are reproducible."""
+    if not values:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(n_resamples))
+    return means[int(0.025 * n_resamples)], means[int(0.975 * n_resamples) - 1]
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """95 % interval of a mean accuracy: Wilson where every score is 0 or 1, else bootstrap."""
+    return wilson(sum(values), len(values)) if set(values) <= {0.0, 1.0} else bootstrap(values)
+
+
+def accuracy_cell(rows: list[dict], **match) -> str:
+    """'0.85 [0.71, 0.93] n=40': mean accuracy of the matching rows, 95 % interval, number of prompts."""
+    values = [r["value"] for r in rows if r["metric"] == "accuracy" and all(r.get(k) == v for k, v in match.items())]
+    if not values:
+        return ""
+    low, high = interval(values)
+    return f"{statistics.fmean(values):.2f} [{low:.2f}, {high:.2f}] n={len(values)}"
+
+
+def paired_table(rows: list[dict]) -> str:
+    """ChunkKV minus each other method at the same keep (full: all kept; fastgen: its own
+    choice), over the same prompts, with a 95 % paired-bootstrap interval: a difference is
+    resolved when its interval excludes 0."""
+    rows = [r for r in rows if r["bench"] == "retrieval" and r["metric"] == "accuracy"]
+    prompt = lambda r: (r["task"], r["context"], r.get("prompt", r["depth"]), r.get("question", 0))  # noqa: E731
+    keeps = sorted({r["keep"] for r in rows if r["keep"] not in (None, 1.0)})
+    cells = []
+    for keep in keeps:
+        ours = {prompt(r): r["value"] for r in rows if r["method"] == "chunkkv" and r["keep"] == keep}
+        for label in ["full"] + [m for m in METHODS if m != "chunkkv"] + ["fastgen"]:
+            theirs_keep = 1.0 if label == "full" else None if label == "fastgen" else keep
+            theirs = {prompt(r): r["value"] for r in rows if r["method"] == label and r["keep"] == theirs_keep}
+            diffs = [ours[p] - theirs[p] for p in ours if p in theirs]
+            if not diffs:
+                continue
+            low, high = bootstrap(diffs)
+            cells.append([keep, label, f"{statistics.fmean(diffs):+.2f} [{low:+.2f}, {high:+.2f}]", len(diffs),
+                          "yes" if low > 0 or high < 0 else "no"])
+    return table("ChunkKV minus each method, same prompts (95 % paired bootstrap)",
+                 ["chunkkv keep", "vs", "difference", "prompts", "resolved"], cells)
 
 
 def settings_table(rows: list[dict]) -> str:
@@ -389,20 +455,21 @@ def aware_tables(rows: list[dict]) -> str:
     labels = ["full"] + list(METHODS) + ["fastgen"]
     lengths = sorted({r["context"] for r in rows if r["bench"] == "retrieval"})
     out = []
-    acc = [[label] + [mean_of(rows, bench="retrieval", method=label, keep=k) for k in
+    acc = [[label] + [accuracy_cell(rows, bench="retrieval", method=label, keep=k) for k in
                       ([1.0] if label == "full" else [None] if label == "fastgen" else keeps)] for label in labels]
-    out.append(table("Retrieval accuracy (mean over tasks, lengths, depths)", ["method"] + [f"keep {k}" for k in keeps],
-                     [row + [""] * (len(keeps) + 1 - len(row)) for row in acc]))
+    out.append(table("Retrieval accuracy (mean over tasks, lengths, depths; 95 % interval; prompts)",
+                     ["method"] + [f"keep {k}" for k in keeps], [row + [""] * (len(keeps) + 1 - len(row)) for row in acc]))
     tasks = [t for t in ("single", "multikey", "multivalue") if any(r.get("task") == t for r in rows)]
-    per_task = [[label] + [mean_of(rows, bench="retrieval", method=label, task=t,
+    per_task = [[label] + [accuracy_cell(rows, bench="retrieval", method=label, task=t,
                                    keep=1.0 if label == "full" else None if label == "fastgen" else 0.1) for t in tasks]
                 for label in labels]
     out.append(table("Retrieval accuracy by task at keep 0.1 (full keeps all, fastgen chooses)", ["method"] + tasks, per_task))
-    by_length = [[label] + [mean_of(rows, bench="retrieval", method=label, context=n,
+    by_length = [[label] + [accuracy_cell(rows, bench="retrieval", method=label, context=n,
                                     keep=1.0 if label == "full" else None if label == "fastgen" else 0.1) for n in lengths]
                  for label in labels]
     out.append(table("Retrieval accuracy by prompt length at keep 0.1", ["method"] + [f"~{n} tokens" for n in lengths],
                      by_length))
+    out.append(paired_table(rows))
     if not any(r["bench"] == "fidelity" for r in rows):
         return "\n".join(out)  # --retrieval-only
     fid = []
@@ -422,7 +489,7 @@ def aware_tables(rows: list[dict]) -> str:
     for n, label in enumerate(["chunkkv", "chunkkv-reuse2", "chunkkv-reuse3", "chunkkv-reuse4"], start=1):
         bench = "retrieval" if n == 1 else "reuse-ablation"
         fbench = "fidelity" if n == 1 else "reuse-ablation"
-        reuse.append([n, mean_of(rows, bench=bench, method=label, keep=0.1, metric="accuracy"),
+        reuse.append([n, accuracy_cell(rows, bench=bench, method=label, keep=0.1),
                       mean_of(rows, bench=fbench, method=label, keep=0.1, metric="perplexity"),
                       mean_of(rows, bench=fbench, method=label, keep=0.1, metric="kl_to_full"),
                       1000 * mean_of(rows, bench="reuse-ablation", method=label, metric="compress_seconds")])
@@ -434,7 +501,7 @@ def aware_tables(rows: list[dict]) -> str:
     for c in (3, 5, 10, 20, 30):
         label, bench = ("chunkkv", "retrieval") if c == 10 else (f"chunkkv-c{c}", "chunk-ablation")
         fbench = "fidelity" if c == 10 else "chunk-ablation"
-        chunk.append([c, mean_of(rows, bench=bench, method=label, keep=0.1, metric="accuracy"),
+        chunk.append([c, accuracy_cell(rows, bench=bench, method=label, keep=0.1),
                       mean_of(rows, bench=fbench, method=label, keep=0.1, metric="perplexity"),
                       mean_of(rows, bench=fbench, method=label, keep=0.1, metric="kl_to_full")])
     out.append(table("Chunk size, ChunkKV keep 0.1", ["chunk", "retrieval", "perplexity", "KL to full"], chunk))
@@ -493,26 +560,31 @@ def decode_seconds(model, decode, n_batch: int, n_steps: int) -> tuple[float, fl
     return statistics.median(times[2:]), max(times[2:]) - min(times[2:])
 
 
-def run_speed(model, tokenizer, quick: bool) -> list[dict]:
+SPEED_CONFIGS = {"full": CompressionConfig(method="full"), "chunkkv": CompressionConfig(keep=0.1),
+                 "chunkkv-reuse2": CompressionConfig(keep=0.1, reuse=2),
+                 "snapkv": CompressionConfig(method="snapkv", keep=0.1)}
+
+
+def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches=None, compiled=True) -> list[dict]:
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache size; many sizes in one run
     torch._dynamo.config.automatic_dynamic_shapes = False  # each size gets static shapes, as in use
-    lengths = [1024] if quick else [1024, 2048, 4096, 8000]
-    batches = [1] if quick else [1, 4]
+    lengths = lengths or ([1024] if quick else [1024, 2048, 4096, 8000])
+    batches = batches or ([1] if quick else [1, 4])
     n_steps = 8 if quick else 16
-    configs = {"full": CompressionConfig(method="full"), "chunkkv": CompressionConfig(keep=0.1),
-               "chunkkv-reuse2": CompressionConfig(keep=0.1, reuse=2), "snapkv": CompressionConfig(method="snapkv", keep=0.1)}
+    configs = {label: SPEED_CONFIGS[label] for label in methods or SPEED_CONFIGS}
     paragraphs = stdlib_paragraphs()
     bandwidth = memory_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
     rows = [{"bench": "speed", "metric": "memory_bandwidth_gb_s", "value": bandwidth / 1e9}]
-    compiled = compile_decode(model)
+    modes = [("eager", model.decode)] + ([("compiled", compile_decode(model))] if compiled else [])
     progress = Progress(len(lengths) * len(configs) * len(batches), "speed")
     for n_tokens in lengths:
         ids = tokenizer.encode("\n".join(take_prose(paragraphs, tokenizer, n_tokens, 0))).ids[:n_tokens]
         tokens = torch.tensor([ids])
-        repeats = 2 if n_tokens > 4096 else 3
-        prefill_s, prefill_spread = median_seconds(lambda: capture(model, tokens, 64), repeats)
-        _, captured = capture(model, tokens, 64)
+        repeats = 1 if n_tokens > 8192 else 2 if n_tokens > 4096 else 3
+        last = [None]  # the last timed prefill's capture serves the compressions below
+        prefill_s, prefill_spread = median_seconds(lambda: last.__setitem__(0, capture(model, tokens, 64)), repeats)
+        captured = last[0][1]
         rows.append({"bench": "speed", "prompt_tokens": n_tokens, "metric": "prefill_seconds", "value": prefill_s,
                      "spread": prefill_spread})
         for label, config in configs.items():
@@ -525,7 +597,7 @@ def run_speed(model, tokenizer, quick: bool) -> list[dict]:
                 batch = [tuple(t.expand(n_batch, *t.shape[1:]) for t in layer) for layer in captured]
                 prefill = compress(model, batch, tokens.expand(n_batch, -1), config, 64)
                 kv_bytes = sum(2 * b.self_attn.cache.k.numel() * b.self_attn.cache.k.element_size() for b in model.layers)
-                for mode, decode in (("eager", model.decode), ("compiled", compiled)):
+                for mode, decode in modes:
                     step_s, spread = decode_seconds(model, decode, n_batch, n_steps)
                     roofline_s = (weight_bytes + kv_bytes) / bandwidth
                     rows.append({**common, "batch": n_batch, "mode": mode, "metric": "decode_tokens_per_s",
@@ -542,20 +614,23 @@ def run_speed(model, tokenizer, quick: bool) -> list[dict]:
 def speed_tables(rows: list[dict]) -> str:
     bandwidth = next(r["value"] for r in rows if r["metric"] == "memory_bandwidth_gb_s")
     lengths = sorted({r["prompt_tokens"] for r in rows if "prompt_tokens" in r})
-    labels = ["full", "chunkkv", "chunkkv-reuse2", "snapkv"]
+    labels = [label for label in SPEED_CONFIGS if any(r.get("method") == label for r in rows)]
+    squeezed = [label for label in labels if label != "full"]
     find = lambda **m: next((r for r in rows if all(r.get(k) == v for k, v in m.items())), None)  # noqa: E731
     prefill = []
     for n in lengths:
         p = find(prompt_tokens=n, metric="prefill_seconds")
-        c1 = find(prompt_tokens=n, method="chunkkv", metric="compress_seconds")
-        c2 = find(prompt_tokens=n, method="chunkkv-reuse2", metric="compress_seconds")
-        s = find(prompt_tokens=n, method="snapkv", metric="compress_seconds")
-        prefill.append([n, f"{p['value']:.2f} ± {p['spread']:.2f}", f"{1000 * c1['value']:.1f} ({100 * c1['share_of_prefill']:.1f} %)",
-                        f"{1000 * c2['value']:.1f} ({100 * c2['share_of_prefill']:.1f} %)",
-                        f"{100 * (1 - c2['value'] / c1['value']):.0f} %",
-                        f"{1000 * s['value']:.1f} ({100 * s['share_of_prefill']:.1f} %)"])
+        line = [n, f"{p['value']:.2f} ± {p['spread']:.2f}"]
+        for label in squeezed:
+            c = find(prompt_tokens=n, method=label, metric="compress_seconds")
+            line.append(f"{1000 * c['value']:.1f} ({100 * c['share_of_prefill']:.1f} %)")
+        if {"chunkkv", "chunkkv-reuse2"} <= set(squeezed):
+            c1, c2 = (find(prompt_tokens=n, method=m, metric="compress_seconds") for m in ("chunkkv", "chunkkv-reuse2"))
+            line.append(f"{100 * (1 - c2['value'] / c1['value']):.0f} %")
+        prefill.append(line)
+    reuse = ["reuse 2 saves"] if {"chunkkv", "chunkkv-reuse2"} <= set(squeezed) else []
     out = [table("Prefill and compression (compression = scoring + selection + gather, all layers; median)",
-                 ["prompt", "prefill s", "chunkkv ms", "chunkkv reuse 2 ms", "reuse saves", "snapkv ms"], prefill)]
+                 ["prompt", "prefill s"] + [f"{label} ms" for label in squeezed] + reuse, prefill)]
     decode = []
     for n in lengths:
         for label in labels:
@@ -563,12 +638,14 @@ def speed_tables(rows: list[dict]) -> str:
                 e = find(prompt_tokens=n, method=label, batch=n_batch, mode="eager")
                 c = find(prompt_tokens=n, method=label, batch=n_batch, mode="compiled")
                 kv = find(prompt_tokens=n, method=label, batch=n_batch, metric="kv_cache_bytes")
-                decode.append([n, label, n_batch, f"{e['value']:.1f}", f"{c['value']:.1f}", f"{c['value'] / e['value']:.2f}x",
-                               f"{kv['value'] / 2**20:.1f}", f"{c['roofline_ms']:.1f}", f"{c['step_ms']:.1f} ± {c['spread_ms']:.1f}",
-                               f"{100 * c['of_roofline']:.0f} %"])
+                best = c or e  # the compiled step where it ran
+                decode.append([n, label, n_batch, f"{e['value']:.1f}", f"{c['value']:.1f}" if c else "-",
+                               f"{c['value'] / e['value']:.2f}x" if c else "-", f"{kv['value'] / 2**20:.1f}",
+                               f"{best['roofline_ms']:.1f}", f"{best['step_ms']:.1f} ± {best['spread_ms']:.1f}",
+                               f"{100 * best['of_roofline']:.0f} %"])
     out.append(table(f"Decode (tokens/s; roofline = (weights + KV cache) / {bandwidth:.1f} GB/s measured copy bandwidth)",
                      ["prompt", "method", "batch", "eager tok/s", "compiled tok/s", "speed-up", "KV MiB",
-                      "roofline ms", "compiled ms", "of roofline"], decode))
+                      "roofline ms", "step ms (compiled if run)", "of roofline"], decode))
     peak = max(r["value"] for r in rows if r["metric"] == "peak_rss_mib_so_far")
     out.append(f"\npeak process memory (RSS) over the whole run: {peak:.0f} MiB")
     return "\n".join(out)
@@ -854,6 +931,13 @@ def passkey_table(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------------------
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=["quality", "speed", "throughput", "pages", "questions", "passkey"])
@@ -862,7 +946,17 @@ def main(argv=None) -> int:
                         help="quality: retrieval with the question in the prompt (aware), after compression "
                              "(agnostic), or both (default)")
     parser.add_argument("--retrieval-only", action="store_true", help="quality: skip fidelity, overlap and ablations")
-    parser.add_argument("--lengths", type=int, nargs="+", help="quality: haystack lengths in tokens")
+    parser.add_argument("--lengths", type=positive, nargs="+", help="quality: haystack lengths in tokens; speed: prompt "
+                        "lengths (default: per checkpoint, see LENGTHS; else 1024 2048 4096 / 1024 2048 4096 8000)")
+    parser.add_argument("--prompts", type=positive, help="quality: prompts per length and task, their needles' depths "
+                        "cycling through 0, 0.25, 0.5, 0.75, 1 (default 5; 2 with --quick)")
+    parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
+                        help="quality: the reuse-depth and chunk-size ablations (default on)")
+    parser.add_argument("--fidelity-tokens", type=positive, help="quality: teacher-forced continuation tokens (default 256)")
+    parser.add_argument("--methods", nargs="+", choices=list(SPEED_CONFIGS), help="speed: methods (default all)")
+    parser.add_argument("--batches", type=positive, nargs="+", help="speed: batch sizes (default 1 4)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="speed: also time the compiled decode step (default on)")
     parser.add_argument("--memory-gib", type=float, default=1.0, help="throughput: KV-cache memory (default 1)")
     parser.add_argument("--keeps", type=float, nargs="+", help="quality: kept fractions")
     parser.add_argument("--tasks", nargs="+", choices=["single", "multikey", "multivalue"], help="quality: retrieval tasks")
@@ -882,15 +976,23 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    lengths = args.lengths or (None if args.quick else LENGTHS.get(args.checkpoint, {}).get(args.bench))
+    if lengths and max(lengths) + 200 > model.args.max_seq_len:  # room for the question and the answer
+        print(f"error: --lengths {max(lengths)} does not fit the model's context of {model.args.max_seq_len} tokens: "
+              f"pass lengths up to {model.args.max_seq_len - 200}", file=sys.stderr)
+        return 2
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"{command}\n{date.today()}, {machine()}, torch {torch.__version__}, float32")
     start = time.perf_counter()
     if args.bench == "quality":
         settings = ("aware", "agnostic") if args.setting == "both" else (args.setting,)
-        rows = run_quality(model, tokenizer, args.quick, settings, args.lengths, args.keeps, args.tasks, args.retrieval_only)
+        out = args.out or f"results/{args.bench}.json"
+        rows = run_quality(model, tokenizer, args.quick, settings, lengths, args.keeps, args.tasks, args.retrieval_only,
+                           args.prompts, args.ablations, args.fidelity_tokens,
+                           on_case=lambda rows: write_json(out, rows, command + "  # partial", quiet=True))
         print(quality_tables(rows))
     elif args.bench == "speed":
-        rows = run_speed(model, tokenizer, args.quick)
+        rows = run_speed(model, tokenizer, args.quick, lengths, args.methods, args.batches, args.compile)
         print(speed_tables(rows))
     elif args.bench == "throughput":
         rows = run_throughput(model, tokenizer, args.quick, args.memory_gib, args.lengths)
