@@ -411,9 +411,13 @@ def chat_session(model: Transformer, tokenizer: Tokenizer, config: CompressionCo
             new = decode_tokens(model, logits, max_new_tokens, args.temperature, args.top_k, stop_tokens, stream,
                                 decode, recompression)[0][0].tolist()
             stream.flush()
-            reply = [t for t in new if t not in stop_tokens]
-            messages.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)})
-            in_cache = rendered + tokenizer.decode(new[:-1], skip_special_tokens=False)  # the last token is not in it
+            if new[-1] in stop_tokens:  # never written to the cache: the template writes the turn's end its own way
+                new = new[:-1]
+            else:  # cut short by --max-new-tokens: the last token was sampled but not yet written
+                extend(model, torch.tensor([new[-1:]], device=device), recompression)
+            reply = tokenizer.decode(new, skip_special_tokens=True)
+            messages.append({"role": "assistant", "content": reply})
+            in_cache = rendered + reply  # what the cache holds now, as text
             print(f"\n[cache: {recompression.occupancy(model)}]", flush=True)
     except KeyboardInterrupt:
         print()
