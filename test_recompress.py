@@ -133,7 +133,10 @@ def run_recorded(model: Transformer, prompt: torch.Tensor, forced: torch.Tensor,
             for _ in model.layers]
     outputs, start = [logits[:, None]], 0
     for n in pieces or [1] * forced.shape[1]:
+        before = recompression.count
         recompression.make_room(model, n)
+        if recompression.count > before:  # every layer and row back to exactly the budget
+            assert all((cache.used == recompression.budget).all() for cache in model.caches())
         outputs.append(model.extend(forced[:, start:start + n]))
         for layer, cache in enumerate(model.caches()):
             assert int(cache.used.max()) <= cache_budget
