@@ -25,7 +25,7 @@ from registry import CHECKPOINTS, DEFAULT, describe, load, resolve
 from tokenizer import ChatFormat, chat_format
 
 __all__ = ["load", "chat_format", "generate", "compress_context", "answer", "CompressedContext", "compile_decode",
-           "passkey_prompt", "Recompression", "extend"]
+           "passkey_prompt", "Recompression", "extend", "extend_all"]
 
 
 class PromptError(ValueError):
@@ -125,14 +125,24 @@ class Recompression:
 
 
 def extend(model: Transformer, tokens: Tensor, recompression: Recompression) -> Tensor:
-    """Append tokens [B, T'] of any length, re-compressing whenever the cache is full: they go
-    in as pieces of at most the slots a re-compression frees. Logits of the last token [B, vocab]."""
-    step = recompression.cache_budget - recompression.budget
-    for start in range(0, tokens.shape[1], step):
-        piece = tokens[:, start:start + step]
+    """Append tokens [B, T'] of any length, re-compressing whenever the cache is full: they go in
+    as pieces that fill the free slots, so re-compressions fall where decoding the tokens one by
+    one would put them. Logits of the last token [B, vocab]."""
+    return extend_all(model, tokens, recompression)[:, -1]
+
+
+def extend_all(model: Transformer, tokens: Tensor, recompression: Recompression) -> Tensor:
+    """`extend` with the logits of every appended token [B, T', vocab] (teacher forcing)."""
+    if recompression.free is None:
+        recompression.free = min(cache.free_slots() for cache in model.caches())
+    logits, start = [], 0
+    while start < tokens.shape[1]:
+        room = recompression.free or recompression.cache_budget - recompression.budget  # 0: a re-compression frees it
+        piece = tokens[:, start:start + room]
         recompression.make_room(model, piece.shape[1])
-        logits = model.extend(piece)[:, -1]
-    return logits
+        logits.append(model.extend(piece))
+        start += piece.shape[1]
+    return torch.cat(logits, dim=1)
 
 
 @torch.no_grad()

@@ -236,7 +236,7 @@ def test_extend_longer_than_the_free_slots_goes_in_pieces():
     recompression = Recompression(CompressionConfig(window=4, budget=20), 32)
     prefill_and_compress(model, torch.randint(0, 256, (1, 16)), recompression.config, 16, 32)
     extend(model, torch.randint(0, 256, (1, 100)), recompression)
-    assert recompression.count == 8  # pieces of 12 (the slots a re-compression frees): the first fits in 16 free
+    assert recompression.count == 7  # 16 free slots first, then 12 after each re-compression: 16 + 7 * 12 = 100
     assert int(model.caches()[0].length[0]) == 116 and int(model.caches()[0].used[0]) <= 32
 
 
@@ -321,3 +321,20 @@ def test_interactive_cli_from_a_pipe_keeps_the_cache_bounded(tiny_dir):
     empty = subprocess.run([sys.executable, str(HERE / "generate.py"), "--checkpoint", str(tiny_dir),
                             "--interactive", "--window", "8"], input="", capture_output=True, text=True, timeout=300)
     assert empty.returncode == 0 and "[cache" not in empty.stdout  # EOF at once: a clean exit
+
+
+@pytest.mark.parametrize("label, kwargs", RECOMPRESSING[:1] + RECOMPRESSING[2:])
+def test_extend_in_pieces_equals_decoding_one_by_one(label, kwargs):
+    """bench.py teacher-forces long texts with extend_all: re-compressions fall where one-by-one
+    decoding puts them, so the logits are the same."""
+    from generate import extend_all
+
+    model = tiny_model(n_layers=2)
+    prompt, forced = torch.randint(0, 256, (1, 20)), torch.randint(0, 256, (1, 70))
+    config = CompressionConfig(budget=24, window=6, chunk_size=4, **kwargs)
+    one_by_one, _, count = run_recorded(model, prompt, forced, config, 32)
+    recompression = Recompression(config, 32)
+    first, _ = prefill_and_compress(model, prompt, recompression.config, 12, 32)
+    pieces = extend_all(model, forced, recompression)
+    assert recompression.count == count
+    torch.testing.assert_close(torch.cat([first[:, None], pieces], 1), one_by_one, rtol=1e-4, atol=1e-4)
