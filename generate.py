@@ -171,7 +171,7 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
         compression, n_slots = recompression.config, cache_budget
         check_prompt(model, prompt.shape[1], compression, max_new_tokens)  # the context still bounds the length
     room = max_new_tokens if recompression is None else cache_budget - min(recompression.budget, prompt.shape[1])
-    logits, prefill_stats = prefill_and_compress(model, prompt, compression, room, n_slots)
+    logits, prefill_stats = prefill_and_compress(model, prompt, compression, room, n_slots, recompression is not None)
     new_tokens, step_seconds = decode_tokens(model, logits, max_new_tokens, temperature, top_k, stop_tokens,
                                              on_token, decode, recompression)
     if stats is not None:
@@ -183,12 +183,12 @@ def generate(model: Transformer, prompt: Tensor, compression: CompressionConfig 
 
 
 def prefill_and_compress(model: Transformer, prompt: Tensor, compression: CompressionConfig, max_new_tokens: int,
-                         n_slots: int | None) -> tuple[Tensor, dict]:
-    """Prefill and compress `prompt` [B, T], leaving `max_new_tokens` free slots per layer;
-    (last logits [B, vocab], timings and cache sizes)."""
+                         n_slots: int | None, keep_queries: bool = False) -> tuple[Tensor, dict]:
+    """Prefill and compress `prompt` [B, T], leaving `max_new_tokens` free slots per layer
+    (keep_queries: ready for re-compression); (last logits [B, vocab], timings and cache sizes)."""
     n_batch, n_prompt = prompt.shape
     budgets = check_prompt(model, n_prompt, compression, max_new_tokens)
-    prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots)
+    prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots, keep_queries=keep_queries)
     start = time.perf_counter()
     logits = model.prefill(prompt, prefill)
     synchronize(prompt.device)
@@ -413,7 +413,7 @@ def chat_session(model: Transformer, tokenizer: Tokenizer, config: CompressionCo
                                   f"tokens: start a new session, or lower --max-new-tokens")
             if not in_cache:  # the first turn is the prompt: prefilled, compressed if it is longer than the budget
                 room = recompression.cache_budget - min(recompression.budget, ids.shape[1])
-                logits, _ = prefill_and_compress(model, ids, recompression.config, room, recompression.cache_budget)
+                logits, _ = prefill_and_compress(model, ids, recompression.config, room, recompression.cache_budget, True)
                 recompression.free = None
             else:
                 logits = extend(model, ids, recompression)

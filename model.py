@@ -80,6 +80,7 @@ class Prefill:
     leader: tuple | None = None  # (positions, scores) of the latest reuse leader
     scores: list[Tensor] | None = None  # precomputed token scores per layer: scoring is skipped
     captured: list[tuple] | None = None  # a list to receive each layer's (q, k, v), for model.compress
+    keep_queries: bool = False  # keep each layer's last `window` queries, so the cache can be re-compressed
     kept: list[float] = field(default_factory=list)  # prompt entries kept per layer (mean over KV heads)
     stored: list[int] = field(default_factory=list)  # prompt slots used per layer (the largest head's count)
     compress_seconds: float = 0.0  # scoring + selection + gather, all layers
@@ -99,6 +100,7 @@ class KVCache(nn.Module):
         super().__init__()
         self.positions: Tensor | None = None  # kept prompt positions, for inspection only
         self.fills = 0  # how often fill ran: a snapshot of an earlier fill cannot be restored
+        self.register_buffer("queries", None, persistent=False)  # last `window` queries [B, Hq, W, D]: for re-compression
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         """(Re)allocate only when the size changes: same-size runs reuse the buffers, so a
@@ -152,7 +154,8 @@ class KVCache(nn.Module):
 
     def snapshot(self) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
         """This cache's state: (fill count, used, length, valid, queries), copied (K and V are not)."""
-        return self.fills, self.used.clone(), self.length.clone(), self.valid.clone(), self.queries.clone()
+        queries = self.queries.clone() if self.queries is not None else None
+        return self.fills, self.used.clone(), self.length.clone(), self.valid.clone(), queries
 
     def restore(self, state: tuple[int, Tensor, Tensor, Tensor, Tensor]):
         """Back to a snapshot of the same fill, in place: whatever was appended since stays in
@@ -164,15 +167,20 @@ class KVCache(nn.Module):
         self.used.copy_(used)
         self.length.copy_(length)
         self.valid.copy_(valid)
-        self.queries.copy_(queries)
+        if queries is not None:
+            self.queries.copy_(queries)
 
     # -- re-compression: a full cache compressed again, in place (design.md §6) --------------
 
-    def keep_queries(self, q: Tensor, window: int):
+    def keep_queries(self, q: Tensor | None, window: int):
         """Start the query buffer `queries` [B, Hq, window, D] from the prompt's queries q
-        [B, Hq, T, D]: its last `window`, right-aligned (zeros before a shorter prompt)."""
+        [B, Hq, T, D]: its last `window`, right-aligned (zeros before a shorter prompt). None:
+        no buffer (no re-compression; the decode step then skips writing it)."""
+        if q is None:
+            self.queries = None
+            return
         shape = (q.shape[0], q.shape[1], window, q.shape[3])
-        if getattr(self, "queries", None) is None or (self.queries.shape, self.queries.dtype) != (shape, q.dtype):
+        if self.queries is None or (self.queries.shape, self.queries.dtype) != (shape, q.dtype):
             self.register_buffer("queries", q.new_zeros(shape), persistent=False)
         last = q[:, :, -window:]
         self.queries.zero_()
@@ -206,6 +214,8 @@ class KVCache(nn.Module):
         whether anything was re-compressed; raises CompressionError for an unsupported method
         and ValueError when `n_new` exceeds the slots left free after re-compression."""
         n_slots = self.k.shape[2]
+        if self.queries is None:
+            raise ValueError("this cache keeps no queries to score with: prefill with Prefill(keep_queries=True)")
         if n_new > n_slots - budget:
             raise ValueError(f"{n_new} new tokens do not fit beside the {budget} entries re-compression keeps "
                              f"in {n_slots} slots: append fewer tokens at a time, or raise the cache budget")
@@ -326,7 +336,7 @@ class Attention(nn.Module):
             raise ValueError(f"a cache of {n_slots} slots cannot hold {n_stored} prompt entries "
                              f"+ {prefill.max_new_tokens} new tokens")
         self.cache.fill(*chunkkv.gather_kv(k, v, positions), positions, n_slots, k.shape[2])
-        self.cache.keep_queries(q, prefill.config.window)
+        self.cache.keep_queries(q if prefill.keep_queries else None, prefill.config.window)
         if k.is_cuda:
             torch.cuda.synchronize()
         prefill.compress_seconds += time.perf_counter() - start
@@ -339,7 +349,8 @@ class Attention(nn.Module):
         """New tokens x [B, T', dim] appended to the cache; each attends to the valid cache
         entries and causally to the new tokens before it. cos/sin [B, 1, T', D] per row."""
         q, k, v = self.qkv(x, cos, sin)
-        self.cache.remember(q)
+        if self.cache.queries is not None:  # a Python check: each case compiles once
+            self.cache.remember(q)
         k_all, v_all, mask = self.cache.update(k, v)
         mask = mask.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [B, Hq, T', slots]
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)

@@ -127,7 +127,7 @@ def run_recorded(model: Transformer, prompt: torch.Tensor, forced: torch.Tensor,
     the positions each query saw according to the cache, re-compression count)."""
     recompression = Recompression(config, cache_budget)
     room = cache_budget - min(recompression.budget, prompt.shape[1])
-    logits, _ = prefill_and_compress(model, prompt, recompression.config, room, cache_budget)
+    logits, _ = prefill_and_compress(model, prompt, recompression.config, room, cache_budget, True)
     n_prompt, n_all = prompt.shape[1], prompt.shape[1] + forced.shape[1]
     seen = [torch.ones(prompt.shape[0], model.args.n_kv_heads, n_all, n_all, dtype=torch.bool).tril()
             for _ in model.layers]
@@ -234,7 +234,7 @@ def test_generation_longer_than_the_cache():
 def test_extend_longer_than_the_free_slots_goes_in_pieces():
     model = tiny_model(n_layers=2)
     recompression = Recompression(CompressionConfig(window=4, budget=20), 32)
-    prefill_and_compress(model, torch.randint(0, 256, (1, 16)), recompression.config, 16, 32)
+    prefill_and_compress(model, torch.randint(0, 256, (1, 16)), recompression.config, 16, 32, True)
     extend(model, torch.randint(0, 256, (1, 100)), recompression)
     assert recompression.count == 7  # 16 free slots first, then 12 after each re-compression: 16 + 7 * 12 = 100
     assert int(model.caches()[0].length[0]) == 116 and int(model.caches()[0].used[0]) <= 32
@@ -334,7 +334,7 @@ def test_extend_in_pieces_equals_decoding_one_by_one(label, kwargs):
     config = CompressionConfig(budget=24, window=6, chunk_size=4, **kwargs)
     one_by_one, _, count = run_recorded(model, prompt, forced, config, 32)
     recompression = Recompression(config, 32)
-    first, _ = prefill_and_compress(model, prompt, recompression.config, 12, 32)
+    first, _ = prefill_and_compress(model, prompt, recompression.config, 12, 32, True)
     pieces = extend_all(model, forced, recompression)
     assert recompression.count == count
     torch.testing.assert_close(torch.cat([first[:, None], pieces], 1), one_by_one, rtol=1e-4, atol=1e-4)
