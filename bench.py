@@ -695,13 +695,14 @@ def through_recompression(model, prompt: torch.Tensor, continuation: torch.Tenso
     return torch.cat([first[:, None], rest], 1)[0], recompression
 
 
-def run_recompress(model, tokenizer, quick: bool, caps=(256, 512), parts=("fidelity", "retrieval", "speed")) -> list[dict]:
+def run_recompress(model, tokenizer, quick: bool, caps=(256, 512), parts=("fidelity", "retrieval", "speed"),
+                   n_texts: int | None = None, n_cases: int | None = None, n_new: int | None = None) -> list[dict]:
     """Fidelity (perplexity and KL to the full cache, teacher-forced), retrieval of an early fact
     after many re-compressions, and decode speed, for caches capped at `caps` entries that keep
     3/4 of the cap after each re-compression. Plain completion format; the fact is asked after
     compression (query-agnostic)."""
     paragraphs = stdlib_paragraphs()
-    n_texts, n_prompt, n_forced = (1, 256, 512) if quick else (3, 256, 2048)
+    n_texts, n_prompt, n_forced = n_texts or (1 if quick else 3), 256, 512 if quick else 2048
     rows = []
     if "fidelity" in parts:
         progress = Progress(n_texts * (1 + len(caps) * len(RECOMPRESS_METHODS)), "fidelity")
@@ -735,9 +736,9 @@ def run_recompress(model, tokenizer, quick: bool, caps=(256, 512), parts=("fidel
                            kl_ci95=block_bootstrap(kl[(label, cap)], statistics.mean))
             rows.append(row)
     if "retrieval" in parts:
-        rows += recompress_retrieval(model, tokenizer, paragraphs, caps, 2 if quick else 8)
+        rows += recompress_retrieval(model, tokenizer, paragraphs, caps, n_cases or (2 if quick else 8))
     if "speed" in parts:
-        rows += recompress_speed(model, tokenizer, paragraphs, 256 if quick else 1024)
+        rows += recompress_speed(model, tokenizer, paragraphs, n_new or (256 if quick else 1024))
     return rows
 
 
@@ -857,6 +858,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", help="quality: draw accuracy vs keep to this PNG (needs matplotlib)")
     parser.add_argument("--parts", nargs="+", choices=["fidelity", "retrieval", "speed"],
                         default=["fidelity", "retrieval", "speed"], help="recompress: which parts to run")
+    parser.add_argument("--texts", type=int, help="recompress: fidelity texts (default 3)")
+    parser.add_argument("--cases", type=int, help="recompress: retrieval cases (default 8)")
+    parser.add_argument("--new-tokens", type=int, help="recompress: tokens generated for speed (default 1024)")
     args = parser.parse_args(argv)
     if args.plot:
         try:
@@ -883,7 +887,8 @@ def main(argv=None) -> int:
         rows = run_questions(model, tokenizer, args.quick)
         print(questions_table(rows))
     elif args.bench == "recompress":
-        rows = run_recompress(model, tokenizer, args.quick, parts=args.parts)
+        rows = run_recompress(model, tokenizer, args.quick, parts=args.parts, n_texts=args.texts, n_cases=args.cases,
+                              n_new=args.new_tokens)
         print(recompress_tables(rows))
     else:
         rows = run_passkey(model, tokenizer, args.quick)
