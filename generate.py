@@ -697,9 +697,9 @@ def main(argv=None) -> int:
         if prompt.shape[1] == 0:
             raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
         max_new_tokens = args.max_new_tokens or (16 if key is not None else 64)
+        if args.cache_budget is not None:  # refuse an unsupported method or budget before printing
+            config = Recompression(config, args.cache_budget).config
         check_prompt(model, prompt.shape[1], config, max_new_tokens)  # fail before printing anything
-        if args.cache_budget is not None:
-            Recompression(config, args.cache_budget)  # refuse an unsupported method or budget before printing
 
         torch.manual_seed(args.seed)
         decode = compile_decode(model) if args.compile else None
