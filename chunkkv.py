@@ -22,6 +22,7 @@ from torch import Tensor
 
 METHODS = ("full", "streaming", "h2o", "snapkv", "pyramidkv", "chunkkv", "fastgen")
 SCORED = ("h2o", "snapkv", "pyramidkv", "chunkkv", "fastgen")  # the methods layer-wise reuse applies to
+RECOMPRESSIBLE = ("chunkkv", "snapkv", "streaming")  # the methods that can compress a full cache again
 
 
 class CompressionError(ValueError):
@@ -326,6 +327,32 @@ def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, tokens: Tens
     if scores is None:
         scores = score(config, q, k)
     return select(config, scores, tokens, budget), scores
+
+
+def recompress_slots(config: CompressionConfig, q_win: Tensor, k: Tensor, budget: int) -> Tensor:
+    """Which of a full cache's slots to keep when it is compressed again (decode-time ChunkKV).
+
+    q_win [B, Hq, W, D]: the last W queries the layer has seen (the tokens in the last W
+    slots); k [B, Hkv, n, D]: the n used slots, oldest first. The cache is scored like a prompt
+    whose tokens are its slots: the last W slots are the observation window, always kept,
+    and window query i sees slots up to n - W + i. ChunkKV cuts the older slots into chunks of
+    consecutive slots and keeps whole chunks to exactly `budget` (select_chunks); SnapKV keeps
+    the best single slots; StreamingLLM the first n_sinks and the most recent slots.
+    Returns kept slot indices, sorted: [B, N] (one choice per row) or [B, Hkv, N] (per KV head),
+    N = min(budget, n). Raises CompressionError for the other methods.
+    """
+    if config.method not in RECOMPRESSIBLE:
+        raise CompressionError(f"method {config.method!r} cannot re-compress a full cache: "
+                               f"use one of {', '.join(RECOMPRESSIBLE)}")
+    n_batch, n_used = k.shape[0], k.shape[2]
+    if config.method == "streaming":
+        return streaming_positions(n_batch, n_used, budget, config.n_sinks, k.device)
+    if n_used <= budget:
+        return torch.arange(n_used, device=k.device).expand(n_batch, n_used)
+    scores = score(config, q_win, k)  # [B, n] or [B, Hkv, n]: slot-ordered, like a prompt's token scores
+    if config.method == "chunkkv":
+        return select_chunks(scores, budget, config.window, config.chunk_size)
+    return select_tokens(scores, budget, config.window)
 
 
 def gather_kv(k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,13 +20,13 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from checkpoint import CheckpointError
-from chunkkv import METHODS, SCORED, CompressionConfig, CompressionError
+from chunkkv import METHODS, RECOMPRESSIBLE, SCORED, CompressionConfig, CompressionError
 from model import Prefill, Transformer
 from registry import CHECKPOINTS, DEFAULT, describe, load, resolve
 from tokenizer import ChatFormat, chat_format
 
 __all__ = ["load", "chat_format", "generate", "compress_context", "answer", "CompressedContext", "compile_decode",
-           "passkey_prompt"]
+           "passkey_prompt", "Recompression", "extend", "extend_all"]
 
 
 class PromptError(ValueError):
@@ -109,11 +109,75 @@ def batch_prompts(prompt: Tensor | list[list[int]], lengths: Tensor | list[int] 
     return prompt, (None if min(lengths) == prompt.shape[1] else lengths)
 
 
+class Recompression:
+    """A cache that never outgrows `cache_budget` entries per layer (its slots): whenever the
+    next tokens would not fit, every layer is compressed again, in place, to `budget` entries
+    with `config`'s method (chunkkv, snapkv or streaming); the `cache_budget - budget` slots
+    freed take the next tokens. `budget` defaults to the config's absolute budget, else 3/4 of
+    the cache budget. Counts the re-compressions and their seconds.
+
+    The decode loop keeps the free slots on the host (it knows how many tokens it wrote), so
+    checking costs no sync; re-compression itself is eager, between decode steps."""
+
+    def __init__(self, config: CompressionConfig, cache_budget: int):
+        if config.method not in RECOMPRESSIBLE:
+            raise CompressionError(f"method {config.method!r} cannot re-compress a full cache: "
+                                   f"use one of {', '.join(RECOMPRESSIBLE)}")
+        budget = config.budget if config.budget is not None else cache_budget * 3 // 4
+        if not config.window < budget < cache_budget:
+            raise CompressionError(f"re-compression keeps {budget} entries in a cache of {cache_budget}: it needs "
+                                   f"window ({config.window}) < budget < cache budget; raise the cache budget "
+                                   f"or lower the budget")
+        self.config = replace(config, budget=budget)  # the prompt is compressed to the same budget
+        self.cache_budget, self.budget = cache_budget, budget
+        self.count, self.seconds = 0, 0.0
+        self.free: int | None = None  # free slots of the fullest row; None: ask the caches
+
+    def make_room(self, model: Transformer, n_new: int):
+        """Re-compress when `n_new` tokens do not fit; then count them as written."""
+        if self.free is None:
+            self.free = min(cache.free_slots() for cache in model.caches())
+        if n_new > self.free:
+            start = time.perf_counter()
+            model.recompress(self.config, self.budget, n_new)
+            synchronize(model.lm_head.weight.device)
+            self.seconds += time.perf_counter() - start
+            self.count += 1
+            self.free = min(cache.free_slots() for cache in model.caches())
+        self.free -= n_new
+
+    def occupancy(self, model: Transformer) -> str:
+        used = max(int(cache.used.max()) for cache in model.caches())
+        return f"{used} of {self.cache_budget} entries used, {self.count} re-compressions so far"
+
+
+def extend(model: Transformer, tokens: Tensor, recompression: Recompression) -> Tensor:
+    """Append tokens [B, T'] of any length, re-compressing whenever the cache is full: they go in
+    as pieces that fill the free slots, so re-compressions fall where decoding the tokens one by
+    one would put them. Logits of the last token [B, vocab]."""
+    return extend_all(model, tokens, recompression)[:, -1]
+
+
+def extend_all(model: Transformer, tokens: Tensor, recompression: Recompression) -> Tensor:
+    """`extend` with the logits of every appended token [B, T', vocab] (teacher forcing)."""
+    if recompression.free is None:
+        recompression.free = min(cache.free_slots() for cache in model.caches())
+    logits, start = [], 0
+    while start < tokens.shape[1]:
+        room = recompression.free or recompression.cache_budget - recompression.budget  # 0: a re-compression frees it
+        piece = tokens[:, start:start + room]
+        recompression.make_room(model, piece.shape[1])
+        logits.append(model.extend(piece))
+        start += piece.shape[1]
+    return torch.cat(logits, dim=1)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor | list[list[int]], compression: CompressionConfig = CompressionConfig(),
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              stop_tokens: tuple[int, ...] = (), on_token=None, decode=None, n_slots: int | None = None,
-             stats: dict | None = None, lengths: Tensor | list[int] | None = None) -> Tensor:
+             stats: dict | None = None, lengths: Tensor | list[int] | None = None,
+             cache_budget: int | None = None) -> Tensor:
     """New token ids [B, n] (n <= max_new_tokens) for prompts [B, T], or a ragged batch: a list of
     token-id lists, or a right-padded [B, T] tensor with each row's `lengths` [B].
 
@@ -124,29 +188,48 @@ def generate(model: Transformer, prompt: Tensor | list[list[int]], compression: 
     reach a stop token are padded with it until every row has stopped. `on_token(ids [B, 1])`
     sees each new token as it is made; `decode` replaces `model.decode` (e.g. a compiled one);
     `n_slots` fixes every layer's cache size (so one compiled graph serves many prompts and
-    length mixes); a `stats` dict receives timings and cache sizes. Raises PromptError for a
-    prompt beyond the context or empty, lengths that do not fit, and for max_new_tokens or top_k
-    below 1 or a negative or non-finite temperature; CompressionError for an impossible budget.
+    length mixes); a `stats` dict receives timings and cache sizes. With `cache_budget` (see
+    Recompression) every layer's cache holds at most that many entries and is compressed again
+    whenever full, so max_new_tokens may exceed it; stats then also get recompressions and
+    recompress_seconds. Raises PromptError for a prompt beyond the context or empty, lengths that
+    do not fit, a ragged batch with a cache budget, and for max_new_tokens or top_k below 1 or a
+    negative or non-finite temperature; CompressionError for an impossible budget or a method or
+    budget that cannot re-compress.
     """
     check_sampling(max_new_tokens, temperature, top_k)
-    logits, prefill_stats = prefill_and_compress(model, prompt, compression, max_new_tokens, n_slots, lengths)
+    prompt, lengths = batch_prompts(prompt, lengths, model.lm_head.weight.device)
+    recompression = None
+    if cache_budget is not None:
+        if lengths is not None:
+            raise PromptError("re-compression (a cache budget) runs on prompts of one length: "
+                              "run prompts of different lengths one by one, or without a cache budget")
+        recompression = Recompression(compression, cache_budget)
+        compression, n_slots = recompression.config, cache_budget
+        check_prompt(model, prompt.shape[1], compression, max_new_tokens)  # the context still bounds the length
+    room = max_new_tokens if recompression is None else cache_budget - min(recompression.budget, prompt.shape[1])
+    logits, prefill_stats = prefill_and_compress(model, prompt, compression, room, n_slots, lengths,
+                                                 recompression is not None)
     new_tokens, step_seconds = decode_tokens(model, logits, max_new_tokens, temperature, top_k, stop_tokens,
-                                             on_token, decode)
+                                             on_token, decode, recompression)
     if stats is not None:
         stats.update(prefill_stats, new_tokens=new_tokens.shape[1], decode_step_seconds=step_seconds)
+        if recompression is not None:
+            stats.update(recompressions=recompression.count, recompress_seconds=recompression.seconds,
+                         cache_budget=cache_budget, recompress_budget=recompression.budget)
     return new_tokens
 
 
 def prefill_and_compress(model: Transformer, prompt: Tensor | list[list[int]], compression: CompressionConfig,
-                         max_new_tokens: int, n_slots: int | None,
-                         lengths: Tensor | list[int] | None = None) -> tuple[Tensor, dict]:
+                         max_new_tokens: int, n_slots: int | None, lengths: Tensor | list[int] | None = None,
+                         keep_queries: bool = False) -> tuple[Tensor, dict]:
     """Prefill and compress `prompt` [B, T] (or a ragged batch, as `generate` takes it), leaving
-    `max_new_tokens` free slots per layer; (last logits [B, vocab], timings and cache sizes)."""
+    `max_new_tokens` free slots per layer (keep_queries: ready for re-compression); (last logits
+    [B, vocab], timings and cache sizes)."""
     prompt, lengths = batch_prompts(prompt, lengths, model.lm_head.weight.device)
     n_batch, n_prompt = prompt.shape
     if lengths is None:
         budgets = check_prompt(model, n_prompt, compression, max_new_tokens)
-        prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots)
+        prefill = Prefill(compression, prompt, budgets, max_new_tokens, n_slots, keep_queries=keep_queries)
     else:
         budgets = [row_budgets(model, i, n, compression, max_new_tokens) for i, n in enumerate(lengths)]
         prefill = Prefill(compression, prompt, budgets[lengths.index(n_prompt)], max_new_tokens, n_slots,
@@ -175,9 +258,10 @@ def row_budgets(model: Transformer, row: int, n_prompt: int, compression: Compre
 
 
 def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-                  stop_tokens: tuple[int, ...], on_token, decode) -> tuple[Tensor, list[float]]:
+                  stop_tokens: tuple[int, ...], on_token, decode,
+                  recompression: Recompression | None = None) -> tuple[Tensor, list[float]]:
     """Sample from `logits` [B, vocab], then decode through the cache until every row stopped
-    or max_new_tokens: (new ids [B, n], seconds of each decode step)."""
+    or max_new_tokens: (new ids [B, n], seconds of each decode step, re-compressions excluded)."""
     device = logits.device
     decode = decode or model.decode
     stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
@@ -193,6 +277,8 @@ def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, tempe
             on_token(token)
         if i == max_new_tokens - 1 or bool(done.all()):
             break
+        if recompression is not None:
+            recompression.make_room(model, 1)  # eager, outside the (compiled) step
         start = time.perf_counter()
         logits = decode(token).clone()  # clone: a CUDA-graph step reuses its output buffer
         synchronize(device)
@@ -419,6 +505,70 @@ def batch_summary(stats: dict, config: CompressionConfig, n_layers: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# Interactive chat: one cache for the whole conversation, kept within its budget
+
+def next_turn_text(in_cache: str, conversation: str) -> str:
+    """What to append for a new turn: the whole `conversation` rendered with the chat template,
+    minus the text the cache holds already (`in_cache`, which must be its prefix). So the
+    cache always holds exactly what rendering the conversation gives. Raises PromptError when
+    the template writes earlier turns differently once later ones follow."""
+    if not conversation.startswith(in_cache):
+        raise PromptError("the chat template rewrites earlier turns once a reply follows them, so the cache cannot "
+                          "be extended turn by turn: use --no-chat")
+    return conversation[len(in_cache):]
+
+
+def chat_session(model: Transformer, tokenizer: Tokenizer, config: CompressionConfig, args: argparse.Namespace,
+                 chat: ChatFormat | None, stop_tokens: tuple[int, ...], lines) -> int:
+    """The CLI's --interactive loop: each line of `lines` is a user turn, rendered with the chat
+    template (or appended as a plain line with --no-chat), extended into the cache, answered
+    with a streamed reply; the cache is re-compressed whenever full, so it never holds more than
+    --cache-budget entries. One line of occupancy after each turn. Ends on EOF or Ctrl-C."""
+    recompression = Recompression(config, args.cache_budget)
+    max_new_tokens = args.max_new_tokens or 256
+    device = model.lm_head.weight.device
+    decode = compile_decode(model) if args.compile else None
+    torch.manual_seed(args.seed)
+    print(f"Chat with {config.method}: at most {recompression.cache_budget} KV entries per layer, compressed again "
+          f"to {recompression.budget} whenever full. One line per turn; end with Ctrl-D or Ctrl-C.", flush=True)
+    messages, in_cache = [], ""
+    try:
+        for line in lines:
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            messages.append({"role": "user", "content": text})
+            rendered = chat.render(messages) if chat is not None else f"{in_cache}{text}\n"
+            turn = tokenizer.encode(next_turn_text(in_cache, rendered), add_special_tokens=not in_cache and chat is None)
+            ids = torch.tensor([turn.ids], device=device)
+            length = int(model.caches()[0].length.max()) if in_cache else 0
+            if length + ids.shape[1] + max_new_tokens > model.args.max_seq_len:
+                raise PromptError(f"the conversation would pass the model's context of {model.args.max_seq_len} "
+                                  f"tokens: start a new session, or lower --max-new-tokens")
+            if not in_cache:  # the first turn is the prompt: prefilled, compressed if it is longer than the budget
+                room = recompression.cache_budget - min(recompression.budget, ids.shape[1])
+                logits, _ = prefill_and_compress(model, ids, recompression.config, room, recompression.cache_budget, keep_queries=True)
+                recompression.free = None
+            else:
+                logits = extend(model, ids, recompression)
+            stream = TextStream(tokenizer)
+            new = decode_tokens(model, logits, max_new_tokens, args.temperature, args.top_k, stop_tokens, stream,
+                                decode, recompression)[0][0].tolist()
+            stream.flush()
+            if new[-1] in stop_tokens:  # never written to the cache: the template writes the turn's end its own way
+                new = new[:-1]
+            else:  # cut short by --max-new-tokens: the last token was sampled but not yet written
+                extend(model, torch.tensor([new[-1:]], device=device), recompression)
+            reply = tokenizer.decode(new, skip_special_tokens=True)
+            messages.append({"role": "assistant", "content": reply})
+            in_cache = rendered + reply  # what the cache holds now, as text
+            print(f"\n[cache: {recompression.occupancy(model)}]", flush=True)
+    except KeyboardInterrupt:
+        print()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -435,6 +585,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     comp.add_argument("--per-head", action="store_true", help="chunkkv: choose chunks per KV head, not per layer")
     comp.add_argument("--recovery", type=float, default=0.9,
                       help="fastgen: attention mass each head's policy must recover (default 0.9)")
+    comp.add_argument("--cache-budget", type=int,
+                      help="cap on KV entries per layer: when full, the cache is compressed again to --budget "
+                           f"entries (default 3/4 of the cap); methods {', '.join(RECOMPRESSIBLE)}; "
+                           "lets --max-new-tokens exceed it (default for --interactive: 1024)")
     prompt = parser.add_argument_group("prompt")
     source = prompt.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt (default: a ~2,000-token pass-key demo)")
@@ -444,6 +598,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompt.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="wrap the prompt in the checkpoint's chat template (default: on for --prompt/--prompt-file "
                              "when the checkpoint has one or ChatML tokens, off for the demo)")
+    prompt.add_argument("--interactive", action="store_true",
+                        help="chat: one user turn per line of stdin (works from a pipe), one cache for the whole "
+                             "conversation kept within --cache-budget")
     ask = parser.add_argument_group("questions about one context (query-agnostic: compressed once, before any question)")
     ask.add_argument("--context-file", help="the context, a UTF-8 file (default: the pass-key demo's context)")
     asked = ask.add_mutually_exclusive_group()
@@ -473,6 +630,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail(str(e))
     if not 0 <= args.seed < 2 ** 64:  # torch.manual_seed's range
         fail(f"--seed must be between 0 and {2 ** 64 - 1}, got {args.seed}")
+    if args.interactive:
+        if any(x is not None for x in (args.prompt, args.prompt_file, args.context_file, args.question,
+                                       args.questions_file)):
+            fail("--interactive reads its turns from stdin: drop --prompt/--prompt-file/--context-file/--question")
+        args.cache_budget = args.cache_budget or 1024
+    if args.cache_budget is not None and args.keep is not None:
+        fail("--keep is a fraction of the prompt; a re-compressed cache needs an absolute --budget (or none)")
     return args
 
 
@@ -551,7 +715,8 @@ def summary(stats: dict, config: CompressionConfig, n_layers: int) -> str:
         f"KV cache (prompt) {stats['kv_bytes_full'] / mib:.2f} MiB full -> {stats['kv_bytes_kept'] / mib:.2f} MiB kept",
         f"prefill           {stats['prefill_seconds']:.2f} s (compression {stats['compress_seconds']:.3f} s, {share:.1f} %)",
         f"decode            {stats['new_tokens']} tokens, {decode}",
-    ])
+    ] + ([f"re-compression    {stats['recompressions']} times to {stats['recompress_budget']} of "
+          f"{stats['cache_budget']} entries, {stats['recompress_seconds']:.3f} s in all"] if "recompressions" in stats else []))
 
 
 def passkey_report(model: Transformer, prompt: str, offsets: list, key: str, answer: str) -> str:
@@ -656,6 +821,10 @@ def main(argv=None) -> int:
 
         chat_form = chat_format(checkpoint_path)
         chat = args.chat if args.chat is not None else (key is None and chat_form.template is not None)
+        if args.interactive:
+            chat = args.chat if args.chat is not None else chat_form.template is not None
+            return chat_session(model, tokenizer, config, args, chat_form if chat else None, chat_form.stop_ids,
+                                sys.stdin)
         if batch is not None:
             return run_batch(model, tokenizer, config, args, batch, chat_form if chat else None, chat_form.stop_ids)
         if questions is not None:
@@ -669,6 +838,8 @@ def main(argv=None) -> int:
         if prompt.shape[1] == 0:
             raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
         max_new_tokens = args.max_new_tokens or (16 if key is not None else 64)
+        if args.cache_budget is not None:  # refuse an unsupported method or budget before printing
+            config = Recompression(config, args.cache_budget).config
         check_prompt(model, prompt.shape[1], config, max_new_tokens)  # fail before printing anything
 
         torch.manual_seed(args.seed)
@@ -682,7 +853,7 @@ def main(argv=None) -> int:
         print("--- answer ---")
         stats, stream = {}, TextStream(tokenizer)
         generate(model, prompt, config, max_new_tokens, args.temperature, args.top_k, chat_form.stop_ids,
-                 on_token=stream, decode=decode, stats=stats)
+                 on_token=stream, decode=decode, stats=stats, cache_budget=args.cache_budget)
         stream.flush()
         print("\n---")
         print(summary(stats, config, model.args.n_layers))

@@ -8,6 +8,7 @@ Ways to run it:
   model.compress(captured, prefill) refills the caches from a captured prefill, compressed anew
   model.extend(tokens)              appends tokens [B, T'] to the caches, returns their logits [B, T', vocab]
   model.decode(token)               one token per sequence through the cache, [B, vocab]
+  model.recompress(config, budget)  full caches compressed again, in place, to `budget` entries
   model.snapshot(), model.restore() the caches' counters and masks, saved and put back (no K/V copy)
 
 Module names follow Hugging Face's Llama, so its state dicts load without renaming. Llama, Mistral
@@ -82,6 +83,7 @@ class Prefill:
     # ragged batch: tokens are right-padded; each row is compressed alone, as its own batch of one
     lengths: list[int] | None = None  # each row's prompt length (its real tokens are tokens[row, :length])
     row_budgets: list[list[int]] | None = None  # [row][layer] prompt KV entries kept; `budgets` is then unused
+    keep_queries: bool = False  # keep each layer's last `window` queries, so the cache can be re-compressed
     kept: list[float] = field(default_factory=list)  # prompt entries kept per layer (mean over KV heads and rows)
     stored: list[float] = field(default_factory=list)  # prompt slots used per layer (largest head's count; mean over rows)
     compress_seconds: float = 0.0  # scoring + selection + gather, all layers
@@ -101,6 +103,7 @@ class KVCache(nn.Module):
         super().__init__()
         self.positions: Tensor | None = None  # kept prompt positions, for inspection only
         self.fills = 0  # how often fill ran: a snapshot of an earlier fill cannot be restored
+        self.register_buffer("queries", None, persistent=False)  # last `window` queries [B, Hq, W, D]: for re-compression
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         """(Re)allocate only when the size changes: same-size runs reuse the buffers, so a
@@ -132,6 +135,7 @@ class KVCache(nn.Module):
         self.used.copy_(n_used if n_used is not None else torch.full_like(self.used, n_kept))
         self.length.copy_(torch.as_tensor(n_prompt, device=self.length.device).expand_as(self.length))
         self.positions = positions
+        self.anchor = (self.used.clone(), self.length.clone())  # slot_positions: appended slots count on from here
         self.fills += 1
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,19 +158,100 @@ class KVCache(nn.Module):
         """Slots left in the fullest row (a host sync: for checks outside the decode step)."""
         return self.k.shape[2] - int(self.used.max())
 
-    def snapshot(self) -> tuple[int, Tensor, Tensor, Tensor]:
-        """This cache's state: (fill count, used, length, valid), copied (K and V are not)."""
-        return self.fills, self.used.clone(), self.length.clone(), self.valid.clone()
+    def snapshot(self) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
+        """This cache's state: (fill count, used, length, valid, queries), copied (K and V are not)."""
+        queries = self.queries.clone() if self.queries is not None else None
+        return self.fills, self.used.clone(), self.length.clone(), self.valid.clone(), queries
 
-    def restore(self, state: tuple[int, Tensor, Tensor, Tensor]):
+    def restore(self, state: tuple[int, Tensor, Tensor, Tensor, Tensor]):
         """Back to a snapshot of the same fill, in place: whatever was appended since stays in
-        its slots but is masked, and the next tokens overwrite it."""
-        fills, used, length, valid = state
+        its slots but is masked, and the next tokens overwrite it. A re-compression counts as
+        a fill (it moves K and V)."""
+        fills, used, length, valid, queries = state
         if fills != self.fills:
             raise ValueError("the cache was refilled since this snapshot: compress the context again")
         self.used.copy_(used)
         self.length.copy_(length)
         self.valid.copy_(valid)
+        if queries is not None:
+            self.queries.copy_(queries)
+
+    # -- re-compression: a full cache compressed again, in place (design.md §6) --------------
+
+    def keep_queries(self, q: Tensor | None, window: int):
+        """Start the query buffer `queries` [B, Hq, window, D] from the prompt's queries q
+        [B, Hq, T, D]: its last `window`, right-aligned (zeros before a shorter prompt). None:
+        no buffer (no re-compression; the decode step then skips writing it)."""
+        if q is None:
+            self.queries = None
+            return
+        shape = (q.shape[0], q.shape[1], window, q.shape[3])
+        if self.queries is None or (self.queries.shape, self.queries.dtype) != (shape, q.dtype):
+            self.register_buffer("queries", q.new_zeros(shape), persistent=False)
+        last = q[:, :, -window:]
+        self.queries.zero_()
+        self.queries[:, :, window - last.shape[2]:] = last
+
+    def remember(self, q: Tensor):
+        """Shift the queries q [B, Hq, T', D] of appended tokens into the buffer: fixed shapes,
+        written in place, so the compiled decode step stays one graph."""
+        self.queries.copy_(torch.cat([self.queries, q], dim=2)[:, :, -self.queries.shape[2]:])
+
+    def slot_positions(self) -> Tensor:
+        """Logical (RoPE) position of every slot [B, Hkv, slots], -1 where nothing valid is
+        stored: the kept entries of the last fill or re-compression, then appended tokens
+        counting on from the length at that time."""
+        n_batch, n_kv_heads, n_slots = self.valid.shape
+        used, length = self.anchor
+        slot = torch.arange(n_slots, device=self.valid.device)
+        appended = (length[:, None] + slot - used[:, None])[:, None].expand(n_batch, n_kv_heads, n_slots)
+        kept = self.positions if self.positions.dim() == 3 else self.positions[:, None].expand(-1, n_kv_heads, -1)
+        kept = F.pad(kept, (0, n_slots - kept.shape[-1]), value=-1)
+        positions = torch.where(slot < used[:, None, None], kept, appended)
+        return positions.masked_fill(~self.valid, -1)
+
+    @torch.no_grad()
+    def recompress(self, config: chunkkv.CompressionConfig, budget: int, n_new: int = 1) -> bool:
+        """Make room for `n_new` tokens: every row that cannot take them is compressed again, in
+        place, to `budget` entries with `config`'s method (chunkkv.recompress_slots: the last
+        `window` entries are the window, scored by the last `window` queries this layer saw).
+        Kept entries move to slots [0, budget) in their order and keep their RoPE positions:
+        nothing is re-rotated. Eager, with host syncs: run it between decode steps. Returns
+        whether anything was re-compressed; raises CompressionError for an unsupported method
+        and ValueError when `n_new` exceeds the slots left free after re-compression."""
+        n_slots = self.k.shape[2]
+        if self.queries is None:
+            raise ValueError("this cache keeps no queries to score with: prefill with Prefill(keep_queries=True)")
+        if n_new > n_slots - budget:
+            raise ValueError(f"{n_new} new tokens do not fit beside the {budget} entries re-compression keeps "
+                             f"in {n_slots} slots: append fewer tokens at a time, or raise the cache budget")
+        full = (self.used + n_new > n_slots).tolist()
+        if not any(full):
+            return False
+        positions = self.slot_positions()
+        kept_positions = []
+        for row, is_full in enumerate(full):
+            n_used = int(self.used[row])
+            if is_full:
+                slots = chunkkv.recompress_slots(config, self.queries[row:row + 1], self.k[row:row + 1, :, :n_used],
+                                                 budget)[0]
+                slots = slots.expand(self.k.shape[1], -1) if slots.dim() == 1 else slots  # [Hkv, N]
+            else:
+                slots = torch.arange(n_used, device=self.k.device).expand(self.k.shape[1], -1)
+            n_kept = slots.shape[-1]
+            index = slots[..., None].expand(-1, -1, self.k.shape[3])
+            self.k[row, :, :n_kept] = self.k[row].gather(1, index)  # gather copies first: safe in place
+            self.v[row, :, :n_kept] = self.v[row].gather(1, index)
+            valid = self.valid[row].gather(1, slots)
+            self.valid[row] = False
+            self.valid[row, :, :n_kept] = valid
+            self.used[row] = n_kept
+            kept_positions.append(positions[row].gather(1, slots).masked_fill(~valid, -1))
+        width = max(p.shape[-1] for p in kept_positions)
+        self.positions = torch.stack([F.pad(p, (0, width - p.shape[-1]), value=-1) for p in kept_positions])
+        self.anchor = (self.used.clone(), self.length.clone())
+        self.fills += 1  # K and V moved: an earlier snapshot cannot be restored
+        return True
 
 
 def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> Tensor:
@@ -259,6 +344,7 @@ class Attention(nn.Module):
             raise ValueError(f"a cache of {n_slots} slots cannot hold {n_stored} prompt entries "
                              f"+ {prefill.max_new_tokens} new tokens")
         self.cache.fill(*chunkkv.gather_kv(k, v, positions), positions, n_slots, k.shape[2])
+        self.cache.keep_queries(q if prefill.keep_queries else None, prefill.config.window)
         if k.is_cuda:
             torch.cuda.synchronize()
         prefill.compress_seconds += time.perf_counter() - start
@@ -288,6 +374,7 @@ class Attention(nn.Module):
                              f"+ {prefill.max_new_tokens} new tokens")
         n_used = torch.tensor([p.shape[-1] for p, *_ in rows], device=k.device)  # each row's slots, as alone
         self.cache.fill(k_kept, v_kept, positions, n_slots, torch.tensor(prefill.lengths, device=k.device), n_used)
+        self.cache.keep_queries(None, prefill.config.window)  # ragged rows are not re-compressed (generate refuses it)
         if k.is_cuda:
             torch.cuda.synchronize()
         prefill.compress_seconds += time.perf_counter() - start
@@ -300,6 +387,8 @@ class Attention(nn.Module):
         """New tokens x [B, T', dim] appended to the cache; each attends to the valid cache
         entries and causally to the new tokens before it. cos/sin [B, 1, T', D] per row."""
         q, k, v = self.qkv(x, cos, sin)
+        if self.cache.queries is not None:  # a Python check: each case compiles once
+            self.cache.remember(q)
         k_all, v_all, mask = self.cache.update(k, v)
         mask = mask.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [B, Hq, T', slots]
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
@@ -413,6 +502,11 @@ class Transformer(nn.Module):
         for block in self.layers:
             x = block.extend(x, cos, sin)
         return self.norm(x)
+
+    def recompress(self, config: chunkkv.CompressionConfig, budget: int, n_new: int = 1) -> bool:
+        """Make room for `n_new` tokens in every layer: the caches (rows) that cannot take them are
+        compressed again to `budget` entries (KVCache.recompress). Returns whether any was."""
+        return any([cache.recompress(config, budget, n_new) for cache in self.caches()])
 
     def snapshot(self) -> list[tuple]:
         """Every layer's counters and valid mask, e.g. right after compression; `restore` puts
