@@ -7,6 +7,7 @@
     python bench.py pages     [--quick] [--lengths 1024] [--out results/pages.json]
     python bench.py questions [--quick] [--out results/questions.json]
     python bench.py passkey   [--quick] [--out results/passkey.json]
+    python bench.py load      [--checkpoint NAME] [--out results/load.json]
 
 quality: every prompt is prefilled once and every method x keep is compressed from that one
 prefill (the prefill does not depend on the method). Retrieval runs in the query-aware setting
@@ -23,6 +24,7 @@ pages: chunk 16 (a paged engine's page size) against chunk 10, retrieval and fid
 questions: time to answer k questions about one document, one prefill + k extends
 (agnostic) against k full prefills (aware).
 passkey: how often the CLI's pass-key demo finds its key, per keep and setting, over seeds.
+load: peak resident memory of loading the checkpoint, in float32 and bfloat16, each in a fresh process.
 """
 import argparse
 import copy
@@ -35,6 +37,7 @@ import platform
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from datetime import date
@@ -49,7 +52,7 @@ from chunkkv import CompressionConfig
 from generate import (PASSKEY_QUESTION, Recompression, answer, compile_decode, compress_context, extend_all,
                       fastgen_token_ids, generate, passkey_context, prefill_and_compress)
 from model import Prefill, Transformer
-from registry import load
+from registry import load, resolve
 
 torch.set_grad_enabled(False)
 
@@ -1101,6 +1104,47 @@ def recompress_tables(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# load: what loading a checkpoint costs in memory
+
+LOAD_PROBE = """
+import resource, sys, time, torch, checkpoint
+mib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+base, start = mib(), time.perf_counter()
+model, _ = checkpoint.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+seconds, loaded = time.perf_counter() - start, mib()
+with torch.no_grad():
+    model(torch.zeros(1, 1, dtype=torch.long))  # one forward: every weight is read, so resident
+print(base, loaded, mib(), seconds)
+"""
+
+
+def run_load(path: Path, dtypes=("float32", "bfloat16")) -> list[dict]:
+    """Peak RSS of `checkpoint.load(path, dtype)`, each dtype in a fresh process (a process's peak
+    only grows): after loading, and after one forward pass, which makes every weight resident
+    (float32 safetensors load as views of the memory-mapped file until then)."""
+    files = [path] if path.is_file() else [*path.glob("*.safetensors")]
+    size_mib = sum(f.stat().st_size for f in files) / 2 ** 20
+    rows = []
+    for dtype in dtypes:
+        result = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(path), dtype], capture_output=True, text=True,
+                                cwd=Path(__file__).parent)
+        if result.returncode != 0:
+            raise RuntimeError(f"loading {path} in {dtype} failed: {result.stderr.strip().splitlines()[-1]}")
+        base, loaded, forward, seconds = map(float, result.stdout.split())
+        rows.append({"bench": "load", "checkpoint": str(path), "dtype": dtype, "file_mib": size_mib,
+                     "base_rss_mib": base, "peak_rss_loaded_mib": loaded, "peak_rss_forward_mib": forward,
+                     "load_seconds": seconds})
+    return rows
+
+
+def load_table(rows: list[dict]) -> str:
+    return table(f"Loading {rows[0]['checkpoint']} ({rows[0]['file_mib']:.0f} MiB of weight files); peak RSS, "
+                 "MiB, of a fresh process", ["dtype", "before", "after load", "after one forward", "load s"],
+                 [[r["dtype"], f"{r['base_rss_mib']:.0f}", f"{r['peak_rss_loaded_mib']:.0f}",
+                   f"{r['peak_rss_forward_mib']:.0f}", f"{r['load_seconds']:.1f}"] for r in rows])
+
+
+# ---------------------------------------------------------------------------------------
 
 def positive(text: str) -> int:
     """argparse type: an integer >= 1."""
@@ -1112,7 +1156,7 @@ def positive(text: str) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=["quality", "speed", "throughput", "pages", "questions", "passkey",
-                                          "recompress"])
+                                          "recompress", "load"])
     parser.add_argument("--quick", action="store_true", help="a small subset: minutes, not the full run")
     parser.add_argument("--setting", choices=["aware", "agnostic", "both"], default="both",
                         help="quality: retrieval with the question in the prompt (aware), after compression "
@@ -1149,6 +1193,12 @@ def main(argv=None) -> int:
             print("error: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
             return 2
     try:
+        if args.bench == "load":  # measured in fresh processes: this one loads nothing
+            command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            rows = run_load(resolve(args.checkpoint))
+            print(f"{command}\n{date.today()}, {machine()}, torch {torch.__version__}\n{load_table(rows)}")
+            write_json(args.out or "results/load.json", rows, command)
+            return 0
         model, tokenizer = load(args.checkpoint)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
