@@ -16,7 +16,8 @@ import generate as cli_module
 from chunkkv import CompressionConfig, CompressionError
 from generate import PromptError, TextStream, generate, sample, summary
 from model import Prefill
-from test_chunkkv import assert_user_error, byte_tokenizer, cli, reference_select, tiny_dir, tiny_model  # noqa: F401
+from test_chunkkv import (assert_user_error, byte_tokenizer, cli, reference_logits, reference_select, tiny_dir,  # noqa: F401
+                          tiny_model)
 
 torch.set_grad_enabled(False)
 NEAR_TIE = 1e-5  # float32 scoring vs the float64 references: scores closer than this (relative) may rank either way
@@ -279,41 +280,6 @@ def test_pyramidkv_keeps_three_quarters_at_keep_075():
 # ---------------------------------------------------------------------------------------
 # Decode through the cache, every method, per layer and per KV head
 
-def reference_logits_per_head(model, tokens, kept: list[torch.Tensor], n_prompt: int) -> torch.Tensor:
-    """Uncached forward written out independently: query rows from the prompt's last token on see,
-    per KV head, only the prompt positions that head kept (kept[layer]: [B, N] for every head or
-    [B, Hkv, N], -1 = padding) and the tokens after the prompt. Keys rotate at their original positions."""
-    args = model.args
-    n_batch, n_tokens = tokens.shape
-    group = args.n_heads // args.n_kv_heads
-    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim)
-    angles = torch.cat([torch.outer(torch.arange(n_tokens).float(), inv_freq)] * 2, dim=-1)
-
-    def rotate(x):
-        half = x.shape[-1] // 2
-        return x * angles.cos() + torch.cat([-x[..., half:], x[..., :half]], -1) * angles.sin()
-
-    x = model.embed_tokens(tokens)
-    for layer, block in enumerate(model.layers):
-        attn = block.self_attn
-        h = block.input_layernorm(x)
-        q = rotate(attn.q_proj(h).view(n_batch, n_tokens, args.n_heads, -1).transpose(1, 2))
-        k = rotate(attn.k_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2))
-        v = attn.v_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2)
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        visible = torch.ones(n_batch, args.n_heads, n_tokens, n_tokens, dtype=torch.bool).tril()
-        for b in range(n_batch):
-            for head in range(args.n_heads):
-                row = kept[layer][b] if kept[layer].dim() == 2 else kept[layer][b, head // group]
-                in_cache = [p in set(row.tolist()) for p in range(n_prompt)]
-                visible[b, head, n_prompt:, :n_prompt] = torch.tensor(in_cache)
-        scores = (q @ k.transpose(-1, -2)) / args.head_dim ** 0.5
-        y = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(n_batch, n_tokens, -1))
-        x = x + block.mlp(block.post_attention_layernorm(x))
-    return model.lm_head(model.norm(x))
-
-
 DECODE_CONFIGS = [
     CompressionConfig(method="streaming", budget=24, window=6),
     CompressionConfig(method="h2o", budget=24, window=6),
@@ -357,7 +323,7 @@ def test_decode_attends_to_exactly_what_each_head_kept(config):
         assert torch.equal(cache.valid[..., :n], used)
         assert cache.valid[..., n:n + n_steps].all() and not cache.valid[..., n + n_steps:].any()
 
-    reference = reference_logits_per_head(model, torch.cat([prompt, forced], 1), kept, n_prompt)[:, n_prompt - 1:]
+    reference = reference_logits(model, torch.cat([prompt, forced], 1), kept, n_prompt)[:, n_prompt - 1:]
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
     # the test could tell a wrong cache from a right one: compression changed the output ...
     assert (logits[:, 1:] - model(torch.cat([prompt, forced], 1))[:, n_prompt:]).abs().max() > 1e-3

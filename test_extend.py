@@ -9,7 +9,7 @@ import torch
 
 from chunkkv import CompressionConfig
 from model import Prefill, Transformer
-from test_chunkkv import HERE, tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
+from test_chunkkv import HERE, reference_logits, tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
 
 torch.set_grad_enabled(False)
 
@@ -39,41 +39,6 @@ def greedy(model: Transformer, logits: torch.Tensor, n_steps: int, decode=None):
         logits = decode(token).clone()
         all_logits.append(logits)
     return torch.cat(tokens, 1), torch.stack(all_logits, 1)
-
-
-def reference_logits(model: Transformer, tokens: torch.Tensor, kept: list[torch.Tensor], n_prompt: int):
-    """Uncached forward over `tokens` [B, n], written out independently of the cache: the prompt
-    [0, n_prompt) attends causally in full; every later token sees, of the prompt, exactly the
-    positions each layer kept (per row, and per KV head for per-head methods; -1 = nothing),
-    and causally every later token, all at their original RoPE positions."""
-    args = model.args
-    n_batch, n_tokens = tokens.shape
-    group = args.n_heads // args.n_kv_heads
-    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim)
-    angles = torch.cat([torch.outer(torch.arange(n_tokens).float(), inv_freq)] * 2, dim=-1)
-
-    def rotate(x):
-        half = x.shape[-1] // 2
-        return x * angles.cos() + torch.cat([-x[..., half:], x[..., :half]], -1) * angles.sin()
-
-    x = model.embed_tokens(tokens)
-    for layer, block in enumerate(model.layers):
-        attn = block.self_attn
-        h = block.input_layernorm(x)
-        q = rotate(attn.q_proj(h).view(n_batch, n_tokens, args.n_heads, -1).transpose(1, 2))
-        k = rotate(attn.k_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2))
-        v = attn.v_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2)
-        positions = kept[layer] if kept[layer].dim() == 3 else kept[layer][:, None].expand(-1, args.n_kv_heads, -1)
-        in_cache = torch.zeros(n_batch, args.n_kv_heads, n_prompt + 1, dtype=torch.bool)
-        in_cache.scatter_(2, torch.where(positions >= 0, positions, n_prompt), True)  # -1 -> a spare column
-        visible = torch.ones(n_batch, args.n_kv_heads, n_tokens, n_tokens, dtype=torch.bool).tril()
-        visible[:, :, n_prompt:, :n_prompt] = in_cache[:, :, None, :n_prompt]
-        visible = visible.repeat_interleave(group, dim=1)  # [B, Hq, n, n]
-        scores = q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) / args.head_dim ** 0.5
-        y = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(group, dim=1)
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(n_batch, n_tokens, -1))
-        x = x + block.mlp(block.post_attention_layernorm(x))
-    return model.lm_head(model.norm(x))
 
 
 def kept_positions(model: Transformer) -> list[torch.Tensor]:
