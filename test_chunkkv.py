@@ -267,11 +267,10 @@ def kept_positions(model: Transformer) -> list[torch.Tensor]:
     return [block.self_attn.cache.positions for block in model.layers]
 
 
-def reference_logits(model: Transformer, tokens: torch.Tensor, kept: list[torch.Tensor], n_prompt: int):
-    """Uncached forward over `tokens` [B, n], written out independently of the cache: the prompt
-    [0, n_prompt) attends causally in full; every later token sees, of the prompt, exactly the
-    positions each layer kept (per row, and per KV head for per-head methods; -1 = nothing),
-    and causally every later token, all at their original RoPE positions."""
+def masked_reference(model: Transformer, tokens: torch.Tensor, seen: list[torch.Tensor]):
+    """Uncached forward, written out independently: each query of layer l and KV head h attends
+    to exactly the positions seen[l][b, h, query] at their original RoPE positions. Logits
+    [B, n, vocab] and each layer's queries [B, Hq, n, D]."""
     args = model.args
     n_batch, n_tokens = tokens.shape
     group = args.n_heads // args.n_kv_heads
@@ -282,24 +281,38 @@ def reference_logits(model: Transformer, tokens: torch.Tensor, kept: list[torch.
         half = x.shape[-1] // 2
         return x * angles.cos() + torch.cat([-x[..., half:], x[..., :half]], -1) * angles.sin()
 
-    x = model.embed_tokens(tokens)
+    x, queries = model.embed_tokens(tokens), []
     for layer, block in enumerate(model.layers):
         attn = block.self_attn
         h = block.input_layernorm(x)
         q = rotate(attn.q_proj(h).view(n_batch, n_tokens, args.n_heads, -1).transpose(1, 2))
         k = rotate(attn.k_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2))
         v = attn.v_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2)
-        positions = kept[layer] if kept[layer].dim() == 3 else kept[layer][:, None].expand(-1, args.n_kv_heads, -1)
-        in_cache = torch.zeros(n_batch, args.n_kv_heads, n_prompt + 1, dtype=torch.bool)
-        in_cache.scatter_(2, torch.where(positions >= 0, positions, n_prompt), True)  # -1 -> a spare column
-        visible = torch.ones(n_batch, args.n_kv_heads, n_tokens, n_tokens, dtype=torch.bool).tril()
-        visible[:, :, n_prompt:, :n_prompt] = in_cache[:, :, None, :n_prompt]
-        visible = visible.repeat_interleave(group, dim=1)  # [B, Hq, n, n]
         scores = q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) / args.head_dim ** 0.5
+        visible = seen[layer].repeat_interleave(group, dim=1)
         y = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(group, dim=1)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(n_batch, n_tokens, -1))
         x = x + block.mlp(block.post_attention_layernorm(x))
-    return model.lm_head(model.norm(x))
+        queries.append(q)
+    return model.lm_head(model.norm(x)), queries
+
+
+def reference_logits(model: Transformer, tokens: torch.Tensor, kept: list[torch.Tensor], n_prompt: int):
+    """Uncached forward over `tokens` [B, n], written out independently of the cache: the prompt
+    [0, n_prompt) attends causally in full; every later token sees, of the prompt, exactly the
+    positions each layer kept (per row, and per KV head for per-head methods; -1 = nothing),
+    and causally every later token, all at their original RoPE positions."""
+    n_batch, n_tokens = tokens.shape
+    n_kv_heads = model.args.n_kv_heads
+    seen = []
+    for positions in kept:
+        positions = positions if positions.dim() == 3 else positions[:, None].expand(-1, n_kv_heads, -1)
+        in_cache = torch.zeros(n_batch, n_kv_heads, n_prompt + 1, dtype=torch.bool)
+        in_cache.scatter_(2, torch.where(positions >= 0, positions, n_prompt), True)  # -1 -> a spare column
+        visible = torch.ones(n_batch, n_kv_heads, n_tokens, n_tokens, dtype=torch.bool).tril()
+        visible[:, :, n_prompt:, :n_prompt] = in_cache[:, :, None, :n_prompt]
+        seen.append(visible)
+    return masked_reference(model, tokens, seen)[0]
 
 
 def test_budget_covering_the_prompt_is_the_full_cache():
@@ -429,17 +442,23 @@ def test_generate_rejects_a_prompt_longer_than_the_context():
         generate(model, torch.zeros(1, 60, dtype=torch.long), CompressionConfig(method="full"), max_new_tokens=5)
 
 
-def greedy_decode(model, prompt, config, decode, n_steps=32, n_slots=128):
-    """Greedy tokens and decode logits with a given decode step, in a cache of fixed size."""
-    budgets = config.layer_budgets(prompt.shape[1], model.args.n_layers)
-    logits = model.prefill(prompt, Prefill(config, prompt, budgets, n_steps, n_slots=n_slots))
+def greedy(model: Transformer, logits: torch.Tensor, n_steps: int, decode=None):
+    """Greedy tokens [B, n] and the logits [B, n, vocab] each step produced."""
+    decode = decode or model.decode
     tokens, all_logits = [], []
-    for i in range(n_steps):
+    for _ in range(n_steps):
         token = logits.argmax(-1, keepdim=True)
         tokens.append(token)
         logits = decode(token).clone()
         all_logits.append(logits)
     return torch.cat(tokens, 1), torch.stack(all_logits, 1)
+
+
+def greedy_decode(model, prompt, config, decode, n_steps=32, n_slots=128):
+    """Greedy tokens and decode logits with a given decode step, in a cache of fixed size."""
+    budgets = config.layer_budgets(prompt.shape[1], model.args.n_layers)
+    logits = model.prefill(prompt, Prefill(config, prompt, budgets, n_steps, n_slots=n_slots))
+    return greedy(model, logits, n_steps, decode)
 
 
 def test_compiled_decode_is_one_graph_for_every_prompt_and_method():

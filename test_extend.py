@@ -9,7 +9,7 @@ import torch
 
 from chunkkv import CompressionConfig
 from model import Prefill, Transformer
-from test_chunkkv import HERE, reference_logits, tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
+from test_chunkkv import HERE, greedy, reference_logits, tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
 
 torch.set_grad_enabled(False)
 
@@ -27,18 +27,6 @@ def prefill(model: Transformer, tokens: torch.Tensor, config: CompressionConfig,
     """Prefill and compress `tokens` [B, T], leaving `room` free slots; last logits [B, vocab]."""
     budgets = config.layer_budgets(tokens.shape[1], model.args.n_layers)
     return model.prefill(tokens, Prefill(config, tokens, budgets, room))
-
-
-def greedy(model: Transformer, logits: torch.Tensor, n_steps: int, decode=None):
-    """Greedy tokens [B, n] and the logits [B, n, vocab] each step produced."""
-    decode = decode or model.decode
-    tokens, all_logits = [], []
-    for _ in range(n_steps):
-        token = logits.argmax(-1, keepdim=True)
-        tokens.append(token)
-        logits = decode(token).clone()
-        all_logits.append(logits)
-    return torch.cat(tokens, 1), torch.stack(all_logits, 1)
 
 
 def kept_positions(model: Transformer) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ import chunkkv
 from chunkkv import CompressionConfig, CompressionError
 from generate import Recompression, extend, generate, next_turn_text, prefill_and_compress
 from model import Transformer
-from test_chunkkv import HERE, reference_select, tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
+from test_chunkkv import HERE, masked_reference, reference_select, tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
 from tokenizer import CHATML, ChatFormat
 
 torch.set_grad_enabled(False)
@@ -147,36 +147,6 @@ def run_recorded(model: Transformer, prompt: torch.Tensor, forced: torch.Tensor,
                 seen[layer][:, :, p] = in_cache[..., :n_all] & (torch.arange(n_all) <= p)
         start += n
     return torch.cat(outputs, 1), seen, recompression.count
-
-
-def masked_reference(model: Transformer, tokens: torch.Tensor, seen: list[torch.Tensor]):
-    """Uncached forward, written out independently: each query of layer l and KV head h attends
-    to exactly the positions seen[l][b, h, query] at their original RoPE positions. Logits
-    [B, n, vocab] and each layer's queries [B, Hq, n, D]."""
-    args = model.args
-    n_batch, n_tokens = tokens.shape
-    group = args.n_heads // args.n_kv_heads
-    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim)
-    angles = torch.cat([torch.outer(torch.arange(n_tokens).float(), inv_freq)] * 2, dim=-1)
-
-    def rotate(x):
-        half = x.shape[-1] // 2
-        return x * angles.cos() + torch.cat([-x[..., half:], x[..., :half]], -1) * angles.sin()
-
-    x, queries = model.embed_tokens(tokens), []
-    for layer, block in enumerate(model.layers):
-        attn = block.self_attn
-        h = block.input_layernorm(x)
-        q = rotate(attn.q_proj(h).view(n_batch, n_tokens, args.n_heads, -1).transpose(1, 2))
-        k = rotate(attn.k_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2))
-        v = attn.v_proj(h).view(n_batch, n_tokens, args.n_kv_heads, -1).transpose(1, 2)
-        scores = q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) / args.head_dim ** 0.5
-        visible = seen[layer].repeat_interleave(group, dim=1)
-        y = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(group, dim=1)
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(n_batch, n_tokens, -1))
-        x = x + block.mlp(block.post_attention_layernorm(x))
-        queries.append(q)
-    return model.lm_head(model.norm(x)), queries
 
 
 @pytest.mark.parametrize("label, kwargs", RECOMPRESSING)
