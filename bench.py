@@ -39,6 +39,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -49,8 +50,8 @@ import torch.nn.functional as F
 import chunkkv
 from checkpoint import CheckpointError
 from chunkkv import CompressionConfig
-from generate import (PASSKEY_QUESTION, Recompression, answer, compile_decode, compress_context, extend_all,
-                      fastgen_token_ids, generate, passkey_context, prefill_and_compress)
+from generate import (PASSKEY_QUESTION, Recompression, answer, auto_dtype, compile_decode, compress_context,
+                      extend_all, fastgen_token_ids, generate, passkey_context, prefill_and_compress)
 from model import Prefill, Transformer
 from registry import load, resolve
 
@@ -226,9 +227,11 @@ def machine() -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
-def write_json(path: str, rows: list[dict], command: str, quiet: bool = False):
+def write_json(path: str, rows: list[dict], command: str, quiet: bool = False, dtype: torch.dtype | None = None):
     meta = {"command": command, "date": date.today().isoformat(), "machine": machine(),
             "cpus": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
+    if dtype is not None:
+        meta["dtype"] = str(dtype).removeprefix("torch.")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps([{**row, **meta} for row in rows], indent=1))
     if not quiet:
@@ -551,8 +554,75 @@ def memory_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / seconds
 
 
-def decode_seconds(model, decode, n_batch: int, n_steps: int) -> tuple[float, float]:
-    """Median and spread of one decode step's time, after two warm-up steps (compilation)."""
+def gemm_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    """FLOP/s of a large square matmul in `dtype`: the ceiling of a prefill."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up: the BLAS picks and packs its kernels
+    seconds, _ = median_seconds(lambda: a @ b, 5)
+    return 2 * n**3 / seconds
+
+
+def prefill_flops(args, n_tokens: int) -> float:
+    """Matmul FLOPs of a prefill of one prompt: every projection and MLP for every token, causal
+    attention (QK^T and PV over the T^2 / 2 pairs that are not masked), the head for the last token."""
+    per_token = (args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim  # q, k, v
+                 + args.n_heads * args.head_dim * args.dim + 3 * args.dim * args.ffn_dim)  # o, gate/up/down
+    attention = 2 * (n_tokens**2 / 2) * args.n_heads * args.head_dim  # two matmuls of n^2/2 dot products
+    return 2 * args.n_layers * (n_tokens * per_token + attention) + 2 * args.dim * args.vocab_size
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now (Linux; NaN elsewhere). ru_maxrss only gives the peak."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def load_transformers(checkpoint: str | None, dtype: torch.dtype):
+    """transformers' own model of the same checkpoint, or None when it is not installed (the test extra)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve(checkpoint), dtype=dtype).eval()
+    eos = hf.generation_config.eos_token_id
+    hf.generation_config.pad_token_id = eos[0] if isinstance(eos, list) else eos  # silences its warning
+    return hf
+
+
+def transformers_decode_seconds(hf, tokens: torch.Tensor, n_steps: int) -> float:
+    """Seconds per decode step of transformers' `generate` (greedy, its default cache and
+    attention) on `tokens` [1, T]: (time of 1 + n_steps new tokens - time of 1) / n_steps, medians of 2."""
+    mask = torch.ones_like(tokens)
+    run = lambda n: hf.generate(tokens, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # noqa: E731
+    prefill_s, _ = median_seconds(lambda: run(1), 2)
+    total_s, _ = median_seconds(lambda: run(1 + n_steps), 2)
+    return (total_s - prefill_s) / n_steps
+
+
+COMPILE_PROBE = [sys.executable, "generate.py", "--compile", "--max-new-tokens", "4", "--prompt", "Hello"]
+
+
+def compile_start_seconds(checkpoint: str | None, dtype: torch.dtype) -> dict:
+    """Wall time of a whole `generate.py --compile` run in a fresh process with an empty compile
+    cache, then again with that cache (the cached start), and without --compile."""
+    def wall(args, cache_dir):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+        command = [*args, "--dtype", str(dtype).removeprefix("torch."), *(["--checkpoint", checkpoint] if checkpoint else [])]
+        start = time.perf_counter()
+        subprocess.run(command, env=env, check=True, capture_output=True, cwd=Path(__file__).parent)
+        return time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cold = wall(COMPILE_PROBE, cache_dir)
+        cached = wall(COMPILE_PROBE, cache_dir)
+        eager = wall([a for a in COMPILE_PROBE if a != "--compile"], cache_dir)
+    return {"cold_start_s": cold, "cached_start_s": cached, "eager_start_s": eager}
+
+
+def decode_seconds(model, decode, n_batch: int, n_steps: int) -> tuple[float, float, float]:
+    """Median and spread of one decode step's time after two warm-up steps, and the first step's
+    (with compilation, for a compiled step)."""
     token = torch.zeros(n_batch, 1, dtype=torch.long)
     times, compressed = [], model.snapshot()
     for _ in range(n_steps + 2):
@@ -560,7 +630,7 @@ def decode_seconds(model, decode, n_batch: int, n_steps: int) -> tuple[float, fl
         decode(token).clone()
         times.append(time.perf_counter() - start)
     model.restore(compressed)  # the next mode decodes from the same cache
-    return statistics.median(times[2:]), max(times[2:]) - min(times[2:])
+    return statistics.median(times[2:]), max(times[2:]) - min(times[2:]), times[0]
 
 
 SPEED_CONFIGS = {"full": CompressionConfig(method="full"), "chunkkv": CompressionConfig(keep=0.1),
@@ -568,18 +638,25 @@ SPEED_CONFIGS = {"full": CompressionConfig(method="full"), "chunkkv": Compressio
                  "snapkv": CompressionConfig(method="snapkv", keep=0.1)}
 
 
-def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches=None, compiled=True) -> list[dict]:
+def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches=None, compiled=True,
+              checkpoint: str | None = None, compare: bool = True) -> list[dict]:
+    """Prefill (against the GEMM peak), compression, and eager / compiled decode (against the
+    bandwidth roofline) per length, method and batch; with `compare`, transformers' `generate` on
+    the same prompt (full cache, batch 1) and the start time of a compiled run in a fresh process."""
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache size; many sizes in one run
     torch._dynamo.config.automatic_dynamic_shapes = False  # each size gets static shapes, as in use
     lengths = lengths or ([1024] if quick else [1024, 2048, 4096, 8000])
     batches = batches or ([1] if quick else [1, 4])
     n_steps = 8 if quick else 16
-    configs = {label: SPEED_CONFIGS[label] for label in methods or SPEED_CONFIGS}
+    configs = {label: SPEED_CONFIGS[label] for label in methods or (["full", "chunkkv"] if quick else SPEED_CONFIGS)}
     paragraphs = stdlib_paragraphs()
-    bandwidth = memory_bandwidth()
+    dtype = model.lm_head.weight.dtype
+    bandwidth, peak = memory_bandwidth(), gemm_peak(dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
-    rows = [{"bench": "speed", "metric": "memory_bandwidth_gb_s", "value": bandwidth / 1e9}]
+    rows = [{"bench": "speed", "metric": "memory_bandwidth_gb_s", "value": bandwidth / 1e9},
+            {"bench": "speed", "metric": "gemm_peak_gflop_s", "value": peak / 1e9}]
     modes = [("eager", model.decode)] + ([("compiled", compile_decode(model))] if compiled else [])
+    hf = load_transformers(checkpoint, dtype) if compare else None
     progress = Progress(len(lengths) * len(configs) * len(batches), "speed")
     for n_tokens in lengths:
         ids = tokenizer.encode("\n".join(take_prose(paragraphs, tokenizer, n_tokens, 0))).ids[:n_tokens]
@@ -589,7 +666,11 @@ def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches
         prefill_s, prefill_spread = median_seconds(lambda: last.__setitem__(0, capture(model, tokens, 64)), repeats)
         captured = last[0][1]
         rows.append({"bench": "speed", "prompt_tokens": n_tokens, "metric": "prefill_seconds", "value": prefill_s,
-                     "spread": prefill_spread})
+                     "spread": prefill_spread, "of_gemm_peak": prefill_flops(model.args, n_tokens) / prefill_s / peak})
+        if hf is not None:
+            hf_step = transformers_decode_seconds(hf, tokens, n_steps)
+            rows.append({"bench": "speed", "method": "transformers", "keep": 1.0, "prompt_tokens": n_tokens, "batch": 1,
+                         "metric": "decode_tokens_per_s", "value": 1 / hf_step, "step_ms": 1000 * hf_step})
         for label, config in configs.items():
             seconds = [compress(model, captured, tokens, config, 64).compress_seconds for _ in range(5)]
             common = {"bench": "speed", "method": label, "keep": 0.1 if label != "full" else 1.0, "prompt_tokens": n_tokens}
@@ -601,21 +682,27 @@ def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches
                 prefill = compress(model, batch, tokens.expand(n_batch, -1), config, 64)
                 kv_bytes = sum(2 * b.self_attn.cache.k.numel() * b.self_attn.cache.k.element_size() for b in model.layers)
                 for mode, decode in modes:
-                    step_s, spread = decode_seconds(model, decode, n_batch, n_steps)
+                    torch._dynamo.reset()  # frees the last size's graph and its frozen copy of the weights
+                    rss_before = rss_mib()
+                    step_s, spread, first_s = decode_seconds(model, decode, n_batch, n_steps)
                     roofline_s = (weight_bytes + kv_bytes) / bandwidth
                     rows.append({**common, "batch": n_batch, "mode": mode, "metric": "decode_tokens_per_s",
                                  "value": n_batch / step_s, "step_ms": 1000 * step_s, "spread_ms": 1000 * spread,
-                                 "roofline_ms": 1000 * roofline_s, "of_roofline": roofline_s / step_s})
+                                 "roofline_ms": 1000 * roofline_s, "of_roofline": roofline_s / step_s,
+                                 "first_step_s": first_s, "rss_added_mib": rss_mib() - rss_before})
                 rows.append({**common, "batch": n_batch, "metric": "kv_cache_bytes", "value": kv_bytes,
                              "kept_per_layer": statistics.mean(prefill.kept)})
                 rows.append({**common, "batch": n_batch, "metric": "peak_rss_mib_so_far",
                              "value": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
                 progress.step(f"{n_tokens} tokens, {label}, batch {n_batch}")
+    if compare and compiled:
+        rows.append({"bench": "speed", "metric": "start_seconds", **compile_start_seconds(checkpoint, dtype)})
     return rows
 
 
 def speed_tables(rows: list[dict]) -> str:
     bandwidth = next(r["value"] for r in rows if r["metric"] == "memory_bandwidth_gb_s")
+    peak = next(r["value"] for r in rows if r["metric"] == "gemm_peak_gflop_s")
     lengths = sorted({r["prompt_tokens"] for r in rows if "prompt_tokens" in r})
     labels = [label for label in SPEED_CONFIGS if any(r.get("method") == label for r in rows)]
     squeezed = [label for label in labels if label != "full"]
@@ -623,7 +710,7 @@ def speed_tables(rows: list[dict]) -> str:
     prefill = []
     for n in lengths:
         p = find(prompt_tokens=n, metric="prefill_seconds")
-        line = [n, f"{p['value']:.2f} ± {p['spread']:.2f}"]
+        line = [n, f"{p['value']:.2f} ± {p['spread']:.2f}", f"{100 * p['of_gemm_peak']:.0f} %"]
         for label in squeezed:
             c = find(prompt_tokens=n, method=label, metric="compress_seconds")
             line.append(f"{1000 * c['value']:.1f} ({100 * c['share_of_prefill']:.1f} %)")
@@ -632,25 +719,38 @@ def speed_tables(rows: list[dict]) -> str:
             line.append(f"{100 * (1 - c2['value'] / c1['value']):.0f} %")
         prefill.append(line)
     reuse = ["reuse 2 saves"] if {"chunkkv", "chunkkv-reuse2"} <= set(squeezed) else []
-    out = [table("Prefill and compression (compression = scoring + selection + gather, all layers; median)",
-                 ["prompt", "prefill s"] + [f"{label} ms" for label in squeezed] + reuse, prefill)]
+    out = [table(f"Prefill and compression (compression = scoring + selection + gather, all layers; median; "
+                 f"GEMM peak {peak:.0f} GFLOP/s measured)",
+                 ["prompt", "prefill s", "of GEMM peak"] + [f"{label} ms" for label in squeezed] + reuse, prefill)]
     decode = []
     for n in lengths:
+        hf = find(prompt_tokens=n, method="transformers")
         for label in labels:
             for n_batch in sorted({r.get("batch") for r in rows if r.get("batch")}):
                 e = find(prompt_tokens=n, method=label, batch=n_batch, mode="eager")
                 c = find(prompt_tokens=n, method=label, batch=n_batch, mode="compiled")
                 kv = find(prompt_tokens=n, method=label, batch=n_batch, metric="kv_cache_bytes")
                 best = c or e  # the compiled step where it ran
+                vs_hf = f"{best['value'] / hf['value']:.2f}x" if hf and n_batch == 1 else "-"
                 decode.append([n, label, n_batch, f"{e['value']:.1f}", f"{c['value']:.1f}" if c else "-",
-                               f"{c['value'] / e['value']:.2f}x" if c else "-", f"{kv['value'] / 2**20:.1f}",
-                               f"{best['roofline_ms']:.1f}", f"{best['step_ms']:.1f} ± {best['spread_ms']:.1f}",
-                               f"{100 * best['of_roofline']:.0f} %"])
-    out.append(table(f"Decode (tokens/s; roofline = (weights + KV cache) / {bandwidth:.1f} GB/s measured copy bandwidth)",
-                     ["prompt", "method", "batch", "eager tok/s", "compiled tok/s", "speed-up", "KV MiB",
-                      "roofline ms", "step ms (compiled if run)", "of roofline"], decode))
-    peak = max(r["value"] for r in rows if r["metric"] == "peak_rss_mib_so_far")
-    out.append(f"\npeak process memory (RSS) over the whole run: {peak:.0f} MiB")
+                               f"{hf['value']:.1f}" if hf and n_batch == 1 else "-", vs_hf,
+                               f"{kv['value'] / 2**20:.1f}", f"{best['roofline_ms']:.1f}",
+                               f"{best['step_ms']:.1f} ± {best['spread_ms']:.1f}", f"{100 * best['of_roofline']:.0f} %"])
+    out.append(table(f"Decode (tokens/s; roofline = (weights + KV cache) / {bandwidth:.1f} GB/s measured copy bandwidth; "
+                     "transformers = its generate, full cache, same prompt, dtype and threads)",
+                     ["prompt", "method", "batch", "eager tok/s", "compiled tok/s", "transformers tok/s",
+                      "best / transformers", "KV MiB", "roofline ms", "step ms (compiled if run)", "of roofline"], decode))
+    compiled = [r for r in rows if r.get("mode") == "compiled"]
+    if compiled:
+        out.append(f"\ncompiling a decode graph (first step): {min(r['first_step_s'] for r in compiled):.0f}-"
+                   f"{max(r['first_step_s'] for r in compiled):.0f} s; resident memory it adds (frozen weights): "
+                   f"{statistics.median(r['rss_added_mib'] for r in compiled):.0f} MiB (median)")
+    start = find(metric="start_seconds")
+    if start:
+        out.append(f"generate.py --compile, whole run in a fresh process: {start['cold_start_s']:.0f} s with an empty "
+                   f"compile cache, {start['cached_start_s']:.0f} s cached; {start['eager_start_s']:.0f} s without --compile")
+    peak_rss = max(r["value"] for r in rows if r["metric"] == "peak_rss_mib_so_far")
+    out.append(f"\npeak process memory (RSS) over the whole run: {peak_rss:.0f} MiB")
     return "\n".join(out)
 
 
@@ -833,12 +933,17 @@ def pages_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------
 # k questions about one document; the pass-key demo over seeds
 
-def run_questions(model, tokenizer, quick: bool) -> list[dict]:
+def run_questions(model, tokenizer, quick: bool, lengths=None, n_questions=None) -> list[dict]:
     """Seconds to answer the first k questions about one document: aware = k prefills of
     document + question, each compressed; agnostic = one prefill and compression of the
     document, then per question a restore, an extend and the answer. Every answer is 8 greedy
     tokens (no stop), so both settings decode the same amount."""
-    n_tokens, n_questions, n_answer = (1024, 2, 8) if quick else (4096, 16, 8)
+    return [row for n_tokens in lengths or ([1024] if quick else [4096])
+            for row in questions_at(model, tokenizer, quick, n_tokens, n_questions or (2 if quick else 16))]
+
+
+def questions_at(model, tokenizer, quick: bool, n_tokens: int, n_questions: int) -> list[dict]:
+    n_answer = 8
     ids = tokenizer.encode("\n".join(take_prose(stdlib_paragraphs(), tokenizer, n_tokens, 0))).ids[:n_tokens]
     document = torch.tensor([ids])
     questions = [torch.tensor([tokenizer.encode(f"\nWhat is the special magic number for {KEYS[i % len(KEYS)]} "
@@ -871,7 +976,7 @@ def run_questions(model, tokenizer, quick: bool) -> list[dict]:
     for (label, setting), times in seconds.items():
         once = times[0] if setting == "agnostic" else 0.0
         per_question = times[1:] if setting == "agnostic" else times
-        for k in sorted({1, 4, n_questions} if not quick else {1, n_questions}):
+        for k in sorted({k for k in (1, 4, 16) if k <= n_questions} | {n_questions}):
             rows.append({"bench": "questions", "setting": setting, "method": label, "keep": 0.1 if label != "full" else 1.0,
                          "prompt_tokens": n_tokens, "k": k, "answer_tokens": n_answer, "metric": "seconds",
                          "value": once + sum(per_question[:k]), "compress_once_seconds": once})
@@ -880,18 +985,19 @@ def run_questions(model, tokenizer, quick: bool) -> list[dict]:
 
 def questions_table(rows: list[dict]) -> str:
     find = lambda **m: next(r for r in rows if all(r.get(k) == v for k, v in m.items()))  # noqa: E731
-    ks = sorted({r["k"] for r in rows})
     cells = []
-    for k in ks:
-        aware, agnostic = find(method="chunkkv", setting="aware", k=k), find(method="chunkkv", setting="agnostic", k=k)
-        full = find(method="full", setting="agnostic", k=k)
-        cells.append([k, f"{aware['value']:.1f}", f"{agnostic['value']:.1f} (once: {agnostic['compress_once_seconds']:.1f})",
-                      f"{aware['value'] / agnostic['value']:.1f}x", f"{full['value']:.1f} (once: {full['compress_once_seconds']:.1f})"])
-    n = rows[0]["prompt_tokens"]
-    return table(f"Seconds to answer the first k questions about one {n}-token document ({rows[0]['answer_tokens']} "
+    for n in sorted({r["prompt_tokens"] for r in rows}):
+        for k in sorted({r["k"] for r in rows if r["prompt_tokens"] == n}):
+            aware, agnostic = (find(method="chunkkv", setting=s, k=k, prompt_tokens=n) for s in ("aware", "agnostic"))
+            full = find(method="full", setting="agnostic", k=k, prompt_tokens=n)
+            cells.append([n, k, f"{aware['value']:.1f}",
+                          f"{agnostic['value']:.1f} (once: {agnostic['compress_once_seconds']:.1f})",
+                          f"{aware['value'] / agnostic['value']:.1f}x",
+                          f"{full['value']:.1f} (once: {full['compress_once_seconds']:.1f})"])
+    return table(f"Seconds to answer the first k questions about one document ({rows[0]['answer_tokens']} "
                  f"answer tokens each; once = the one prefill + compression)",
-                 ["k", "chunkkv 0.1 aware: k prefills", "chunkkv 0.1 agnostic: 1 prefill + k extends", "speed-up",
-                  "full cache agnostic"], cells)
+                 ["document tokens", "k", "chunkkv 0.1 aware: k prefills", "chunkkv 0.1 agnostic: 1 prefill + k extends",
+                  "speed-up", "full cache agnostic"], cells)
 
 
 def run_passkey(model, tokenizer, quick: bool) -> list[dict]:
@@ -1173,9 +1279,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=positive, nargs="+", help="speed: batch sizes (default 1 4)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="speed: also time the compiled decode step (default on)")
+    parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                        help="speed: also time transformers' generate on the same prompt (when installed) and the "
+                             "start of a compiled run in a fresh process (default on)")
+    parser.add_argument("--questions", type=positive, help="questions: questions asked per document (default 16)")
     parser.add_argument("--memory-gib", type=float, default=1.0, help="throughput: KV-cache memory (default 1)")
     parser.add_argument("--keeps", type=float, nargs="+", help="quality: kept fractions")
     parser.add_argument("--tasks", nargs="+", choices=["single", "multikey", "multivalue"], help="quality: retrieval tasks")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="weights and activations (default auto: as generate.py, bfloat16 on CPUs with native "
+                             "bfloat16, else float32)")
     parser.add_argument("--out", help="JSON rows (default results/<bench>.json)")
     parser.add_argument("--checkpoint", help="a checkpoint name (see generate.py --help), Hugging Face "
                         "directory or .gguf file (default: smollm2-135m)")
@@ -1199,27 +1312,30 @@ def main(argv=None) -> int:
             print(f"{command}\n{date.today()}, {machine()}, torch {torch.__version__}\n{load_table(rows)}")
             write_json(args.out or "results/load.json", rows, command)
             return 0
-        model, tokenizer = load(args.checkpoint)
+        dtype = auto_dtype(torch.device("cpu")) if args.dtype == "auto" else getattr(torch, args.dtype)
+        model, tokenizer = load(args.checkpoint, dtype=dtype)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lengths = args.lengths or (None if args.quick else LENGTHS.get(args.checkpoint, {}).get(args.bench))
-    if lengths and max(lengths) + 200 > model.args.max_seq_len:  # room for the question and the answer
+    room = 64 if args.bench in ("speed", "throughput") else 200  # new tokens; or a question and its answer
+    if lengths and max(lengths) + room > model.args.max_seq_len:
         print(f"error: --lengths {max(lengths)} does not fit the model's context of {model.args.max_seq_len} tokens: "
-              f"pass lengths up to {model.args.max_seq_len - 200}", file=sys.stderr)
+              f"pass lengths up to {model.args.max_seq_len - room}", file=sys.stderr)
         return 2
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"{command}\n{date.today()}, {machine()}, torch {torch.__version__}, float32")
+    print(f"{command}\n{date.today()}, {machine()}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}")
     start = time.perf_counter()
     if args.bench == "quality":
         settings = ("aware", "agnostic") if args.setting == "both" else (args.setting,)
         out = args.out or f"results/{args.bench}.json"
         rows = run_quality(model, tokenizer, args.quick, settings, lengths, args.keeps, args.tasks, args.retrieval_only,
                            args.prompts, args.ablations, args.fidelity_tokens,
-                           on_case=lambda rows: write_json(out, rows, command + "  # partial", quiet=True))
+                           on_case=lambda rows: write_json(out, rows, command + "  # partial", quiet=True, dtype=dtype))
         print(quality_tables(rows))
     elif args.bench == "speed":
-        rows = run_speed(model, tokenizer, args.quick, lengths, args.methods, args.batches, args.compile)
+        rows = run_speed(model, tokenizer, args.quick, lengths, args.methods, args.batches, args.compile,
+                         args.checkpoint, args.compare)
         print(speed_tables(rows))
     elif args.bench == "throughput":
         rows = run_throughput(model, tokenizer, args.quick, args.memory_gib, args.lengths)
@@ -1228,7 +1344,7 @@ def main(argv=None) -> int:
         rows = run_pages(model, tokenizer, args.quick, args.lengths)
         print(pages_table(rows))
     elif args.bench == "questions":
-        rows = run_questions(model, tokenizer, args.quick)
+        rows = run_questions(model, tokenizer, args.quick, args.lengths, args.questions)
         print(questions_table(rows))
     elif args.bench == "recompress":
         rows = run_recompress(model, tokenizer, args.quick, parts=args.parts, n_texts=args.texts, n_cases=args.cases,
@@ -1238,7 +1354,7 @@ def main(argv=None) -> int:
         rows = run_passkey(model, tokenizer, args.quick)
         print(passkey_table(rows))
     print(f"\n{args.bench} benchmark took {(time.perf_counter() - start) / 60:.1f} min")
-    write_json(args.out or f"results/{args.bench}.json", rows, command)
+    write_json(args.out or f"results/{args.bench}.json", rows, command, dtype=dtype)
     if args.plot and args.bench == "quality":
         plot(rows, args.plot)
     return 0

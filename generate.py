@@ -59,9 +59,31 @@ def sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
 def compile_decode(model: Transformer):
     """The decode step as one graph: no breaks (fullgraph), no recompiles for new prompt lengths,
     methods or budgets while the cache size stays the same. On CUDA it is replayed as a CUDA
-    graph ("reduce-overhead"); on CPU Inductor emits C++."""
-    mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None
-    return torch.compile(model.decode, fullgraph=True, mode=mode)
+    graph ("reduce-overhead"). On CPU the weights are frozen into the graph and every matmul is
+    autotuned: Inductor's C++ micro-GEMM on pre-packed weights reads a decode step's weights
+    about twice as fast as MKL's matrix-vector product (bench.py speed). So the step ignores
+    later changes to the weights, and keeps a packed copy of them beside the model's own
+    (the eager prefill reads those): budget the memory."""
+    if model.lm_head.weight.is_cuda:
+        return torch.compile(model.decode, fullgraph=True, mode="reduce-overhead")
+    compiled = torch.compile(model.decode, fullgraph=True, options={"max_autotune": True})
+
+    def step(token: Tensor) -> Tensor:
+        # Dynamo reads `freezing` while it traces, so it cannot go in `options`; patched per call,
+        # it reaches every (re)compile of this step and no other torch.compile in the process
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(token)
+    return step
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """--dtype auto: bfloat16 on CUDA, and on CPUs with native bfloat16 dot products (AVX512-BF16
+    or AMX), where it prefills about twice as fast as float32 (bench.py speed); float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    # private helpers, but the only way torch tells which instructions its kernels may use
+    native_bf16 = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return torch.bfloat16 if native_bf16 else torch.float32
 
 
 def synchronize(device: torch.device):
@@ -151,6 +173,7 @@ class Recompression:
         return f"{used} of {self.cache_budget} entries used, {self.count} re-compressions so far"
 
 
+@torch.no_grad()
 def extend(model: Transformer, tokens: Tensor, recompression: Recompression) -> Tensor:
     """Append tokens [B, T'] of any length, re-compressing whenever the cache is full: they go in
     as pieces that fill the free slots, so re-compressions fall where decoding the tokens one by
@@ -158,6 +181,7 @@ def extend(model: Transformer, tokens: Tensor, recompression: Recompression) -> 
     return extend_all(model, tokens, recompression)[:, -1]
 
 
+@torch.no_grad()
 def extend_all(model: Transformer, tokens: Tensor, recompression: Recompression) -> Tensor:
     """`extend` with the logits of every appended token [B, T', vocab] (teacher forcing)."""
     if recompression.free is None:
@@ -257,6 +281,7 @@ def row_budgets(model: Transformer, row: int, n_prompt: int, compression: Compre
         raise type(e)(f"prompt {row + 1}: {e}") from None
 
 
+@torch.no_grad()
 def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
                   stop_tokens: tuple[int, ...], on_token, decode,
                   recompression: Recompression | None = None) -> tuple[Tensor, list[float]]:
@@ -518,6 +543,7 @@ def next_turn_text(in_cache: str, conversation: str) -> str:
     return conversation[len(in_cache):]
 
 
+@torch.no_grad()
 def chat_session(model: Transformer, tokenizer: Tokenizer, config: CompressionConfig, args: argparse.Namespace,
                  chat: ChatFormat | None, stop_tokens: tuple[int, ...], lines) -> int:
     """The CLI's --interactive loop: each line of `lines` is a user turn, rendered with the chat
@@ -618,8 +644,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                           f"or .gguf file (default: {DEFAULT})")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="default cuda when available, else cpu")
-    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                     help="default bfloat16 on CUDA, float32 elsewhere")
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                     help="auto (default): bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX), "
+                          "float32 elsewhere")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step: one full graph; CUDA graphs on CUDA")
     run.add_argument("--compile-prefill", action="store_true", help="also compile the prefill, with dynamic shapes")
@@ -812,7 +839,7 @@ def main(argv=None) -> int:
         if questions is None and batch is None and not text.strip():  # before any chat template wraps it into something non-empty
             raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
         device = parse_device(args.device)
-        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        dtype = auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
         checkpoint_path = resolve(args.checkpoint)
         model, tokenizer = load(checkpoint_path, device=device, dtype=dtype)
         if config.method == "fastgen":

@@ -235,7 +235,8 @@ def test_pyramidkv_is_snapkv_at_the_papers_per_layer_budgets(case, n_layers, bet
     budgets = config.layer_budgets(n_prompt, n_layers)
     if mean < n_prompt:
         line = ref_pyramid_line(mean, config.window, n_layers, beta, n_prompt)
-        assert all(abs(b - config.window - x) < 1 for b, x in zip(budgets, line))  # within rounding of the line
+        # within rounding of the line; 1e-9: the reference line is in floats, the library's in exact fractions
+        assert all(abs(b - config.window - x) < 1 + 1e-9 for b, x in zip(budgets, line))
         assert sum(budgets) == n_layers * mean
     else:
         assert budgets == [n_prompt] * n_layers
