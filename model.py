@@ -144,10 +144,12 @@ class KVCache(nn.Module):
         token sees the valid entries and, causally, the new tokens up to itself."""
         n_batch, n_kv_heads, n_new, head_dim = k.shape
         slots = self.used[:, None] + torch.arange(n_new, device=k.device)  # [B, T']
-        index = slots[:, None, :].expand(n_batch, n_kv_heads, n_new)  # [B, Hkv, T']
-        self.k.scatter_(2, index[..., None].expand_as(k), k)
-        self.v.scatter_(2, index[..., None].expand_as(v), v)
-        self.valid.scatter_(2, index, True)
+        rows = torch.arange(n_batch, device=k.device)[:, None]  # [B, 1]
+        # index_put_, not scatter_: Inductor writes it in place, where a scatter_ into the buffer
+        # copied the whole cache every step. Advanced indices first: the values are [B, T', Hkv, D]
+        self.k[rows, :, slots] = k.transpose(1, 2)
+        self.v[rows, :, slots] = v.transpose(1, 2)
+        self.valid[rows, :, slots] = True
         slot_ids = torch.arange(self.k.shape[2], device=k.device)
         mask = self.valid[:, :, None, :] & (slot_ids <= slots[:, None, :, None])  # [B, Hkv, T', slots]
         self.used.add_(n_new)
