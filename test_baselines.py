@@ -14,7 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 import chunkkv
 import generate as cli_module
 from chunkkv import CompressionConfig, CompressionError
-from generate import PromptError, TextStream, generate, sample, summary
+from generate import TextStream, summary
+from inference import PromptError, generate, sample
 from model import Prefill
 from test_chunkkv import (assert_user_error, byte_tokenizer, cli, reference_logits, reference_select, tiny_dir,  # noqa: F401
                           tiny_model)

@@ -17,7 +17,7 @@ import checkpoint
 import chunkkv
 import registry
 from chunkkv import CompressionConfig, CompressionError
-from generate import compile_decode, generate, passkey_prompt
+from inference import compile_decode, generate, passkey_prompt
 from model import ModelArgs, Prefill, Transformer
 
 torch.set_grad_enabled(False)
@@ -482,7 +482,7 @@ def test_compiled_decode_is_one_graph_for_every_prompt_and_method():
 
 
 def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_native_bfloat16(monkeypatch):
-    from generate import auto_dtype
+    from inference import auto_dtype
 
     assert auto_dtype(torch.device("cuda")) == torch.bfloat16
     for avx512_bf16, amx, expected in [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
@@ -740,6 +740,6 @@ def test_bench_quick_runs(bench, tmp_path):
 
 
 def bench_methods():
-    import bench
+    import bench_quality
 
-    return set(bench.METHODS)
+    return set(bench_quality.METHODS)

@@ -169,7 +169,7 @@ def test_batch_rows_are_independent():
 # compiled decode after extend: one graph, no recompiles
 
 def test_compiled_decode_after_extend_does_not_recompile():
-    from generate import compile_decode
+    from inference import compile_decode
 
     torch._dynamo.reset()
     model = tiny_model()
@@ -197,7 +197,7 @@ def test_compiled_decode_after_extend_does_not_recompile():
 # The query-agnostic API and CLI
 
 def test_answer_from_an_uncompressed_context_equals_generate_on_the_whole_prompt():
-    from generate import answer, compress_context, generate
+    from inference import answer, compress_context, generate
 
     model = tiny_model(n_layers=3)
     full = CompressionConfig(method="full")
@@ -212,7 +212,7 @@ def test_answer_from_an_uncompressed_context_equals_generate_on_the_whole_prompt
 
 
 def test_answer_that_does_not_fit_is_a_prompt_error():
-    from generate import PromptError, answer, compress_context
+    from inference import PromptError, answer, compress_context
 
     model = tiny_model()
     compressed = compress_context(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), 10)
@@ -271,7 +271,7 @@ def test_cli_question_errors(tiny_dir, tmp_path):
 
 @pytest.mark.model
 def test_cli_answers_the_pass_key_demo_from_a_context_compressed_without_the_question():
-    from generate import PASSKEY_QUESTION
+    from inference import PASSKEY_QUESTION
 
     result = cli("--question", PASSKEY_QUESTION, "--keep", PASSKEY_AGNOSTIC_KEEP)
     assert result.returncode == 0, result.stderr

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 import checkpoint
 from checkpoint import CheckpointError
 from chunkkv import CompressionConfig
-from generate import generate
+from inference import generate
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=256, max_position_embeddings=1024, rms_norm_eps=1e-5)

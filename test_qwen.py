@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import bench
+import bench_common
+import bench_quality
 import checkpoint
 import registry
-from bench import capture, compress, greedy, stdlib_paragraphs, take_prose
+from bench_common import capture, compress, greedy, stdlib_paragraphs, take_prose
 from chunkkv import CompressionConfig
 from tokenizer import gguf_tokenizer, read_gguf_fields
 
@@ -100,16 +102,16 @@ def test_a_needle_at_4k_tokens_is_found_with_the_full_cache_and_chunkkv_at_keep_
                                             (0, 20, (0.0, 0.1611)), (1, 29, (0.0061, 0.1718))])
 def test_wilson_matches_published_values(k, n, expected):
     # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table I, method 3
-    assert bench.wilson(k, n) == pytest.approx(expected, abs=1e-4)
+    assert bench_common.wilson(k, n) == pytest.approx(expected, abs=1e-4)
 
 
 def test_interval_is_wilson_for_0_1_scores_and_bootstrap_otherwise():
     scores = [1.0] * 30 + [0.0] * 10
-    assert bench.interval(scores) == bench.wilson(30, 40)
+    assert bench_common.interval(scores) == bench_common.wilson(30, 40)
     partial = [0.25, 0.5, 1.0, 0.75] * 10  # multivalue: a share of the four values
-    low, high = bench.interval(partial)
+    low, high = bench_common.interval(partial)
     assert low < statistics.fmean(partial) < high and high - low < 0.2
-    assert bench.bootstrap([0.5] * 8) == (0.5, 0.5)
+    assert bench_common.bootstrap([0.5] * 8) == (0.5, 0.5)
 
 
 def retrieval_rows(values: dict[str, list[float]]) -> list[dict]:
@@ -122,14 +124,14 @@ def test_paired_table_pairs_prompts_and_says_what_is_resolved():
     # SnapKV fails the ten prompts ChunkKV finds, and finds none else: +0.50, resolved;
     # H2O fails ten other prompts: the means are equal (0.00, unresolved) though no prompt agrees
     chunk, snap, h2o = [1.0] * 10 + [0.0] * 10, [0.0] * 20, [0.0] * 10 + [1.0] * 10
-    text = bench.paired_table(retrieval_rows({"chunkkv": chunk, "snapkv": snap, "h2o": h2o, "full": [1.0] * 20}))
+    text = bench_quality.paired_table(retrieval_rows({"chunkkv": chunk, "snapkv": snap, "h2o": h2o, "full": [1.0] * 20}))
     lines = {line.split("|")[2].strip(): line for line in text.splitlines() if line.startswith("| 0.1")}
     low, high = (float(x) for x in lines["snapkv"].split("[")[1].split("]")[0].split(","))
     assert 0.2 < low < 0.35 and 0.65 < high < 0.8  # about 0.5 -+ 1.96 * 0.5 / sqrt(20)
     assert "+0.50 [" in lines["snapkv"] and lines["snapkv"].rstrip(" |").endswith("yes")
     assert "+0.00 [" in lines["h2o"] and lines["h2o"].rstrip(" |").endswith("no")
     assert "-0.50 [" in lines["full"] and "| 20 " in lines["full"]
-    assert bench.accuracy_cell(retrieval_rows({"chunkkv": chunk}), method="chunkkv") == "0.50 [0.30, 0.70] n=20"
+    assert bench_quality.accuracy_cell(retrieval_rows({"chunkkv": chunk}), method="chunkkv") == "0.50 [0.30, 0.70] n=20"
 
 
 def test_bench_refuses_lengths_beyond_the_context_and_bad_counts(tmp_path, capsys):

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chunkkv import CompressionConfig, CompressionError
-from generate import PromptError, generate, prefill_and_compress
+from inference import PromptError, generate, prefill_and_compress
 from test_chunkkv import tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
 from test_extend import EVERY_METHOD, cli
 

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import chunkkv
 from chunkkv import CompressionConfig, CompressionError
-from generate import Recompression, extend, generate, next_turn_text, prefill_and_compress
+from generate import next_turn_text
+from inference import Recompression, extend, generate, prefill_and_compress
 from model import Transformer
 from test_chunkkv import HERE, masked_reference, reference_select, tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
 from tokenizer import CHATML, ChatFormat
@@ -213,7 +214,7 @@ def test_extend_longer_than_the_free_slots_goes_in_pieces():
 def test_compiled_decode_is_one_graph_across_recompressions():
     """The compiled step serves many re-compressions and a second prompt with recompiles made an
     error, and gives the eager tokens."""
-    from generate import compile_decode
+    from inference import compile_decode
 
     model = tiny_model(n_layers=2)
     config = CompressionConfig(window=6, budget=24, chunk_size=4)
@@ -297,7 +298,7 @@ def test_interactive_cli_from_a_pipe_keeps_the_cache_bounded(tiny_dir):
 def test_extend_in_pieces_equals_decoding_one_by_one(label, kwargs):
     """bench.py teacher-forces long texts with extend_all: re-compressions fall where one-by-one
     decoding puts them, so the logits are the same."""
-    from generate import extend_all
+    from inference import extend_all
 
     model = tiny_model(n_layers=2)
     prompt, forced = torch.randint(0, 256, (1, 20)), torch.randint(0, 256, (1, 70))

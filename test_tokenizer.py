@@ -464,7 +464,7 @@ def test_cli_chat_errors_are_one_line(tmp_path, vocab):
 def test_default_model_answers_through_its_own_template(tmp_path, monkeypatch):
     """A fresh conversion of the default GGUF carries SmolLM2's template and stop id."""
     from chunkkv import CompressionConfig
-    from generate import generate
+    from inference import generate
 
     monkeypatch.setenv("CHUNKKV_HOME", str(tmp_path))
     path = registry.resolve(None)

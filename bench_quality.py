@@ -1,0 +1,411 @@
+"""Accuracy and fidelity benchmarks (python bench.py quality | pages | passkey): retrieval and
+teacher-forced fidelity of every method x keep, all compressed from one prefill, with their tables
+and plot; page-aligned chunks (16 against 10); the CLI's pass-key demo over seeds."""
+import math
+import random
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from bench_common import (Progress, bootstrap, capture, compress, greedy, interval, layer_scores, retrieval_case,
+                          stdlib_paragraphs, table, take_prose, wilson)
+from chunkkv import CompressionConfig
+from inference import PASSKEY_QUESTION, fastgen_token_ids, passkey_context
+
+
+# ---------------------------------------------------------------------------------------
+# quality
+
+METHODS = {  # label -> config at a given keep
+    "streaming": dict(method="streaming"), "h2o": dict(method="h2o"), "snapkv": dict(method="snapkv"),
+    "pyramidkv": dict(method="pyramidkv"), "chunkkv": dict(method="chunkkv"),
+    "chunkkv-per-head": dict(method="chunkkv", per_head=True),
+}
+
+
+def teacher_forced(model, logits, continuation: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [n, vocab] of each continuation token's prediction, fed one at a time."""
+    out = [logits]
+    for i in range(continuation.shape[1] - 1):
+        out.append(model.decode(continuation[:, i:i + 1]))
+    return torch.cat(out).float().log_softmax(-1)
+
+
+def layer_sets(model) -> list[list[set]]:
+    """Kept positions per layer and sequence; per-head methods merged by union over KV heads."""
+    sets = []
+    for block in model.layers:
+        positions = block.self_attn.cache.positions
+        rows = positions if positions.dim() == 2 else positions.flatten(1)
+        sets.append([set(row.tolist()) - {-1} for row in rows])
+    return sets
+
+
+def adjacent_jaccard(sets: list[list[set]]) -> float:
+    pairs = [len(a & b) / len(a | b) for upper, lower in zip(sets, sets[1:]) for a, b in zip(upper, lower)]
+    return statistics.mean(pairs)
+
+
+def quality_configs(keeps, fastgen_ids) -> list[tuple[str, str, float | None, CompressionConfig]]:
+    """(bench, label, keep, config): the method grid, then the reuse and chunk-size ablations at keep 0.1."""
+    configs = [("main", "full", 1.0, CompressionConfig(method="full"))]
+    configs += [("main", label, keep, CompressionConfig(keep=keep, **kw)) for label, kw in METHODS.items() for keep in keeps]
+    special, punctuation = fastgen_ids
+    configs.append(("main", "fastgen", None, CompressionConfig(method="fastgen", special_ids=special, punctuation_ids=punctuation)))
+    configs += [("reuse", f"chunkkv-reuse{n}", 0.1, CompressionConfig(keep=0.1, reuse=n)) for n in (2, 3, 4)]
+    configs += [("chunk", f"chunkkv-c{c}", 0.1, CompressionConfig(keep=0.1, chunk_size=c)) for c in (3, 5, 20, 30)]
+    return configs
+
+
+def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), lengths=None, keeps=None,
+                tasks=None, retrieval_only=False, prompts=None, ablations=True, continuation=None,
+                on_case=None) -> list[dict]:
+    """Rows of every retrieval prompt x method x keep (and setting), then fidelity, overlap and the
+    ablations. `prompts` per length and task (default: one per depth), their needles' depths
+    cycling through 0, 0.25, ..., 1; `on_case(rows)` after each prompt (partial results)."""
+    paragraphs = stdlib_paragraphs()
+    rng = random.Random(0)
+    lengths = lengths or ([2048] if quick else [1024, 2048, 4096])
+    depths = [0.25, 0.75] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]
+    prompts = prompts or len(depths)
+    tasks = tasks or ["single", "multikey", "multivalue"]
+    keeps = keeps or ([0.1] if quick else [0.05, 0.1, 0.2, 0.3])  # quick: one keep, as both settings run
+    stop = set(tokenizer.encode("\n").ids) | {i for i in (tokenizer.token_to_id("<|endoftext|>"),
+                                                         tokenizer.token_to_id("<|im_end|>")) if i is not None}
+    configs = quality_configs(keeps, fastgen_token_ids(tokenizer))
+    if quick or retrieval_only or not ablations:
+        configs = [c for c in configs if c[0] == "main"]
+    rows = []
+
+    def evaluate(bench, **fields):
+        rows.append({"bench": bench, **fields})
+
+    encode = lambda text: torch.tensor([tokenizer.encode(text).ids])  # noqa: E731
+
+    def found(answers):  # greedy may stop once every answer is in the text: later tokens cannot change the score
+        return lambda ids: all(a in tokenizer.decode(ids) for a in answers)
+
+    cases = [(task, n, i) for n in lengths for task in tasks for i in range(prompts)]
+    progress = Progress(len(cases) + (0 if retrieval_only else 1), "quality")
+    for task, n_tokens, prompt in cases:
+        depth = depths[prompt % len(depths)]
+        context, questions, max_new = retrieval_case(task, paragraphs, tokenizer, n_tokens, depth, rng)
+        common = dict(task=task, context=n_tokens, depth=depth, prompt=prompt, metric="accuracy")
+        if "aware" in settings:  # every question in its own prompt: prefilled and compressed with it
+            for asked, (question, answers) in enumerate(questions):
+                tokens = encode(context + question)
+                logits, captured = capture(model, tokens, max_new)
+                scores = {}
+                for bench, label, keep, config in configs:
+                    key = (config.method, config.per_head)
+                    if key not in scores:  # score once per method: every keep, reuse and chunk size selects from it
+                        scores[key] = layer_scores(config, captured)
+                    compress(model, captured, tokens, config, max_new, scores[key])
+                    answer = tokenizer.decode(greedy(model, logits, max_new, stop, found(answers)))
+                    evaluate("retrieval" if bench == "main" else f"{bench}-ablation", setting="aware", method=label,
+                             keep=keep, question=asked, prompt_tokens=tokens.shape[1],
+                             value=sum(a in answer for a in answers) / len(answers), **common)
+        if "agnostic" in settings:  # the context alone, compressed once; every question extends that cache
+            tokens, asks = encode(context), [encode(question) for question, _ in questions]
+            room = max(ask.shape[1] for ask in asks) + max_new
+            _, captured = capture(model, tokens, room)
+            scores = {}
+            for bench, label, keep, config in [c for c in configs if c[0] == "main"]:
+                key = (config.method, config.per_head)
+                if key not in scores:
+                    scores[key] = layer_scores(config, captured)
+                compress(model, captured, tokens, config, room, scores[key])
+                compressed = model.snapshot()
+                for asked, ((_, answers), ask) in enumerate(zip(questions, asks)):
+                    model.restore(compressed)
+                    answer = tokenizer.decode(greedy(model, model.extend(ask)[:, -1], max_new, stop, found(answers)))
+                    evaluate("retrieval", setting="agnostic", method=label, keep=keep, question=asked,
+                             prompt_tokens=tokens.shape[1] + ask.shape[1],
+                             value=sum(a in answer for a in answers) / len(answers), **common)
+        progress.step(f"{task} {n_tokens} tokens, depth {depth:.2f}")
+        if on_case is not None:
+            on_case(rows)
+    if retrieval_only:
+        return rows
+
+    # fidelity on real text: compress a long prose prefix, teacher-force its continuation
+    n_context, n_next = (1024, continuation or 64) if quick else (2048, continuation or 256)
+    prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
+    ids = tokenizer.encode(prose).ids
+    tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
+    logits, captured = capture(model, tokens, n_next)
+    reference = None
+    for bench, label, keep, config in configs:
+        prefill = compress(model, captured, tokens, config, n_next)
+        logprobs = teacher_forced(model, logits, continuation)
+        reference = logprobs if label == "full" else reference
+        nll = -logprobs.gather(1, continuation[0, :, None]).mean()
+        kl = F.kl_div(logprobs, reference, log_target=True, reduction="none").sum(-1).mean()
+        common = dict(method=label, keep=keep, prompt_tokens=n_context, continuation_tokens=n_next)
+        name = "fidelity" if bench == "main" else f"{bench}-ablation"
+        evaluate(name, metric="perplexity", value=math.exp(nll), **common)
+        evaluate(name, metric="kl_to_full", value=float(kl), **common)
+        evaluate(name, metric="kept_fraction", value=sum(prefill.kept) / (n_context * model.args.n_layers), **common)
+        if bench != "chunk":
+            evaluate("layer-overlap" if bench == "main" else f"{bench}-ablation", metric="adjacent_jaccard",
+                     value=adjacent_jaccard(layer_sets(model)), **common)
+        if bench == "reuse" or label == "chunkkv" and keep == 0.1:  # scoring time: no precomputed scores here
+            seconds = []
+            for _ in range(3):
+                seconds.append(compress(model, captured, tokens, config, n_next).compress_seconds)
+            evaluate("reuse-ablation", metric="compress_seconds", value=statistics.median(seconds), **common)
+    progress.step("fidelity")
+    return rows
+
+
+def mean_of(rows: list[dict], **match) -> float:
+    values = [r["value"] for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return statistics.mean(values) if values else float("nan")
+
+
+def accuracy_cell(rows: list[dict], **match) -> str:
+    """'0.85 [0.71, 0.93] n=40': mean accuracy of the matching rows, 95 % interval, number of prompts."""
+    values = [r["value"] for r in rows if r["metric"] == "accuracy" and all(r.get(k) == v for k, v in match.items())]
+    if not values:
+        return ""
+    low, high = interval(values)
+    return f"{statistics.fmean(values):.2f} [{low:.2f}, {high:.2f}] n={len(values)}"
+
+
+def paired_table(rows: list[dict]) -> str:
+    """ChunkKV minus each other method at the same keep (full: all kept; fastgen: its own
+    choice), over the same prompts, with a 95 % paired-bootstrap interval: a difference is
+    resolved when its interval excludes 0."""
+    rows = [r for r in rows if r["bench"] == "retrieval" and r["metric"] == "accuracy"]
+    prompt = lambda r: (r["task"], r["context"], r.get("prompt", r["depth"]), r.get("question", 0))  # noqa: E731
+    keeps = sorted({r["keep"] for r in rows if r["keep"] not in (None, 1.0)})
+    cells = []
+    for keep in keeps:
+        ours = {prompt(r): r["value"] for r in rows if r["method"] == "chunkkv" and r["keep"] == keep}
+        for label in ["full"] + [m for m in METHODS if m != "chunkkv"] + ["fastgen"]:
+            theirs_keep = 1.0 if label == "full" else None if label == "fastgen" else keep
+            theirs = {prompt(r): r["value"] for r in rows if r["method"] == label and r["keep"] == theirs_keep}
+            diffs = [ours[p] - theirs[p] for p in ours if p in theirs]
+            if not diffs:
+                continue
+            low, high = bootstrap(diffs)
+            cells.append([keep, label, f"{statistics.fmean(diffs):+.2f} [{low:+.2f}, {high:+.2f}]", len(diffs),
+                          "yes" if low > 0 or high < 0 else "no"])
+    return table("ChunkKV minus each method, same prompts (95 % paired bootstrap)",
+                 ["chunkkv keep", "vs", "difference", "prompts", "resolved"], cells)
+
+
+def settings_table(rows: list[dict]) -> str:
+    """Retrieval accuracy per method x keep x setting, with the number of prompts and a 95 %
+    Wilson interval; binary tasks only (single, multikey)."""
+    rows = [r for r in rows if r["bench"] == "retrieval" and r.get("setting") and r["task"] != "multivalue"]
+    if not rows:
+        return "\n(no single or multikey prompts ran: no table by setting)"
+    settings = [s for s in ("aware", "agnostic") if any(r["setting"] == s for r in rows)]
+    keeps = sorted({r["keep"] for r in rows if r["keep"] not in (None, 1.0)})
+    labels = ["full"] + list(METHODS) + ["fastgen"]
+    cells = []
+    for label in labels:
+        for keep in ([1.0] if label == "full" else [None] if label == "fastgen" else keeps):
+            line, accuracies = [label, "all" if keep == 1.0 else "auto" if keep is None else keep], []
+            for setting in settings:
+                values = [r["value"] for r in rows if r["method"] == label and r["keep"] == keep and r["setting"] == setting]
+                low, high = wilson(sum(values), len(values))
+                accuracies.append(sum(values) / len(values) if values else float("nan"))
+                line.append(f"{accuracies[-1]:.2f} [{low:.2f}, {high:.2f}] n={len(values)}")
+            if len(settings) == 2:
+                line.append(f"{accuracies[1] - accuracies[0]:+.2f}")
+            cells.append(line)
+    header = ["method", "keep"] + [f"{s} (95 % CI, prompts)" for s in settings] + (["agnostic - aware"] if len(settings) == 2 else [])
+    tasks = sorted({r["task"] for r in rows})
+    lengths = sorted({r["context"] for r in rows})
+    return table(f"Retrieval accuracy by setting ({', '.join(tasks)}; ~{', '.join(map(str, lengths))} tokens)", header, cells)
+
+
+def quality_tables(rows: list[dict]) -> str:
+    out = [settings_table(rows)] if any(r.get("setting") == "agnostic" for r in rows) else []
+    rows = [r for r in rows if r.get("setting", "aware") == "aware"]  # the tables below: query-aware
+    if not any(r["bench"] == "retrieval" for r in rows):
+        return "\n".join(out)
+    out.append(aware_tables(rows))
+    return "\n".join(out)
+
+
+def aware_tables(rows: list[dict]) -> str:
+    keeps = sorted({r["keep"] for r in rows if r["bench"] == "retrieval" and r["keep"] not in (None, 1.0)})
+    labels = ["full"] + list(METHODS) + ["fastgen"]
+    lengths = sorted({r["context"] for r in rows if r["bench"] == "retrieval"})
+    out = []
+    acc = [[label] + [accuracy_cell(rows, bench="retrieval", method=label, keep=k) for k in
+                      ([1.0] if label == "full" else [None] if label == "fastgen" else keeps)] for label in labels]
+    out.append(table("Retrieval accuracy (mean over tasks, lengths, depths; 95 % interval; prompts)",
+                     ["method"] + [f"keep {k}" for k in keeps], [row + [""] * (len(keeps) + 1 - len(row)) for row in acc]))
+    tasks = [t for t in ("single", "multikey", "multivalue") if any(r.get("task") == t for r in rows)]
+    per_task = [[label] + [accuracy_cell(rows, bench="retrieval", method=label, task=t,
+                                   keep=1.0 if label == "full" else None if label == "fastgen" else 0.1) for t in tasks]
+                for label in labels]
+    out.append(table("Retrieval accuracy by task at keep 0.1 (full keeps all, fastgen chooses)", ["method"] + tasks, per_task))
+    by_length = [[label] + [accuracy_cell(rows, bench="retrieval", method=label, context=n,
+                                    keep=1.0 if label == "full" else None if label == "fastgen" else 0.1) for n in lengths]
+                 for label in labels]
+    out.append(table("Retrieval accuracy by prompt length at keep 0.1", ["method"] + [f"~{n} tokens" for n in lengths],
+                     by_length))
+    out.append(paired_table(rows))
+    if not any(r["bench"] == "fidelity" for r in rows):
+        return "\n".join(out)  # --retrieval-only
+    fid = []
+    for label in labels:
+        for keep in ([1.0] if label == "full" else [None] if label == "fastgen" else keeps):
+            fid.append([label, keep if keep is not None else "auto",
+                        mean_of(rows, bench="fidelity", method=label, keep=keep, metric="kept_fraction"),
+                        mean_of(rows, bench="fidelity", method=label, keep=keep, metric="perplexity"),
+                        mean_of(rows, bench="fidelity", method=label, keep=keep, metric="kl_to_full")])
+    out.append(table("Fidelity: teacher-forced continuation of real text", ["method", "keep", "kept", "perplexity",
+                                                                            "KL to full"], fid))
+    overlap = [[label, mean_of(rows, bench="layer-overlap", method=label, keep=0.1 if label != "fastgen" else None)]
+               for label in labels[1:]]
+    out.append(table("Adjacent-layer Jaccard of kept positions at keep 0.1 (per-head methods: union of heads)",
+                     ["method", "jaccard"], overlap))
+    reuse = []
+    for n, label in enumerate(["chunkkv", "chunkkv-reuse2", "chunkkv-reuse3", "chunkkv-reuse4"], start=1):
+        bench = "retrieval" if n == 1 else "reuse-ablation"
+        fbench = "fidelity" if n == 1 else "reuse-ablation"
+        reuse.append([n, accuracy_cell(rows, bench=bench, method=label, keep=0.1),
+                      mean_of(rows, bench=fbench, method=label, keep=0.1, metric="perplexity"),
+                      mean_of(rows, bench=fbench, method=label, keep=0.1, metric="kl_to_full"),
+                      1000 * mean_of(rows, bench="reuse-ablation", method=label, metric="compress_seconds")])
+    if not any(r["bench"] == "reuse-ablation" and r["metric"] == "accuracy" for r in rows):
+        return "\n".join(out)  # --quick runs no ablations
+    out.append(table("Layer-wise index reuse, ChunkKV keep 0.1", ["reuse depth", "retrieval", "perplexity",
+                                                                 "KL to full", "compression ms"], reuse))
+    chunk = []
+    for c in (3, 5, 10, 20, 30):
+        label, bench = ("chunkkv", "retrieval") if c == 10 else (f"chunkkv-c{c}", "chunk-ablation")
+        fbench = "fidelity" if c == 10 else "chunk-ablation"
+        chunk.append([c, accuracy_cell(rows, bench=bench, method=label, keep=0.1),
+                      mean_of(rows, bench=fbench, method=label, keep=0.1, metric="perplexity"),
+                      mean_of(rows, bench=fbench, method=label, keep=0.1, metric="kl_to_full")])
+    out.append(table("Chunk size, ChunkKV keep 0.1", ["chunk", "retrieval", "perplexity", "KL to full"], chunk))
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("setting", "aware") == "aware"]
+    keeps = sorted({r["keep"] for r in rows if r["bench"] == "retrieval" and r["keep"] not in (None, 1.0)})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in METHODS:
+        ax.plot(keeps, [mean_of(rows, bench="retrieval", method=label, keep=k) for k in keeps], marker="o", label=label)
+    ax.axhline(mean_of(rows, bench="retrieval", method="full"), color="gray", linestyle="--", label="full")
+    ax.set(xlabel="keep (fraction of the prompt KV cache)", ylabel="retrieval accuracy", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------
+# page-aligned chunks: what chunk 16 (a serving engine's page) costs against the paper's 10
+
+PAGE_CONFIGS = {"full": CompressionConfig(method="full"), "chunkkv-c10": CompressionConfig(keep=0.1, chunk_size=10),
+                "chunkkv-c16": CompressionConfig(keep=0.1, chunk_size=16)}
+
+
+def run_pages(model, tokenizer, quick: bool, lengths=None) -> list[dict]:
+    """Query-aware retrieval (single, multikey) and fidelity on prose, chunk 16 against chunk 10
+    at keep 0.1, with the quality bench's cases and machinery (one prefill, every config)."""
+    paragraphs, rng, rows = stdlib_paragraphs(), random.Random(0), []
+    lengths = lengths or [1024]
+    depths = [0.25, 0.75] if quick else [0.1, 0.3, 0.5, 0.7, 0.9]
+    stop = set(tokenizer.encode("\n").ids) | {tokenizer.token_to_id("<|endoftext|>")} - {None}
+    cases = [(task, n, d) for n in lengths for task in ("single", "multikey") for d in depths]
+    progress = Progress(len(cases) + 1, "pages")
+    for task, n_tokens, depth in cases:
+        context, questions, max_new = retrieval_case(task, paragraphs, tokenizer, n_tokens, depth, rng)
+        question, answers = questions[0]
+        tokens = torch.tensor([tokenizer.encode(context + question).ids])
+        logits, captured = capture(model, tokens, max_new)
+        scores = layer_scores(PAGE_CONFIGS["chunkkv-c10"], captured)  # chunk size does not change the scores
+        for label, config in PAGE_CONFIGS.items():
+            compress(model, captured, tokens, config, max_new, scores if label != "full" else None)
+            answer = tokenizer.decode(greedy(model, logits, max_new, stop))
+            rows.append({"bench": "pages", "metric": "accuracy", "method": label, "task": task, "context": n_tokens,
+                         "depth": depth, "prompt_tokens": tokens.shape[1], "value": float(answers[0] in answer)})
+        progress.step(f"{task} {n_tokens} tokens, depth {depth}")
+    n_context, n_next = (512, 32) if quick else (1024, 128)
+    prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
+    ids = tokenizer.encode(prose).ids
+    tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
+    logits, captured = capture(model, tokens, n_next)
+    reference = None
+    for label, config in PAGE_CONFIGS.items():
+        compress(model, captured, tokens, config, n_next)
+        logprobs = teacher_forced(model, logits, continuation)
+        reference = logprobs if reference is None else reference
+        kl = F.kl_div(logprobs, reference, log_target=True, reduction="none").sum(-1)  # [n_next], per token
+        nll = -logprobs.gather(1, continuation[0, :, None])[:, 0]
+        rows.append({"bench": "pages", "metric": "fidelity", "method": label, "prompt_tokens": n_context,
+                     "continuation_tokens": n_next, "kl_per_token": kl.tolist(), "nll_per_token": nll.tolist()})
+    progress.step("fidelity")
+    return rows
+
+
+def pages_table(rows: list[dict]) -> str:
+    cells = []
+    for label in PAGE_CONFIGS:
+        hits = [r["value"] for r in rows if r["metric"] == "accuracy" and r["method"] == label]
+        low, high = wilson(sum(hits), len(hits))
+        fid = next(r for r in rows if r["metric"] == "fidelity" and r["method"] == label)
+        kl = torch.tensor(fid["kl_per_token"])
+        half = 1.96 * kl.std() / math.sqrt(len(kl))  # normal interval of the mean over continuation tokens
+        cells.append([label, f"{sum(hits):.0f}/{len(hits)} [{low:.2f}, {high:.2f}]",
+                      f"{math.exp(statistics.mean(fid['nll_per_token'])):.2f}",
+                      f"{kl.mean():.3f} [{kl.mean() - half:.3f}, {kl.mean() + half:.3f}]"])
+    return table("Page-aligned chunks (keep 0.1, query-aware retrieval single + multikey; 95 % intervals)",
+                 ["method", "retrieval hits [Wilson]", "perplexity", "KL to full per token [normal]"], cells)
+
+
+# ---------------------------------------------------------------------------------------
+# the pass-key demo over seeds
+
+def run_passkey(model, tokenizer, quick: bool) -> list[dict]:
+    """The CLI's pass-key demo (chunkkv, chunk 10, window 32) over seeds: does the answer hold
+    the key, with the question in the prompt (aware) or appended after compression (agnostic)?"""
+    seeds, keeps = (range(1), [0.1]) if quick else (range(5), [0.1, 0.2, 0.3])
+    encode = lambda text: torch.tensor([tokenizer.encode(text).ids])  # noqa: E731
+    rows, progress = [], Progress(len(seeds), "passkey")
+    question = encode(PASSKEY_QUESTION)
+    for seed in seeds:
+        context, key = passkey_context(seed=seed)
+        for setting in ("aware", "agnostic"):
+            tokens = encode(context + PASSKEY_QUESTION) if setting == "aware" else encode(context)
+            room = 16 + (0 if setting == "aware" else question.shape[1])
+            logits, captured = capture(model, tokens, room)
+            for keep in [1.0] + keeps:
+                config = CompressionConfig(method="full") if keep == 1.0 else CompressionConfig(keep=keep)
+                compress(model, captured, tokens, config, room)
+                if setting == "agnostic":
+                    logits = model.extend(question)[:, -1]
+                answer_text = tokenizer.decode(greedy(model, logits, 16, set()))
+                rows.append({"bench": "passkey", "setting": setting, "method": config.method, "keep": keep, "seed": seed,
+                             "prompt_tokens": tokens.shape[1], "metric": "found", "value": float(key in answer_text)})
+        progress.step(f"seed {seed}")
+    return rows
+
+
+def passkey_table(rows: list[dict]) -> str:
+    cells = []
+    for keep in sorted({r["keep"] for r in rows}, reverse=True):
+        line = ["full" if keep == 1.0 else f"chunkkv keep {keep}"]
+        for setting in ("aware", "agnostic"):
+            values = [r["value"] for r in rows if r["keep"] == keep and r["setting"] == setting]
+            low, high = wilson(sum(values), len(values))
+            line.append(f"{sum(values):.0f}/{len(values)} [{low:.2f}, {high:.2f}]")
+        cells.append(line)
+    return table("Pass-key demo: key found, over seeds (95 % Wilson interval)",
+                 ["cache", "aware (question in the prompt)", "agnostic (question after compression)"], cells)
