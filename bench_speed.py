@@ -184,7 +184,8 @@ def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches
                              "value": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
                 progress.step(f"{n_tokens} tokens, {label}, batch {n_batch}")
     if compare and compiled:
-        rows.append({"bench": "speed", "metric": "start_seconds", **compile_start_seconds(checkpoint, dtype)})
+        start = compile_start_seconds(checkpoint, dtype)
+        rows.append({"bench": "speed", "metric": "start_seconds", "value": start["cached_start_s"], **start})
     return rows
 
 

@@ -56,7 +56,7 @@ def compile_decode(model: Transformer):
     methods or budgets while the cache size stays the same. On CUDA it is replayed as a CUDA
     graph ("reduce-overhead"). On CPU the weights are frozen into the graph and every matmul is
     autotuned: Inductor's C++ micro-GEMM on pre-packed weights reads a decode step's weights
-    about twice as fast as MKL's matrix-vector product (bench.py speed). So the step ignores
+    2-3x as fast as MKL's matrix-vector product (README, Speed). So the step ignores
     later changes to the weights, and keeps a packed copy of them beside the model's own
     (the eager prefill reads those): budget the memory."""
     if model.lm_head.weight.is_cuda:
@@ -73,7 +73,8 @@ def compile_decode(model: Transformer):
 
 def auto_dtype(device: torch.device) -> torch.dtype:
     """--dtype auto: bfloat16 on CUDA, and on CPUs with native bfloat16 dot products (AVX512-BF16
-    or AMX), where it prefills about twice as fast as float32 (bench.py speed); float32 elsewhere."""
+    or AMX), where it prefilled 1.3-2.6x faster than float32 here (README, Speed);
+    float32 elsewhere."""
     if device.type == "cuda":
         return torch.bfloat16
     # private helpers, but the only way torch tells which instructions its kernels may use
