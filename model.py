@@ -395,7 +395,7 @@ class Attention(nn.Module):
         n_batch, _, n_new, _ = q.shape
         group = self.n_heads // self.n_kv_heads
         # a KV head's query heads as extra query rows: its K/V are read once per KV head, and SDPA's
-        # CPU kernel is 7-10x faster on one query row of bf16 this way (bench.py speed)
+        # CPU kernel is 7-10x faster on one query row of bf16 this way (README, Speed)
         q = q.reshape(n_batch, self.n_kv_heads, group * n_new, self.head_dim)  # [B, Hkv, G*T', D]
         mask = mask.repeat(1, 1, group, 1)  # [B, Hkv, G*T', slots], rows in q's (G, T') order
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
