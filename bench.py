@@ -2,10 +2,10 @@
 
     python bench.py quality   [--quick] [--checkpoint NAME] [--setting aware|agnostic|both] [--lengths N ...]
                               [--prompts N] [--out results/quality.json] [--plot accuracy.png]
-    python bench.py speed     [--quick] [--checkpoint NAME] [--lengths N ...] [--out results/speed.json]
+    python bench.py speed     [--quick] [--checkpoint NAME] [--dtype auto] [--lengths N ...] [--no-compare] [--out results/speed.json]
     python bench.py throughput [--quick] [--memory-gib 1] [--lengths 8000 4096] [--out results/throughput.json]
     python bench.py pages     [--quick] [--lengths 1024] [--out results/pages.json]
-    python bench.py questions [--quick] [--out results/questions.json]
+    python bench.py questions [--quick] [--checkpoint NAME] [--lengths N ...] [--questions 16] [--out results/questions.json]
     python bench.py passkey   [--quick] [--out results/passkey.json]
     python bench.py load      [--checkpoint NAME] [--out results/load.json]
 
