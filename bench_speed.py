@@ -169,8 +169,8 @@ def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches
                 batch = [tuple(t.expand(n_batch, *t.shape[1:]) for t in layer) for layer in captured]
                 prefill = compress(model, batch, tokens.expand(n_batch, -1), config, 64)
                 kv_bytes = sum(2 * b.self_attn.cache.k.numel() * b.self_attn.cache.k.element_size() for b in model.layers)
+                torch._dynamo.reset()  # frees the last size's graph and its frozen copy of the weights
                 for mode, decode in modes:
-                    torch._dynamo.reset()  # frees the last size's graph and its frozen copy of the weights
                     rss_before = rss_mib()
                     step_s, spread, first_s = decode_seconds(model, decode, n_batch, n_steps)
                     roofline_s = (weight_bytes + kv_bytes) / bandwidth
@@ -367,10 +367,10 @@ def run_questions(model, tokenizer, quick: bool, lengths=None, n_questions=None)
     document, then per question a restore, an extend and the answer. Every answer is 8 greedy
     tokens (no stop), so both settings decode the same amount."""
     return [row for n_tokens in lengths or ([1024] if quick else [4096])
-            for row in questions_at(model, tokenizer, quick, n_tokens, n_questions or (2 if quick else 16))]
+            for row in questions_at(model, tokenizer, n_tokens, n_questions or (2 if quick else 16))]
 
 
-def questions_at(model, tokenizer, quick: bool, n_tokens: int, n_questions: int) -> list[dict]:
+def questions_at(model, tokenizer, n_tokens: int, n_questions: int) -> list[dict]:
     n_answer = 8
     ids = tokenizer.encode("\n".join(take_prose(stdlib_paragraphs(), tokenizer, n_tokens, 0))).ids[:n_tokens]
     document = torch.tensor([ids])
