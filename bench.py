@@ -7,6 +7,8 @@
     python bench.py pages     [--quick] [--lengths 1024] [--out results/pages.json]
     python bench.py questions [--quick] [--checkpoint NAME] [--lengths N ...] [--questions 16] [--out results/questions.json]
     python bench.py passkey   [--quick] [--out results/passkey.json]
+    python bench.py recompress [--quick] [--checkpoint NAME] [--parts fidelity retrieval speed] [--caps 256 512]
+                              [--texts 3] [--cases 8] [--new-tokens 1024] [--out results/recompress.json]
     python bench.py load      [--checkpoint NAME] [--out results/load.json]
 
 quality: every prompt is prefilled once and every method x keep is compressed from that one
@@ -24,6 +26,8 @@ pages: chunk 16 (a paged engine's page size) against chunk 10, retrieval and fid
 questions: time to answer k questions about one document, one prefill + k extends
 (agnostic) against k full prefills (aware).
 passkey: how often the CLI's pass-key demo finds its key, per keep and setting, over seeds.
+recompress: long generation through a cache re-compressed whenever full: teacher-forced fidelity,
+recall of a fact stated before many re-compressions, and decode speed.
 load: peak resident memory of loading the checkpoint, in float32 and bfloat16, each in a fresh process.
 """
 import argparse
@@ -94,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--texts", type=int, help="recompress: fidelity texts (default 3)")
     parser.add_argument("--cases", type=int, help="recompress: retrieval cases (default 8)")
     parser.add_argument("--new-tokens", type=int, help="recompress: tokens generated for speed (default 1024)")
+    parser.add_argument("--caps", type=int, nargs="+", default=[256, 512],
+                        help="recompress: cache sizes in entries for fidelity and retrieval (default 256 512)")
     args = parser.parse_args(argv)
     if args.plot:
         try:
@@ -143,8 +149,8 @@ def main(argv=None) -> int:
         rows = run_questions(model, tokenizer, args.quick, args.lengths, args.questions)
         print(questions_table(rows))
     elif args.bench == "recompress":
-        rows = run_recompress(model, tokenizer, args.quick, parts=args.parts, n_texts=args.texts, n_cases=args.cases,
-                              n_new=args.new_tokens)
+        rows = run_recompress(model, tokenizer, args.quick, tuple(args.caps), args.parts, args.texts, args.cases,
+                              args.new_tokens)
         print(recompress_tables(rows))
     else:
         rows = run_passkey(model, tokenizer, args.quick)

@@ -134,6 +134,20 @@ def test_paired_table_pairs_prompts_and_says_what_is_resolved():
     assert bench_quality.accuracy_cell(retrieval_rows({"chunkkv": chunk}), method="chunkkv") == "0.50 [0.30, 0.70] n=20"
 
 
+def test_pages_table_pairs_the_two_chunk_sizes():
+    # chunk 16 answers prompts 0-2 that chunk 10 misses, chunk 10 answers prompt 3 only; over the
+    # continuation, chunk 16's KL is chunk 10's + 0.05 on every token: a paired difference of +0.05
+    c10, c16 = [0.0, 0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0, 1.0]
+    rows = [{"metric": "accuracy", "method": method, "value": value}
+            for method, hits in (("full", [1.0] * 5), ("chunkkv-c10", c10), ("chunkkv-c16", c16)) for value in hits]
+    kl = [0.1, 0.3, 0.2, 0.6]
+    rows += [{"metric": "fidelity", "method": method, "kl_per_token": [x + shift for x in kl], "nll_per_token": [1.0] * 4}
+             for method, shift in (("full", -0.1), ("chunkkv-c10", 0.0), ("chunkkv-c16", 0.05))]
+    text = bench_quality.pages_table(rows)
+    assert "3 answered by chunk 16 only, 1 by chunk 10 only" in text
+    assert "KL difference per token +0.050 [+0.050, +0.050]" in text
+
+
 def test_bench_refuses_lengths_beyond_the_context_and_bad_counts(tmp_path, capsys):
     from test_registry import write_tiny_gguf
 

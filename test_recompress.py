@@ -309,3 +309,24 @@ def test_extend_in_pieces_equals_decoding_one_by_one(label, kwargs):
     pieces = extend_all(model, forced, recompression)
     assert recompression.count == count
     torch.testing.assert_close(torch.cat([first[:, None], pieces], 1), one_by_one, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.model
+def test_bench_recompress_quick_runs(tmp_path):
+    import json
+
+    out = tmp_path / "recompress.json"
+    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "recompress", "--quick", "--parts", "retrieval",
+                             "speed", "--cases", "1", "--caps", "128", "--new-tokens", "300", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    retrieval = [r for r in rows if r["part"] == "retrieval"]
+    assert {(r["method"], r["cache_budget"]) for r in retrieval} == {("full", None), ("chunkkv", 128), ("snapkv", 128),
+                                                                     ("streaming", 128)}
+    assert all(r["recompressions"] > 0 for r in retrieval if r["cache_budget"])
+    speed = [r for r in rows if r["part"] == "speed"]  # 256 + 300 tokens through 512 slots: one re-compression
+    assert sorted((r["method"], r["round"]) for r in speed) == sorted((m, i) for m in ("full", "chunkkv", "snapkv",
+                                                                                        "streaming") for i in (0, 1))
+    assert all(r["recompressions"] == (0 if r["method"] == "full" else 1) for r in speed)
+    assert "Early fact recalled" in result.stdout and "| streaming | 512   | 300" in result.stdout
