@@ -43,7 +43,8 @@ from bench_recompress import recompress_tables, run_recompress
 from bench_speed import (SPEED_CONFIGS, load_table, questions_table, run_load, run_questions, run_speed,
                          run_throughput, speed_tables, throughput_tables)
 from checkpoint import CheckpointError
-from inference import auto_dtype
+from chunkkv import CompressionConfig, CompressionError
+from inference import Recompression, auto_dtype
 from registry import load, resolve
 
 
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--texts", type=int, help="recompress: fidelity texts (default 3)")
     parser.add_argument("--cases", type=int, help="recompress: retrieval cases (default 8)")
     parser.add_argument("--new-tokens", type=int, help="recompress: tokens generated for speed (default 1024)")
-    parser.add_argument("--caps", type=int, nargs="+", default=[256, 512],
+    parser.add_argument("--caps", type=positive, nargs="+",
                         help="recompress: cache sizes in entries for fidelity and retrieval (default 256 512)")
     args = parser.parse_args(argv)
     if args.plot:
@@ -107,6 +108,12 @@ def main(argv=None) -> int:
         except ImportError:
             print("error: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
             return 2
+    try:
+        for cap in args.caps or ():  # Recompression's own check, before anything is loaded
+            Recompression(CompressionConfig(), cap)
+    except CompressionError as e:
+        print(f"error: --caps {cap}: {e}", file=sys.stderr)
+        return 2
     try:
         if args.bench == "load":  # measured in fresh processes: this one loads nothing
             command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -149,7 +156,7 @@ def main(argv=None) -> int:
         rows = run_questions(model, tokenizer, args.quick, args.lengths, args.questions)
         print(questions_table(rows))
     elif args.bench == "recompress":
-        rows = run_recompress(model, tokenizer, args.quick, tuple(args.caps), args.parts, args.texts, args.cases,
+        rows = run_recompress(model, tokenizer, args.quick, args.caps, args.parts, args.texts, args.cases,
                               args.new_tokens)
         print(recompress_tables(rows))
     else:

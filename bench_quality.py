@@ -356,26 +356,30 @@ def run_pages(model, tokenizer, quick: bool, lengths=None) -> list[dict]:
 
 
 def pages_table(rows: list[dict]) -> str:
+    hits = {label: [r["value"] for r in rows if r["metric"] == "accuracy" and r["method"] == label]
+            for label in PAGE_CONFIGS}  # every label answers the same prompts, in the same order
+    fidelity = {r["method"]: r for r in rows if r["metric"] == "fidelity"}
+    kl = {label: torch.tensor(fidelity[label]["kl_per_token"]) for label in PAGE_CONFIGS}
+
+    def normal(x):  # normal interval of the mean over continuation tokens
+        half = 1.96 * x.std() / math.sqrt(len(x))
+        return x.mean() - half, x.mean() + half
+
     cells = []
     for label in PAGE_CONFIGS:
-        hits = [r["value"] for r in rows if r["metric"] == "accuracy" and r["method"] == label]
-        low, high = wilson(sum(hits), len(hits))
-        fid = next(r for r in rows if r["metric"] == "fidelity" and r["method"] == label)
-        kl = torch.tensor(fid["kl_per_token"])
-        half = 1.96 * kl.std() / math.sqrt(len(kl))  # normal interval of the mean over continuation tokens
-        cells.append([label, f"{sum(hits):.0f}/{len(hits)} [{low:.2f}, {high:.2f}]",
-                      f"{math.exp(statistics.mean(fid['nll_per_token'])):.2f}",
-                      f"{kl.mean():.3f} [{kl.mean() - half:.3f}, {kl.mean() + half:.3f}]"])
-    c10, c16 = ([r["value"] for r in rows if r["metric"] == "accuracy" and r["method"] == label]
-                for label in ("chunkkv-c10", "chunkkv-c16"))  # same prompts, same order
-    only = [sum(a > b for a, b in zip(c16, c10)), sum(a > b for a, b in zip(c10, c16))]
-    kl = {r["method"]: torch.tensor(r["kl_per_token"]) for r in rows if r["metric"] == "fidelity"}
+        low, high = wilson(sum(hits[label]), len(hits[label]))
+        kl_low, kl_high = normal(kl[label])
+        cells.append([label, f"{sum(hits[label]):.0f}/{len(hits[label])} [{low:.2f}, {high:.2f}]",
+                      f"{math.exp(statistics.mean(fidelity[label]['nll_per_token'])):.2f}",
+                      f"{kl[label].mean():.3f} [{kl_low:.3f}, {kl_high:.3f}]"])
+    c10, c16 = hits["chunkkv-c10"], hits["chunkkv-c16"]
     diff = kl["chunkkv-c16"] - kl["chunkkv-c10"]  # same tokens: a paired difference
-    half = 1.96 * diff.std() / math.sqrt(len(diff))
+    low, high = normal(diff)
     return (table("Page-aligned chunks (keep 0.1, query-aware retrieval single + multikey; 95 % intervals)",
                   ["method", "retrieval hits [Wilson]", "perplexity", "KL to full per token [normal]"], cells)
-            + f"\nchunk 16 vs 10, same prompts: {only[0]} answered by chunk 16 only, {only[1]} by chunk 10 only; "
-              f"KL difference per token {diff.mean():+.3f} [{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]\n")
+            + f"\nchunk 16 vs 10, same prompts: {sum(a > b for a, b in zip(c16, c10))} answered by chunk 16 only, "
+              f"{sum(a > b for a, b in zip(c10, c16))} by chunk 10 only; "
+              f"KL difference per token {diff.mean():+.3f} [{low:+.3f}, {high:+.3f}]\n")
 
 
 # ---------------------------------------------------------------------------------------

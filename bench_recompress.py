@@ -42,13 +42,13 @@ def through_recompression(model, prompt: torch.Tensor, continuation: torch.Tenso
     return torch.cat([first[:, None], rest], 1)[0], recompression
 
 
-def run_recompress(model, tokenizer, quick: bool, caps=(256, 512), parts=("fidelity", "retrieval", "speed"),
+def run_recompress(model, tokenizer, quick: bool, caps=None, parts=("fidelity", "retrieval", "speed"),
                    n_texts: int | None = None, n_cases: int | None = None, n_new: int | None = None) -> list[dict]:
     """Fidelity (perplexity and KL to the full cache, teacher-forced), retrieval of an early fact
     after many re-compressions, and decode speed, for caches capped at `caps` entries that keep
     3/4 of the cap after each re-compression. Plain completion format; the fact is asked after
     compression (query-agnostic)."""
-    paragraphs = stdlib_paragraphs()
+    paragraphs, caps = stdlib_paragraphs(), tuple(caps or (256, 512))
     n_texts, n_prompt, n_forced = n_texts or (1 if quick else 3), 256, 512 if quick else 2048
     rows = []
     if "fidelity" in parts:

@@ -158,3 +158,7 @@ def test_bench_refuses_lengths_beyond_the_context_and_bad_counts(tmp_path, capsy
     with pytest.raises(SystemExit) as exit_:
         bench.main(["quality", "--prompts", "0"])
     assert exit_.value.code == 2 and "'0' is not a whole number >= 1" in capsys.readouterr().err
+    assert bench.main(["recompress", "--caps", "512", "40", "--out", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err == ("error: --caps 40: re-compression keeps 30 entries in a cache of 40: it needs "
+                                       "window (32) < budget < cache budget; raise the cache budget or lower the budget\n")
+    assert not (tmp_path / "r.json").exists()
