@@ -10,6 +10,7 @@
     python bench.py recompress [--quick] [--checkpoint NAME] [--parts fidelity retrieval speed] [--caps 256 512]
                               [--texts 3] [--cases 8] [--new-tokens 1024] [--out results/recompress.json]
     python bench.py load      [--checkpoint NAME] [--out results/load.json]
+    python bench.py report    [--check]
 
 quality: every prompt is prefilled once and every method x keep is compressed from that one
 prefill (the prefill does not depend on the method). Retrieval runs in the query-aware setting
@@ -29,6 +30,11 @@ passkey: how often the CLI's pass-key demo finds its key, per keep and setting, 
 recompress: long generation through a cache re-compressed whenever full: teacher-forced fidelity,
 recall of a fact stated before many re-compressions, and decode speed.
 load: peak resident memory of loading the checkpoint, in float32 and bfloat16, each in a fresh process.
+report: the tables of docs/results.md and the README's headline, rebuilt from results/*.json
+(--check: exit 1 if the committed documents differ from what the results give).
+
+Every run writes its rows to --out when it ends (atomically); the quality bench also writes what
+it has after every prompt, to <out>.partial, so a killed run never replaces a complete file.
 """
 import argparse
 import sys
@@ -37,14 +43,16 @@ from datetime import date
 
 import torch
 
-from bench_common import machine, write_json
-from bench_quality import pages_table, passkey_table, plot, quality_tables, run_pages, run_passkey, run_quality
-from bench_recompress import recompress_tables, run_recompress
-from bench_speed import (SPEED_CONFIGS, load_table, questions_table, run_load, run_questions, run_speed,
-                         run_throughput, speed_tables, throughput_tables)
+from benchmarks.common import machine, write_json
+from benchmarks.quality import pages_table, passkey_table, plot, quality_tables, run_pages, run_passkey, run_quality
+from benchmarks.recompress import recompress_tables, run_recompress
+from benchmarks.report import report
+from benchmarks.speed import (SPEED_CONFIGS, load_table, questions_table, run_load, run_questions, run_speed,
+                              run_throughput, speed_tables, throughput_tables)
 from checkpoint import CheckpointError
 from chunkkv import CompressionConfig, CompressionError
-from inference import Recompression, auto_dtype
+from cli import auto_dtype
+from generate import Recompression
 from registry import load, resolve
 
 
@@ -60,10 +68,11 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=["quality", "speed", "throughput", "pages", "questions", "passkey",
-                                          "recompress", "load"])
+                                          "recompress", "load", "report"])
+    parser.add_argument("--check", action="store_true", help="report: only compare the documents with the results")
     parser.add_argument("--quick", action="store_true", help="a small subset: minutes, not the full run")
     parser.add_argument("--setting", choices=["aware", "agnostic", "both"], default="both",
                         help="quality: retrieval with the question in the prompt (aware), after compression "
@@ -101,7 +110,16 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, help="recompress: tokens generated for speed (default 1024)")
     parser.add_argument("--caps", type=positive, nargs="+",
                         help="recompress: cache sizes in entries for fidelity and retrieval (default 256 512)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.bench == "report":
+        stale = report(check=args.check)
+        verb = "differ from what results/ gives: run python bench.py report" if args.check else "rebuilt"
+        print(f"{', '.join(stale)} {verb}" if stale else "the documents match results/")
+        return 1 if stale and args.check else 0
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -140,7 +158,7 @@ def main(argv=None) -> int:
         out = args.out or f"results/{args.bench}.json"
         rows = run_quality(model, tokenizer, args.quick, settings, lengths, args.keeps, args.tasks, args.retrieval_only,
                            args.prompts, args.ablations, args.fidelity_tokens,
-                           on_case=lambda rows: write_json(out, rows, command + "  # partial", quiet=True, dtype=dtype))
+                           on_case=lambda rows: write_json(out, rows, command, dtype, partial=True))
         print(quality_tables(rows))
     elif args.bench == "speed":
         rows = run_speed(model, tokenizer, args.quick, lengths, args.methods, args.batches, args.compile,
@@ -163,7 +181,7 @@ def main(argv=None) -> int:
         rows = run_passkey(model, tokenizer, args.quick)
         print(passkey_table(rows))
     print(f"\n{args.bench} benchmark took {(time.perf_counter() - start) / 60:.1f} min")
-    write_json(args.out or f"results/{args.bench}.json", rows, command, dtype=dtype)
+    write_json(args.out or f"results/{args.bench}.json", rows, command, dtype)
     if args.plot and args.bench == "quality":
         plot(rows, args.plot)
     return 0

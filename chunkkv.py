@@ -5,6 +5,8 @@ prefill. The last `window` prompt queries score every prompt token; the prefix b
 the window is cut into chunks of `chunk_size` consecutive tokens; the best-scoring
 whole chunks are kept (plus the window) until the per-layer budget is full. Keeping
 whole chunks instead of scattered tokens keeps phrases, names and numbers intact.
+The baselines (StreamingLLM, H2O, SnapKV, PyramidKV, FastGen) are rows of one table,
+`METHODS`: a scorer, a selector and a few flags each.
 
 This file depends on torch and einops only: copy it into your own project.
 
@@ -14,15 +16,12 @@ T prompt tokens, W observation window, D head dim, N kept entries.
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
-
-METHODS = ("full", "streaming", "h2o", "snapkv", "pyramidkv", "chunkkv", "fastgen")
-SCORED = ("h2o", "snapkv", "pyramidkv", "chunkkv", "fastgen")  # the methods layer-wise reuse applies to
-RECOMPRESSIBLE = ("chunkkv", "snapkv", "streaming")  # the methods that can compress a full cache again
 
 
 class CompressionError(ValueError):
@@ -31,11 +30,11 @@ class CompressionError(ValueError):
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    method: str = "chunkkv"
-    keep: float = 0.1  # fraction of the prompt's KV entries kept per layer (0.1 keeps 10 %)
-    budget: int | None = None  # or an absolute count of prompt entries per layer; wins over keep
+    method: str = "chunkkv"  # a key of METHODS
+    keep: float | None = None  # fraction of the prompt's KV entries kept per layer (default 0.1: keeps 10 %)
+    budget: int | None = None  # or an absolute count of prompt entries per layer, window included
     window: int = 32  # observation window: the last prompt tokens, always kept, whose queries score
-    chunk_size: int = 10
+    chunk_size: int = 10  # chunkkv: tokens per chunk (the paper's choice)
     reuse: int = 1  # layer-wise index reuse depth: layers l..l+reuse-1 share layer l's selection
     per_head: bool = False  # chunkkv: choose chunks per KV head instead of once per layer
     n_sinks: int = 4  # streaming: attention-sink tokens kept at the start
@@ -48,8 +47,17 @@ class CompressionConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise CompressionError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if not 0 < self.keep <= 1:
+        row = METHODS[self.method]
+        if not row.budgeted and (self.keep is not None or self.budget is not None):
+            raise CompressionError(f"{self.method} " + ("keeps every entry: drop keep/budget" if row.score is None else
+                                                        "chooses each head's budget itself: drop keep/budget, tune recovery"))
+        if self.keep is not None and self.budget is not None:
+            raise CompressionError("pass keep (a fraction) or budget (a count), not both")
+        if self.keep is not None and not 0 < self.keep <= 1:
             raise CompressionError(f"keep must be in (0, 1], got {self.keep}: 0.1 keeps 10 % of the prompt")
+        if self.per_head and row.per_head is not None:
+            raise CompressionError(f"per_head chooses chunks per KV head, for chunkkv only: {self.method} is "
+                                   f"{'always' if row.per_head else 'never'} per KV head; drop per_head")
         if not 0 < self.recovery <= 1:
             raise CompressionError(f"recovery must be in (0, 1], got {self.recovery}: 0.9 keeps 90 % of the attention mass")
         for name in ("window", "chunk_size", "reuse", "pool_kernel", "n_sinks"):
@@ -61,40 +69,51 @@ class CompressionConfig:
         if not 1 <= self.pyramid_beta < math.inf:  # also refuses nan
             raise CompressionError(f"pyramid_beta must be a finite number of at least 1, got {self.pyramid_beta}: "
                                    f"below 1 the budgets would rise with depth; PyramidKV uses 20")
-        if self.method == "streaming" and self.window <= self.n_sinks:
-            raise CompressionError(f"streaming keeps {self.n_sinks} sinks plus recent tokens: use a window above {self.n_sinks}")
-        if self.budget is not None and self.budget < self.window + 1:
-            raise CompressionError(
-                f"budget {self.budget} leaves no room beside the observation window ({self.window}): "
-                f"use a budget of at least {self.window + 1} or a smaller window")
+        if self.budget is not None and self.budget < self.min_budget:
+            raise CompressionError(f"budget {self.budget} leaves no room beside {self.protected}: "
+                                   f"use a budget of at least {self.min_budget}")
+
+    @property
+    def row(self) -> "Method":
+        return METHODS[self.method]
 
     @property
     def per_kv_head(self) -> bool:
         """Whether each KV head keeps its own positions ([B, Hkv, N] instead of [B, N])."""
-        return self.method in ("h2o", "snapkv", "pyramidkv", "fastgen") or (self.method == "chunkkv" and self.per_head)
+        return self.per_head if self.row.per_head is None else self.row.per_head
+
+    @property
+    def protected(self) -> str:
+        """What every budget keeps first, in words (for errors)."""
+        return f"the observation window ({self.window})" if self.row.windowed else f"the {self.n_sinks} attention sinks"
+
+    @property
+    def min_budget(self) -> int:
+        """The smallest budget that keeps one entry beside the window (or the sinks)."""
+        return (self.window if self.row.windowed else self.n_sinks) + 1
 
     def prompt_budget(self, n_prompt: int) -> int:
         """KV entries kept per layer for a prompt of `n_prompt` tokens, window included
-        (for pyramidkv the mean over layers; fastgen chooses its own, at most the prompt)."""
-        if self.method in ("full", "fastgen") or n_prompt <= self.window:
+        (for pyramidkv the mean over layers; full and fastgen: the prompt, fastgen's upper bound)."""
+        if not self.row.budgeted or (self.row.windowed and n_prompt <= self.window):
             return n_prompt  # nothing to drop, or the whole prompt is the window
-        budget = self.budget if self.budget is not None else round(self.keep * n_prompt)
-        if budget < self.window + 1:
+        keep = 0.1 if self.keep is None else self.keep
+        budget = self.budget if self.budget is not None else round(keep * n_prompt)
+        if budget < self.min_budget:
             raise CompressionError(
-                f"keep {self.keep} of a {n_prompt}-token prompt is {budget} KV entries, fewer than the "
-                f"observation window ({self.window}) + 1: raise keep, pass a budget of at least "
-                f"{self.window + 1}, or use method 'full'")
+                f"keep {keep} of a {n_prompt}-token prompt is {budget} KV entries, fewer than {self.protected} "
+                f"+ 1: raise keep, pass a budget of at least {self.min_budget}, or use method 'full'")
         return min(budget, n_prompt)
 
     def layer_budgets(self, n_prompt: int, n_layers: int) -> list[int]:
         """Prompt KV entries kept by each layer."""
         budget = self.prompt_budget(n_prompt)
-        if self.method != "pyramidkv" or budget >= n_prompt:
+        if not self.row.pyramid or budget >= n_prompt:
             return [budget] * n_layers
         return pyramid_budgets(budget, self.window, n_layers, self.pyramid_beta, n_prompt)
 
 
-def pyramid_budgets(budget: int, window: int, n_layers: int, beta: float, n_prompt: int | None = None) -> list[int]:
+def pyramid_budgets(budget: int, window: int, n_layers: int, beta: float, n_prompt: int) -> list[int]:
     """PyramidKV: prefix budgets falling linearly with depth from 2(B-w) - (B-w)/beta down to
     (B-w)/beta, so their mean is B - w; each layer also keeps the window. When the top layer
     would need more than the prompt's T - w prefix tokens, it keeps exactly those and the
@@ -105,7 +124,7 @@ def pyramid_budgets(budget: int, window: int, n_layers: int, beta: float, n_prom
     prefix = budget - window
     low = Fraction(prefix) / Fraction(beta)  # exact arithmetic: no budget lost or gained to rounding
     high = 2 * prefix - low
-    if n_prompt is not None and high > n_prompt - window:
+    if high > n_prompt - window:
         high = Fraction(n_prompt - window)
         low = 2 * prefix - high
     exact = [high - (high - low) * layer / (n_layers - 1) for layer in range(n_layers)]
@@ -151,7 +170,7 @@ def snapkv_scores(q_win: Tensor, k: Tensor, kernel: int) -> Tensor:
     token rank high too, [B, Hkv, T]. Window positions are left unpooled (always kept)."""
     scores = head_window_scores(q_win, k)
     prefix = scores[..., :k.shape[2] - q_win.shape[2]]
-    pooled = F.max_pool1d(prefix, kernel_size=kernel, stride=1, padding=kernel // 2, ceil_mode=False)
+    pooled = F.max_pool1d(prefix, kernel_size=kernel, stride=1, padding=kernel // 2)
     return torch.cat([pooled[..., :prefix.shape[-1]], scores[..., prefix.shape[-1]:]], dim=-1)
 
 
@@ -231,18 +250,14 @@ def streaming_positions(n_batch: int, n_prompt: int, budget: int, n_sinks: int, 
     return torch.cat([sinks, recent]).expand(n_batch, budget)
 
 
-FASTGEN_POLICIES = ("special", "punctuation", "frequent", "local", "full")
-
-
 def fastgen_positions(scores: Tensor, tokens: Tensor, config: CompressionConfig,
-                      frequent_ratio: float = 0.3, local_ratio: float = 0.3) -> tuple[Tensor, Tensor]:
+                      frequent_ratio: float = 0.3, local_ratio: float = 0.3) -> Tensor:
     """FastGen (prefill form): each KV head takes the cheapest policy of special tokens ->
     + punctuation -> + frequent (heavy hitters) -> + local -> full whose kept set recovers at
     least `config.recovery` of its window attention mass; the window is always kept.
 
-    scores [B, Hkv, T] (window attention), tokens [B, T] -> (positions [B, Hkv, N], policy
-    [B, Hkv] indexing FASTGEN_POLICIES). Heads keep different counts: positions are sorted,
-    padded with -1 to the largest head's count N.
+    scores [B, Hkv, T] (window attention), tokens [B, T] -> positions [B, Hkv, N]. Heads keep
+    different counts: positions are sorted, padded with -1 to the largest head's count N.
     """
     n_prompt = tokens.shape[-1]
     device = tokens.device
@@ -250,8 +265,7 @@ def fastgen_positions(scores: Tensor, tokens: Tensor, config: CompressionConfig,
     window = (pos >= n_prompt - config.window).expand_as(scores)
     special = window | torch.isin(tokens, torch.tensor(config.special_ids, device=device, dtype=tokens.dtype))[:, None]
     punctuation = special | torch.isin(tokens, torch.tensor(config.punctuation_ids, device=device, dtype=tokens.dtype))[:, None]
-    n_frequent = max(1, round(frequent_ratio * n_prompt))
-    top = scores.topk(n_frequent, dim=-1).indices
+    top = scores.topk(max(1, round(frequent_ratio * n_prompt)), dim=-1).indices
     frequent = punctuation | torch.zeros_like(punctuation).scatter_(-1, top, True)
     local = frequent | (pos >= n_prompt - round(local_ratio * n_prompt))
     masks = torch.stack([special, punctuation, frequent, local, torch.ones_like(local)])  # [5, B, Hkv, T]
@@ -263,70 +277,116 @@ def fastgen_positions(scores: Tensor, tokens: Tensor, config: CompressionConfig,
     n_kept = int(keep.sum(-1).max())  # prefill is eager: a data-dependent size is fine here
     # kept positions first, in order; the rest sort past them and become -1 padding
     order = torch.where(keep, pos, n_prompt + pos).sort(dim=-1).values[..., :n_kept]
-    return torch.where(order < n_prompt, order, -1), policy
+    return torch.where(order < n_prompt, order, -1)
+
+
+# ---------------------------------------------------------------------------------------
+# The method table: one row per method, a scorer and a selector each.
+# A scorer is (config, q [B, Hq, T, D], k [B, Hkv, T, D]) -> scores [B, T] or [B, Hkv, T];
+# a selector is (config, scores, budget, k, tokens) -> sorted positions [B, N] or [B, Hkv, N].
+
+@dataclass(frozen=True)
+class Method:
+    """One row of METHODS: how a method scores prompt tokens and which it keeps."""
+    score: Callable | None  # None: the selection needs no scores (full, streaming)
+    select: Callable
+    per_head: bool | None  # positions per KV head ([B, Hkv, N]); None: CompressionConfig.per_head decides
+    windowed: bool = True  # always keeps the last `window` tokens, so a budget needs room beside them
+    budgeted: bool = True  # keeps `keep`/`budget` entries; False: chooses its own count (full, fastgen)
+    pyramid: bool = False  # per-layer budgets fall linearly with depth (PyramidKV)
+    recompressible: bool = False  # can compress a full cache again at decode time (recompress_slots)
+
+
+# scorers
+def window_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
+    q_win = q[:, :, -config.window:]
+    return head_window_scores(q_win, k) if config.per_head else window_scores(q_win, k)
+
+
+def head_window_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
+    return head_window_scores(q[:, :, -config.window:], k)
+
+
+def pooled_window_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
+    return snapkv_scores(q[:, :, -config.window:], k, config.pool_kernel)
+
+
+def all_queries_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
+    return h2o_scores(q, k)
+
+
+# selectors
+def keep_all(config: CompressionConfig, scores, budget: int, k: Tensor, tokens) -> Tensor:
+    return all_positions(k, per_head=False)
+
+
+def sinks_and_recent(config: CompressionConfig, scores, budget: int, k: Tensor, tokens) -> Tensor:
+    return streaming_positions(k.shape[0], k.shape[2], budget, config.n_sinks, k.device)
+
+
+def top_tokens(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens) -> Tensor:
+    return select_tokens(scores, budget, config.window)
+
+
+def top_chunks(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens) -> Tensor:
+    return select_chunks(scores, budget, config.window, config.chunk_size)
+
+
+def cheapest_policy(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens: Tensor | None) -> Tensor:
+    if tokens is None:
+        raise CompressionError("fastgen reads the prompt's token ids (special tokens, punctuation): pass tokens")
+    return fastgen_positions(scores, tokens, config)
+
+
+METHODS = {
+    "full":      Method(None, keep_all, per_head=False, windowed=False, budgeted=False),
+    "streaming": Method(None, sinks_and_recent, per_head=False, windowed=False, recompressible=True),
+    "h2o":       Method(all_queries_score, top_tokens, per_head=True),
+    "snapkv":    Method(pooled_window_score, top_tokens, per_head=True, recompressible=True),
+    "pyramidkv": Method(pooled_window_score, top_tokens, per_head=True, pyramid=True),
+    "chunkkv":   Method(window_score, top_chunks, per_head=None, recompressible=True),
+    "fastgen":   Method(head_window_score, cheapest_policy, per_head=True, budgeted=False),
+}
+SCORED = tuple(name for name, row in METHODS.items() if row.score is not None)  # layer-wise reuse applies to these
+RECOMPRESSIBLE = tuple(sorted(name for name, row in METHODS.items() if row.recompressible))
 
 
 # ---------------------------------------------------------------------------------------
 # One layer: which positions to keep, then gather them.
 
-def is_reuse_leader(layer: int, reuse: int) -> bool:
-    """Layer-wise reuse: layer l scores when l % reuse == 0, the others borrow its selection."""
-    return layer % reuse == 0
-
-
-def score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor | None:
-    """The method's token scores, [B, T] (per layer) or [B, Hkv, T] (per KV head)."""
-    q_win = q[:, :, -config.window:]
-    if config.method == "chunkkv":
-        return head_window_scores(q_win, k) if config.per_head else window_scores(q_win, k)
-    if config.method in ("snapkv", "pyramidkv"):
-        return snapkv_scores(q_win, k, config.pool_kernel)
-    if config.method == "h2o":
-        return h2o_scores(q, k)
-    if config.method == "fastgen":
-        return head_window_scores(q_win, k)
-    return None  # full, streaming: no scores
-
-
-def select(config: CompressionConfig, scores: Tensor | None, tokens: Tensor, budget: int) -> Tensor:
-    """Kept positions from scores: [B, N] or [B, Hkv, N], sorted (-1 = unused slot, fastgen)."""
-    n_batch, n_prompt = tokens.shape
-    if config.method == "streaming":
-        return streaming_positions(n_batch, n_prompt, budget, config.n_sinks, tokens.device)
-    if config.method == "chunkkv":
-        return select_chunks(scores, budget, config.window, config.chunk_size)
-    if config.method == "fastgen":
-        return fastgen_positions(scores, tokens, config)[0]
-    return select_tokens(scores, budget, config.window)
-
-
-def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, tokens: Tensor, budget: int, layer: int,
-                   leader: tuple[Tensor, Tensor | None] | None = None,
-                   scores: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """(positions, scores) of one layer: positions [B, N] or [B, Hkv, N] sorted, one choice per
-    sequence (and per KV head for per-head methods).
-
-    q [B, Hq, T, D] (most methods read only the last `window` queries), k [B, Hkv, T, D],
-    tokens [B, T]. A layer that is not a reuse leader skips scoring: it takes the leader's
-    positions, or re-selects from the leader's scores when its own budget differs (pyramidkv).
-    Precomputed `scores` of this layer also skip scoring (one scoring, many budgets).
-    """
+def all_positions(k: Tensor, per_head: bool) -> Tensor:
+    """Every position of k [B, Hkv, T, D]: [B, Hkv, T] or [B, T]."""
     n_batch, n_kv_heads, n_prompt = k.shape[:3]
-    # a pyramidkv leader that keeps everything still scores: its followers keep less and select from its scores
-    scores_for_followers = (config.method == "pyramidkv" and config.reuse > 1 and is_reuse_leader(layer, config.reuse)
-                            and config.prompt_budget(n_prompt) < n_prompt)
-    if config.method == "full" or (budget >= n_prompt and config.method != "fastgen" and not scores_for_followers):
-        shape = (n_batch, n_kv_heads, n_prompt) if config.per_kv_head else (n_batch, n_prompt)
-        return torch.arange(n_prompt, device=k.device).expand(shape), None  # nothing to drop
-    if leader is not None and not is_reuse_leader(layer, config.reuse) and config.method in SCORED:
+    shape = (n_batch, n_kv_heads, n_prompt) if per_head else (n_batch, n_prompt)
+    return torch.arange(n_prompt, device=k.device).expand(shape)
+
+
+def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, budget: int, layer: int,
+                   leader: tuple[Tensor, Tensor | None] | None = None, scores: Tensor | None = None,
+                   tokens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(positions, scores) of one layer: positions [B, N] or [B, Hkv, N] sorted (-1: a head's
+    padding, fastgen), one choice per sequence (and per KV head for per-head methods).
+
+    q [B, Hq, T, D] (most methods read only the last `window` queries), k [B, Hkv, T, D];
+    tokens [B, T] for fastgen. Layer-wise reuse: a layer with layer % reuse != 0 skips scoring
+    and takes `leader`, the (positions, scores) the last scoring layer returned, or re-selects
+    from the leader's scores when its own budget differs (pyramidkv). Precomputed `scores` of
+    this layer also skip scoring (one scoring, many budgets).
+    """
+    row = config.row
+    if leader is not None and layer % config.reuse != 0 and row.score is not None:
         leader_positions, leader_scores = leader
-        if leader_positions.shape[-1] == budget or config.method == "fastgen":
+        if leader_positions.shape[-1] == budget or not row.budgeted or leader_scores is None:
             return leader_positions, leader_scores
-        if leader_scores is not None:
-            return select(config, leader_scores, tokens, budget), leader_scores
+        return row.select(config, leader_scores, budget, k, tokens), leader_scores
+    # a pyramidkv leader that keeps everything still scores: its followers keep less and select from its scores
+    scores_for_followers = row.pyramid and config.reuse > 1 and config.prompt_budget(k.shape[2]) < k.shape[2]
+    if row.score is None or (row.budgeted and budget >= k.shape[2] and not scores_for_followers):
+        return (row.select(config, None, budget, k, tokens) if row.score is None
+                else all_positions(k, config.per_kv_head)), None  # nothing to drop
     if scores is None:
-        scores = score(config, q, k)
-    return select(config, scores, tokens, budget), scores
+        scores = row.score(config, q, k)
+    return row.select(config, scores, budget, k, tokens), scores
 
 
 def recompress_slots(config: CompressionConfig, q_win: Tensor, k: Tensor, budget: int) -> Tensor:
@@ -339,20 +399,12 @@ def recompress_slots(config: CompressionConfig, q_win: Tensor, k: Tensor, budget
     consecutive slots and keeps whole chunks to exactly `budget` (select_chunks); SnapKV keeps
     the best single slots; StreamingLLM the first n_sinks and the most recent slots.
     Returns kept slot indices, sorted: [B, N] (one choice per row) or [B, Hkv, N] (per KV head),
-    N = min(budget, n). Raises CompressionError for the other methods.
+    N = min(budget, n). Raises CompressionError for the methods that cannot.
     """
-    if config.method not in RECOMPRESSIBLE:
+    if not config.row.recompressible:
         raise CompressionError(f"method {config.method!r} cannot re-compress a full cache: "
                                f"use one of {', '.join(RECOMPRESSIBLE)}")
-    n_batch, n_used = k.shape[0], k.shape[2]
-    if config.method == "streaming":
-        return streaming_positions(n_batch, n_used, budget, config.n_sinks, k.device)
-    if n_used <= budget:
-        return torch.arange(n_used, device=k.device).expand(n_batch, n_used)
-    scores = score(config, q_win, k)  # [B, n] or [B, Hkv, n]: slot-ordered, like a prompt's token scores
-    if config.method == "chunkkv":
-        return select_chunks(scores, budget, config.window, config.chunk_size)
-    return select_tokens(scores, budget, config.window)
+    return keep_positions(config, q_win, k, budget, layer=0)[0]
 
 
 def gather_kv(k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:

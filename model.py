@@ -3,20 +3,21 @@ compressible KV cache.
 
 Ways to run it:
   model(tokens)                     full-sequence logits [B, T, vocab], no cache involved
-  model.prefill(tokens, prefill)    fills every layer's cache with the compressed prompt KV,
+  model.prefill(tokens, request)    fills every layer's cache with the compressed prompt KV,
                                     returns the last position's logits [B, vocab]
-  model.compress(captured, prefill) refills the caches from a captured prefill, compressed anew
+  model.capture(tokens)             a prefill that keeps each layer's (q, k, v) instead, and
+  model.compress(captured, request) fills the caches from it: one prefill, many compressions
   model.extend(tokens)              appends tokens [B, T'] to the caches, returns their logits [B, T', vocab]
   model.decode(token)               one token per sequence through the cache, [B, vocab]
   model.recompress(config, budget)  full caches compressed again, in place, to `budget` entries
-  model.snapshot(), model.restore() the caches' counters and masks, saved and put back (no K/V copy)
+  model.snapshot(), model.restore() the caches' counters and positions, saved and put back (no K/V copy)
 
 Module names follow Hugging Face's Llama, so its state dicts load without renaming. Llama, Mistral
 and Qwen2 checkpoints all run on it: they differ only in ModelArgs fields.
 """
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import chunkkv
+
+
+class PromptError(ValueError):
+    """A prompt or generation setting that cannot be run; the message says how to fix it."""
 
 
 @dataclass
@@ -55,205 +60,120 @@ class ModelArgs:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"{self.n_heads} query heads do not split evenly over {self.n_kv_heads} KV heads")
 
-    @classmethod
-    def from_name(cls, name: str) -> "ModelArgs":
-        return cls(**CONFIGS[name])
 
-
-CONFIGS = {
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256, max_seq_len=1024),
-    "smollm2-135m": dict(),
-    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560),
-    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
-                       rope_theta=500000.0, max_seq_len=8192, tie_embeddings=False),
-}
-
-
-@dataclass
-class Prefill:
-    """One prefill's compression: what to do, and what each layer did."""
+@dataclass(frozen=True)
+class CacheRequest:
+    """What a prefill (or model.compress) keeps of each prompt, and the caches it allocates."""
     config: chunkkv.CompressionConfig
-    tokens: Tensor  # the prompt [B, T]: fastgen reads its special and punctuation tokens
-    budgets: list[int]  # prompt KV entries each layer keeps
-    max_new_tokens: int  # cache slots left free for generated tokens
-    n_slots: int | None = None  # fixed cache size per layer; default: each layer's need, rounded up to 8
-    leader: tuple | list | None = None  # (positions, scores) of the latest reuse leader (ragged: one per row)
+    lengths: list[int]  # each row's prompt length; a shorter row is right-padded to the longest
+    budgets: list[list[int]]  # [row][layer] prompt KV entries kept
+    max_new_tokens: int  # cache slots left free after the kept entries
+    n_slots: int | None = None  # fixed cache size of every layer; default: each layer's need, rounded up to 8
+    tokens: Tensor | None = None  # the prompt [B, T]: fastgen reads its special and punctuation tokens
     scores: list[Tensor] | None = None  # precomputed token scores per layer: scoring is skipped
-    captured: list[tuple] | None = None  # a list to receive each layer's (q, k, v), for model.compress
-    # ragged batch: tokens are right-padded; each row is compressed alone, as its own batch of one
-    lengths: list[int] | None = None  # each row's prompt length (its real tokens are tokens[row, :length])
-    row_budgets: list[list[int]] | None = None  # [row][layer] prompt KV entries kept; `budgets` is then unused
     keep_queries: bool = False  # keep each layer's last `window` queries, so the cache can be re-compressed
-    kept: list[float] = field(default_factory=list)  # prompt entries kept per layer (mean over KV heads and rows)
-    stored: list[float] = field(default_factory=list)  # prompt slots used per layer (largest head's count; mean over rows)
-    compress_seconds: float = 0.0  # scoring + selection + gather, all layers
 
 
 class KVCache(nn.Module):
-    """Static per-layer cache [B, Hkv, slots, D]: the kept prompt entries fill slots [0, n),
-    every token appended after them (extend, decode) takes the next free slot. Keys are stored
-    rotated at their original (logical) positions, which are not their slot indices.
-    `valid` [B, Hkv, slots] marks what each head may attend to (per-head methods keep
-    different counts per head; appended tokens become valid as they are written).
-
-    The cache owns its counters, one per batch row: `used` (slots written) and `length`
-    (logical length: prompt tokens + tokens appended since). Code outside asks them."""
+    """One layer's static cache: k, v [B, Hkv, slots, D] rotated at their positions; pos [B, Hkv, slots]
+    the logical (RoPE) position of each slot's entry, -1 where nothing may be attended. It owns the
+    counters of each row: `used` (slots written) and `length` (prompt tokens + tokens appended)."""
 
     def __init__(self):
         super().__init__()
-        self.positions: Tensor | None = None  # kept prompt positions, for inspection only
-        self.fills = 0  # how often fill ran: a snapshot of an earlier fill cannot be restored
-        self.register_buffer("queries", None, persistent=False)  # last `window` queries [B, Hq, W, D]: for re-compression
+        self.fills = 0  # refills and re-compressions move K and V: older snapshots cannot be restored
+        self.register_buffer("queries", None, persistent=False)  # last `window` queries [B, Hq, W, D]
 
-    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
-        """(Re)allocate only when the size changes: same-size runs reuse the buffers, so a
-        compiled decode step sees the same tensors every time."""
-        if getattr(self, "k", None) is not None and (self.k.shape, self.k.dtype, self.k.device) == (shape, dtype, device):
-            return
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("valid", torch.zeros(shape[:3], dtype=torch.bool, device=device), persistent=False)
-        # tensors, not ints: the decode graph reads them without recompiling per value
-        self.register_buffer("n_kept", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("used", torch.zeros(shape[0], dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("length", torch.zeros(shape[0], dtype=torch.long, device=device), persistent=False)
-
-    def fill(self, k: Tensor, v: Tensor, positions: Tensor, n_slots: int, n_prompt: int | Tensor,
-             n_used: Tensor | None = None):
-        """Kept prompt entries k, v [B, Hkv, n, D] and their positions [B, n] or [B, Hkv, n]
-        (-1 = unused) of an `n_prompt`-token prompt. A ragged batch passes each row's prompt
-        length and slots filled as [B] tensors (`n_prompt`, `n_used`): appended tokens then take
-        each row's own next slot and position; a shorter row's slots past its own are masked."""
+    def fill(self, k: Tensor, v: Tensor, positions: Tensor, n_slots: int, lengths: Tensor, used: Tensor):
+        """Kept entries k, v [B, Hkv, n, D] at positions [B, Hkv, n] (-1: padding) into slots [0, n) of
+        prompts of `lengths` [B], `used` [B] slots per row. Same-size fills reuse the buffers (one graph)."""
         n_batch, n_kv_heads, n_kept, head_dim = k.shape
-        self.allocate((n_batch, n_kv_heads, n_slots, head_dim), k.dtype, k.device)
-        self.k[:, :, :n_kept] = k
-        self.v[:, :, :n_kept] = v
-        used = positions >= 0
-        self.valid.zero_()
-        self.valid[:, :, :n_kept] = used if used.dim() == 3 else used[:, None]  # per head, or all heads
-        self.n_kept.fill_(n_kept)
-        self.used.copy_(n_used if n_used is not None else torch.full_like(self.used, n_kept))
-        self.length.copy_(torch.as_tensor(n_prompt, device=self.length.device).expand_as(self.length))
-        self.positions = positions
-        self.anchor = (self.used.clone(), self.length.clone())  # slot_positions: appended slots count on from here
+        shape = (n_batch, n_kv_heads, n_slots, head_dim)
+        if getattr(self, "k", None) is None or (self.k.shape, self.k.dtype, self.k.device) != (shape, k.dtype, k.device):
+            for name, t in [("k", k.new_zeros(shape)), ("v", k.new_zeros(shape)),
+                            ("pos", torch.full(shape[:3], -1, dtype=torch.int32, device=k.device)),
+                            # tensors, not ints: the decode graph reads them without recompiling per value
+                            ("used", lengths.new_zeros(n_batch)), ("length", lengths.new_zeros(n_batch))]:
+                self.register_buffer(name, t, persistent=False)
+        self.k[:, :, :n_kept], self.v[:, :, :n_kept] = k, v
+        self.pos.fill_(-1)
+        self.pos[:, :, :n_kept] = positions
+        self.used.copy_(used)
+        self.length.copy_(lengths)
         self.fills += 1
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Write k, v [B, Hkv, T', D] of T' new tokens at each row's next free slots and advance
-        the counters; return the whole k, v and the attention mask [B, Hkv, T', slots]: each new
-        token sees the valid entries and, causally, the new tokens up to itself."""
-        n_batch, n_kv_heads, n_new, head_dim = k.shape
-        slots = self.used[:, None] + torch.arange(n_new, device=k.device)  # [B, T']
-        rows = torch.arange(n_batch, device=k.device)[:, None]  # [B, 1]
-        # index_put_, not scatter_: Inductor writes it in place, where a scatter_ into the buffer
-        # copied the whole cache every step. Advanced indices first: the values are [B, T', Hkv, D]
+        """Write k, v [B, Hkv, T', D] of new tokens at each row's next slots, advance the counters; the whole
+        k, v and the mask [B, Hkv, T', slots]: each new token sees the entries at positions up to its own."""
+        n_new = k.shape[2]
+        new = torch.arange(n_new, device=k.device)
+        slots, positions = self.used[:, None] + new, self.length[:, None] + new  # [B, T']
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
+        # index_put_ (values [B, T', Hkv, D]), not scatter_: Inductor writes it in place, a scatter_ copied the cache
         self.k[rows, :, slots] = k.transpose(1, 2)
         self.v[rows, :, slots] = v.transpose(1, 2)
-        self.valid[rows, :, slots] = True
-        slot_ids = torch.arange(self.k.shape[2], device=k.device)
-        mask = self.valid[:, :, None, :] & (slot_ids <= slots[:, None, :, None])  # [B, Hkv, T', slots]
+        self.pos[rows, :, slots] = positions[..., None].to(self.pos.dtype)
+        mask = (self.pos[:, :, None, :] >= 0) & (self.pos[:, :, None, :] <= positions[:, None, :, None])
         self.used.add_(n_new)
         self.length.add_(n_new)
         return self.k, self.v, mask
 
-    def free_slots(self) -> int:
-        """Slots left in the fullest row (a host sync: for checks outside the decode step)."""
+    def free_slots(self) -> int:  # slots left in the fullest row (a host sync: not inside decode)
         return self.k.shape[2] - int(self.used.max())
 
-    def snapshot(self) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
-        """This cache's state: (fill count, used, length, valid, queries), copied (K and V are not)."""
-        queries = self.queries.clone() if self.queries is not None else None
-        return self.fills, self.used.clone(), self.length.clone(), self.valid.clone(), queries
+    def snapshot(self) -> tuple:
+        """(fill count, used, length, pos, queries), copied; K and V are not."""
+        return (self.fills, *(None if t is None else t.clone() for t in (self.used, self.length, self.pos, self.queries)))
 
-    def restore(self, state: tuple[int, Tensor, Tensor, Tensor, Tensor]):
-        """Back to a snapshot of the same fill, in place: whatever was appended since stays in
-        its slots but is masked, and the next tokens overwrite it. A re-compression counts as
-        a fill (it moves K and V)."""
-        fills, used, length, valid, queries = state
+    def restore(self, state: tuple):
+        """Back to a snapshot of the same fill, in place: what was appended since stays, masked."""
+        fills, *tensors = state
         if fills != self.fills:
-            raise ValueError("the cache was refilled since this snapshot: compress the context again")
-        self.used.copy_(used)
-        self.length.copy_(length)
-        self.valid.copy_(valid)
-        if queries is not None:
-            self.queries.copy_(queries)
-
-    # -- re-compression: a full cache compressed again, in place (design.md §6) --------------
+            raise ValueError("the cache was refilled or re-compressed since this snapshot: compress the context again")
+        for mine, saved in zip((self.used, self.length, self.pos, self.queries), tensors):
+            if saved is not None:
+                mine.copy_(saved)
 
     def keep_queries(self, q: Tensor | None, window: int):
-        """Start the query buffer `queries` [B, Hq, window, D] from the prompt's queries q
-        [B, Hq, T, D]: its last `window`, right-aligned (zeros before a shorter prompt). None:
-        no buffer (no re-compression; the decode step then skips writing it)."""
+        """Start the query buffer [B, Hq, window, D] from the prompt's q [B, Hq, T, D], right-aligned
+        (zeros before a shorter prompt); None: no buffer (no re-compression)."""
         if q is None:
             self.queries = None
             return
         shape = (q.shape[0], q.shape[1], window, q.shape[3])
         if self.queries is None or (self.queries.shape, self.queries.dtype) != (shape, q.dtype):
             self.register_buffer("queries", q.new_zeros(shape), persistent=False)
-        last = q[:, :, -window:]
         self.queries.zero_()
-        self.queries[:, :, window - last.shape[2]:] = last
+        self.queries[:, :, window - min(window, q.shape[2]):] = q[:, :, -window:]
 
     def remember(self, q: Tensor):
-        """Shift the queries q [B, Hq, T', D] of appended tokens into the buffer: fixed shapes,
-        written in place, so the compiled decode step stays one graph."""
+        """Shift the queries q [B, Hq, T', D] of appended tokens into the buffer, in place."""
         self.queries.copy_(torch.cat([self.queries, q], dim=2)[:, :, -self.queries.shape[2]:])
-
-    def slot_positions(self) -> Tensor:
-        """Logical (RoPE) position of every slot [B, Hkv, slots], -1 where nothing valid is
-        stored: the kept entries of the last fill or re-compression, then appended tokens
-        counting on from the length at that time."""
-        n_batch, n_kv_heads, n_slots = self.valid.shape
-        used, length = self.anchor
-        slot = torch.arange(n_slots, device=self.valid.device)
-        appended = (length[:, None] + slot - used[:, None])[:, None].expand(n_batch, n_kv_heads, n_slots)
-        kept = self.positions if self.positions.dim() == 3 else self.positions[:, None].expand(-1, n_kv_heads, -1)
-        kept = F.pad(kept, (0, n_slots - kept.shape[-1]), value=-1)
-        positions = torch.where(slot < used[:, None, None], kept, appended)
-        return positions.masked_fill(~self.valid, -1)
 
     @torch.no_grad()
     def recompress(self, config: chunkkv.CompressionConfig, budget: int, n_new: int = 1) -> bool:
-        """Make room for `n_new` tokens: every row that cannot take them is compressed again, in
-        place, to `budget` entries with `config`'s method (chunkkv.recompress_slots: the last
-        `window` entries are the window, scored by the last `window` queries this layer saw).
-        Kept entries move to slots [0, budget) in their order and keep their RoPE positions:
-        nothing is re-rotated. Eager, with host syncs: run it between decode steps. Returns
-        whether anything was re-compressed; raises CompressionError for an unsupported method
-        and ValueError when `n_new` exceeds the slots left free after re-compression."""
+        """Make room for `n_new` tokens: each row that cannot take them keeps `budget` entries
+        (chunkkv.recompress_slots), moved to slots [0, budget) in order, positions unchanged.
+        Eager, with host syncs: between decode steps. Returns whether any row was compressed."""
         n_slots = self.k.shape[2]
         if self.queries is None:
-            raise ValueError("this cache keeps no queries to score with: prefill with Prefill(keep_queries=True)")
+            raise ValueError("this cache keeps no queries to score with: prefill with keep_queries=True")
         if n_new > n_slots - budget:
             raise ValueError(f"{n_new} new tokens do not fit beside the {budget} entries re-compression keeps "
                              f"in {n_slots} slots: append fewer tokens at a time, or raise the cache budget")
-        full = (self.used + n_new > n_slots).tolist()
-        if not any(full):
-            return False
-        positions = self.slot_positions()
-        kept_positions = []
-        for row, is_full in enumerate(full):
-            n_used = int(self.used[row])
-            if is_full:
-                slots = chunkkv.recompress_slots(config, self.queries[row:row + 1], self.k[row:row + 1, :, :n_used],
-                                                 budget)[0]
-                slots = slots.expand(self.k.shape[1], -1) if slots.dim() == 1 else slots  # [Hkv, N]
-            else:
-                slots = torch.arange(n_used, device=self.k.device).expand(self.k.shape[1], -1)
+        full = [(row, n_used) for row, n_used in enumerate(self.used.tolist()) if n_used + n_new > n_slots]
+        for row, n_used in full:
+            slots = chunkkv.recompress_slots(config, self.queries[row:row + 1], self.k[row:row + 1, :, :n_used],
+                                             budget)[0].expand(self.k.shape[1], -1)  # [Hkv, N]
             n_kept = slots.shape[-1]
             index = slots[..., None].expand(-1, -1, self.k.shape[3])
             self.k[row, :, :n_kept] = self.k[row].gather(1, index)  # gather copies first: safe in place
             self.v[row, :, :n_kept] = self.v[row].gather(1, index)
-            valid = self.valid[row].gather(1, slots)
-            self.valid[row] = False
-            self.valid[row, :, :n_kept] = valid
+            self.pos[row, :, :n_kept] = self.pos[row].gather(1, slots)
+            self.pos[row, :, n_kept:] = -1
             self.used[row] = n_kept
-            kept_positions.append(positions[row].gather(1, slots).masked_fill(~valid, -1))
-        width = max(p.shape[-1] for p in kept_positions)
-        self.positions = torch.stack([F.pad(p, (0, width - p.shape[-1]), value=-1) for p in kept_positions])
-        self.anchor = (self.used.clone(), self.length.clone())
-        self.fills += 1  # K and V moved: an earlier snapshot cannot be restored
-        return True
+        self.fills += bool(full)
+        return bool(full)
 
 
 def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> Tensor:
@@ -276,14 +196,14 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> Tensor
 
 
 def rope(positions: Tensor, args: ModelArgs) -> tuple[Tensor, Tensor]:
-    """cos, sin [T, D] in float32 for the rotate-half RoPE layout at `positions` [T]."""
-    angles = positions.float()[:, None] * rope_inv_freq(args, positions.device)  # [T, D/2]
+    """cos, sin [*positions.shape, D] in float32 for the rotate-half RoPE layout."""
+    angles = positions.float()[..., None] * rope_inv_freq(args, positions.device)  # [..., D/2]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D], cos/sin [T, D]: rotate pairs (i, i + D/2) by their position's angle."""
+    """x [B, H, T, D], cos/sin [T, D] or [B, 1, T, D]: rotate pairs (i, i + D/2) by their position's angle."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -301,9 +221,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
@@ -321,73 +240,15 @@ class Attention(nn.Module):
     def out(self, y: Tensor) -> Tensor:
         return self.o_proj(y.transpose(1, 2).flatten(2))  # [B, Hq, T, D] -> [B, T, Hq*D]
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, prefill: Prefill | None = None) -> Tensor:
-        """Causal attention over the whole (uncompressed) sequence; with `prefill`, the layer's
-        cache is then filled with the entries compression keeps."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """Causal attention over the whole (uncompressed) sequence; also its (q, k, v)."""
         q, k, v = self.qkv(x, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        if prefill is not None:
-            self.compress_into_cache(q, k, v, prefill)
-        return self.out(y)
-
-    @torch.compiler.disable  # data-dependent selection, timed: eager even inside a compiled prefill
-    def compress_into_cache(self, q: Tensor, k: Tensor, v: Tensor, prefill: Prefill):
-        start = time.perf_counter()
-        if prefill.captured is not None:
-            prefill.captured.append((q, k, v))
-        if prefill.lengths is not None:
-            return self.compress_rows(q, k, v, prefill, start)
-        scores = prefill.scores[self.layer] if prefill.scores is not None else None
-        positions, scores = chunkkv.keep_positions(prefill.config, q, k, prefill.tokens, prefill.budgets[self.layer],
-                                                   self.layer, prefill.leader, scores)
-        n_stored = positions.shape[-1]
-        n_slots = prefill.n_slots or -(-(n_stored + prefill.max_new_tokens) // 8) * 8  # multiple of 8: fewer sizes
-        if n_slots < n_stored + prefill.max_new_tokens:
-            raise ValueError(f"a cache of {n_slots} slots cannot hold {n_stored} prompt entries "
-                             f"+ {prefill.max_new_tokens} new tokens")
-        self.cache.fill(*chunkkv.gather_kv(k, v, positions), positions, n_slots, k.shape[2])
-        self.cache.keep_queries(q if prefill.keep_queries else None, prefill.config.window)
-        if k.is_cuda:
-            torch.cuda.synchronize()
-        prefill.compress_seconds += time.perf_counter() - start
-        if chunkkv.is_reuse_leader(self.layer, prefill.config.reuse):
-            prefill.leader = (positions, scores)
-        prefill.kept.append((positions >= 0).sum(-1).float().mean().item())
-        prefill.stored.append(n_stored)
-
-    def compress_rows(self, q: Tensor, k: Tensor, v: Tensor, prefill: Prefill, start: float):
-        """A ragged batch: each row's real tokens [0, length) are scored, selected and gathered
-        alone, exactly as a batch of one (padding is never scored or kept); the rows' positions
-        are padded with -1 to the longest row's count and the cache masks them."""
-        rows, leaders = [], prefill.leader or [None] * len(prefill.lengths)
-        for row, n_prompt in enumerate(prefill.lengths):
-            row_q, row_k, row_v = (t[row:row + 1, :, :n_prompt] for t in (q, k, v))  # [1, H, T_row, D]
-            scores = prefill.scores[self.layer][row:row + 1, ..., :n_prompt] if prefill.scores is not None else None
-            positions, scores = chunkkv.keep_positions(prefill.config, row_q, row_k, prefill.tokens[row:row + 1, :n_prompt],
-                                                       prefill.row_budgets[row][self.layer], self.layer, leaders[row], scores)
-            rows.append((positions, scores, *chunkkv.gather_kv(row_k, row_v, positions)))
-        n_stored = max(positions.shape[-1] for positions, *_ in rows)
-        positions = torch.cat([F.pad(p, (0, n_stored - p.shape[-1]), value=-1) for p, *_ in rows])  # [B, (Hkv,) N]
-        k_kept, v_kept = (torch.cat([F.pad(row[i], (0, 0, 0, n_stored - row[i].shape[2])) for row in rows])
-                          for i in (2, 3))  # [B, Hkv, N, D]; the padding slots are masked
-        n_slots = prefill.n_slots or -(-(n_stored + prefill.max_new_tokens) // 8) * 8
-        if n_slots < n_stored + prefill.max_new_tokens:
-            raise ValueError(f"a cache of {n_slots} slots cannot hold {n_stored} prompt entries "
-                             f"+ {prefill.max_new_tokens} new tokens")
-        n_used = torch.tensor([p.shape[-1] for p, *_ in rows], device=k.device)  # each row's slots, as alone
-        self.cache.fill(k_kept, v_kept, positions, n_slots, torch.tensor(prefill.lengths, device=k.device), n_used)
-        self.cache.keep_queries(None, prefill.config.window)  # ragged rows are not re-compressed (generate refuses it)
-        if k.is_cuda:
-            torch.cuda.synchronize()
-        prefill.compress_seconds += time.perf_counter() - start
-        if chunkkv.is_reuse_leader(self.layer, prefill.config.reuse):
-            prefill.leader = [(p, s) for p, s, *_ in rows]
-        prefill.kept.append((positions >= 0).sum(-1).float().mean().item())
-        prefill.stored.append(n_used.float().mean().item())
+        return self.out(y), (q, k, v)
 
     def extend(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """New tokens x [B, T', dim] appended to the cache; each attends to the valid cache
-        entries and causally to the new tokens before it. cos/sin [B, 1, T', D] per row."""
+        """New tokens x [B, T', dim] appended to the cache; each attends to the cache entries up to
+        its own position. cos/sin [B, 1, T', D] per row."""
         q, k, v = self.qkv(x, cos, sin)
         if self.cache.queries is not None:  # a Python check: each case compiles once
             self.cache.remember(q)
@@ -395,11 +256,51 @@ class Attention(nn.Module):
         n_batch, _, n_new, _ = q.shape
         group = self.n_heads // self.n_kv_heads
         # a KV head's query heads as extra query rows: its K/V are read once per KV head, and SDPA's
-        # CPU kernel is 7-10x faster on one query row of bf16 this way (README, Speed)
+        # CPU kernel is 7-10x faster on one query row of bf16 this way (docs/results.md, Speed)
         q = q.reshape(n_batch, self.n_kv_heads, group * n_new, self.head_dim)  # [B, Hkv, G*T', D]
         mask = mask.repeat(1, 1, group, 1)  # [B, Hkv, G*T', slots], rows in q's (G, T') order
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
         return self.out(y.view(n_batch, self.n_heads, n_new, self.head_dim))
+
+
+@torch.compiler.disable  # data-dependent selection, timed: eager even inside a compiled prefill
+def compress_layer(cache: KVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, request: CacheRequest,
+                   leaders: list | None) -> tuple[list, float]:
+    """Fill one layer's cache with what `request` keeps of its prompt q, k, v [B, H, T, D]; (the
+    reuse leaders for the next layers, seconds spent). Rows of one length are selected together;
+    in a ragged batch each row's real tokens are scored, selected and gathered alone, as a batch
+    of one (padding is never scored or kept), and its positions padded with -1."""
+    if k.is_cuda:
+        torch.cuda.synchronize()  # bill the queued prefill to the prefill, not to compression
+    start = time.perf_counter()
+    config, lengths = request.config, request.lengths
+    parts = [range(len(lengths))] if len(set(lengths)) == 1 else [range(row, row + 1) for row in range(len(lengths))]
+    kept, new_leaders = [], []
+    for i, rows in enumerate(parts):
+        n_prompt, rows = lengths[rows[0]], slice(rows[0], rows[-1] + 1)
+        scores = request.scores[layer][rows, ..., :n_prompt] if request.scores is not None else None
+        tokens = request.tokens[rows, :n_prompt] if request.tokens is not None else None
+        positions, scores = chunkkv.keep_positions(config, q[rows, :, :n_prompt], k[rows, :, :n_prompt],
+                                                   request.budgets[rows.start][layer], layer,
+                                                   leaders[i] if leaders else None, scores, tokens)
+        if positions.dim() == 2:
+            positions = positions[:, None].expand(-1, k.shape[1], -1)  # [B, Hkv, N]: one choice for every head
+        kept.append((positions, *chunkkv.gather_kv(k[rows], v[rows], positions)))
+        new_leaders.append((positions if config.per_kv_head else positions[:, 0], scores))
+    n_kept = max(p.shape[-1] for p, _, _ in kept)
+    pad = lambda t, value=0: F.pad(t, (0, 0) * (t.dim() - 3) + (0, n_kept - t.shape[2]), value=value)  # noqa: E731
+    positions = torch.cat([pad(p, -1) for p, _, _ in kept])  # [B, Hkv, N]
+    k_kept, v_kept = (torch.cat([pad(part[i]) for part in kept]) for i in (1, 2))  # [B, Hkv, N, D]
+    n_slots = request.n_slots or -(-(n_kept + request.max_new_tokens) // 8) * 8  # multiple of 8: fewer sizes
+    if n_slots < n_kept + request.max_new_tokens:
+        raise PromptError(f"a cache of {n_slots} slots cannot hold {n_kept} prompt entries + "
+                          f"{request.max_new_tokens} new tokens: raise n_slots or lower max_new_tokens")
+    used = torch.tensor([p.shape[-1] for p, _, _ in kept for _ in range(p.shape[0])], device=k.device)
+    cache.fill(k_kept, v_kept, positions, n_slots, torch.tensor(lengths, device=k.device), used)
+    cache.keep_queries(q if request.keep_queries else None, config.window)
+    if k.is_cuda:
+        torch.cuda.synchronize()
+    return (new_leaders if layer % config.reuse == 0 else leaders), time.perf_counter() - start
 
 
 class MLP(nn.Module):
@@ -414,16 +315,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.self_attn = Attention(args, layer)
+        self.self_attn = Attention(args)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, prefill: Prefill | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, prefill)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        y, qkv = self.self_attn(self.input_layernorm(x), cos, sin)
+        x = x + y
+        return x + self.mlp(self.post_attention_layernorm(x)), qkv
 
     def extend(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = x + self.self_attn.extend(self.input_layernorm(x), cos, sin)
@@ -435,93 +337,137 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, layer) for layer in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def check_room(self, n_tokens: int, what: str, fix: str = "shorten the prompt"):
+        """Raise PromptError, naming `what` and the `fix`, when `n_tokens` logical positions do not fit
+        the model: its context, or its sliding window (full attention equals sliding-window attention
+        only while every token sees the whole run)."""
+        if n_tokens > self.args.max_seq_len:
+            raise PromptError(f"{what} exceeds the model's context of {self.args.max_seq_len}: {fix}")
+        if self.args.sliding_window is not None and n_tokens > self.args.sliding_window:
+            raise PromptError(f"{what} exceeds the model's sliding window of {self.args.sliding_window}: chunkkv "
+                              f"runs sliding-window models only within the window; {fix}")
+
+    def start(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        self.check_room(tokens.shape[1], f"a prompt of {tokens.shape[1]} tokens")
+        cos, sin = rope(torch.arange(tokens.shape[1], device=tokens.device), self.args)
+        return self.embed_tokens(tokens), cos, sin
+
     def forward(self, tokens: Tensor) -> Tensor:
         """Full-sequence logits [B, T, vocab] for tokens [B, T]; no cache is read or written."""
-        return self.lm_head(self.trunk(tokens))
-
-    def trunk(self, tokens: Tensor, prefill: Prefill | None = None) -> Tensor:
-        n_tokens = tokens.shape[1]
-        if n_tokens > self.args.max_seq_len:
-            raise ValueError(f"{n_tokens} tokens exceed the model's context of {self.args.max_seq_len}")
-        window, n_new = self.args.sliding_window, prefill.max_new_tokens if prefill is not None else 0
-        if window is not None and n_tokens + n_new > window:
-            # full attention equals sliding-window attention only while every token sees the whole run
-            raise ValueError(f"{n_tokens} tokens + {n_new} new tokens exceed the model's sliding window of {window}: "
-                             "chunkkv runs sliding-window models only within the window; shorten the prompt")
-        cos, sin = rope(torch.arange(n_tokens, device=tokens.device), self.args)
-        x = self.embed_tokens(tokens)
+        x, cos, sin = self.start(tokens)
         for block in self.layers:
-            x = block(x, cos, sin, prefill)
-        return self.norm(x)
+            x, _ = block(x, cos, sin)
+        return self.lm_head(self.norm(x))
 
-    def prefill(self, tokens: Tensor, prefill: Prefill) -> Tensor:
-        """Run the prompt [B, T], compress it into the caches; logits of its last position [B, vocab]
-        (of each row's own last token when `prefill.lengths` gives a right-padded ragged batch)."""
-        x = self.trunk(tokens, prefill)
-        if prefill.lengths is None:
-            return self.lm_head(x[:, -1])
-        last = torch.tensor(prefill.lengths, device=tokens.device) - 1
-        return self.lm_head(x[torch.arange(tokens.shape[0], device=tokens.device), last])
+    @torch.no_grad()
+    def prefill(self, tokens: Tensor, request: CacheRequest) -> tuple[Tensor, float]:
+        """Run the prompt [B, T] and compress each layer's KV into its cache as `request` says:
+        (logits of each row's last token [B, vocab], seconds spent compressing)."""
+        x, cos, sin = self.start(tokens)
+        leaders, seconds = None, 0.0
+        for layer, block in enumerate(self.layers):
+            x, (q, k, v) = block(x, cos, sin)
+            leaders, spent = compress_layer(block.self_attn.cache, layer, q, k, v, request, leaders)
+            seconds += spent
+        return self.last_logits(x, request.lengths), seconds
 
-    def compress(self, captured: list[tuple], prefill: Prefill):
-        """Refill the caches from an earlier prefill's captured (q, k, v), compressed as `prefill`
-        says: one prefill serves many methods and budgets (the prefill does not depend on them)."""
-        for block, (q, k, v) in zip(self.layers, captured):
-            block.self_attn.compress_into_cache(q, k, v, prefill)
+    @torch.no_grad()
+    def capture(self, tokens: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+        """A prefill that touches no cache: (last logits [B, vocab], each layer's (q, k, v))."""
+        x, cos, sin = self.start(tokens)
+        captured = []
+        for block in self.layers:
+            x, qkv = block(x, cos, sin)
+            captured.append(qkv)
+        return self.last_logits(x, [tokens.shape[1]] * tokens.shape[0]), captured
+
+    @torch.no_grad()
+    def compress(self, captured: list[tuple[Tensor, Tensor, Tensor]], request: CacheRequest) -> float:
+        """Fill the caches from a captured prefill, compressed as `request` says (the prefill
+        does not depend on the method or budget); seconds spent."""
+        leaders, seconds = None, 0.0
+        for layer, (block, (q, k, v)) in enumerate(zip(self.layers, captured)):
+            leaders, spent = compress_layer(block.self_attn.cache, layer, q, k, v, request, leaders)
+            seconds += spent
+        return seconds
+
+    def last_logits(self, x: Tensor, lengths: list[int]) -> Tensor:
+        last = torch.tensor(lengths, device=x.device) - 1
+        return self.lm_head(self.norm(x[torch.arange(x.shape[0], device=x.device), last]))
 
     def caches(self) -> list[KVCache]:
         return [block.self_attn.cache for block in self.layers]
 
+    def kept_positions(self, lengths: list[int]) -> list[Tensor]:
+        """Each layer's kept prompt positions [B, Hkv, N], sorted, for rows of prompt `lengths`
+        (-1 where a head or row keeps fewer), asked from the caches."""
+        end = torch.tensor(lengths, device=self.lm_head.weight.device)[:, None, None]
+        kept = []
+        for cache in self.caches():
+            prompt = (cache.pos >= 0) & (cache.pos < end)  # prompt entries fill each row's first slots
+            n_kept = int(prompt.sum(-1).max())
+            kept.append(cache.pos[..., :n_kept].masked_fill(~prompt[..., :n_kept], -1).long())
+        return kept
+
+    def slot_bytes(self) -> int:
+        """Bytes of one cache slot of one row in one layer: K and V of every KV head, and their positions."""
+        return self.args.n_kv_heads * (2 * self.args.head_dim * self.lm_head.weight.element_size() + 4)  # pos: int32
+
+    def cache_bytes(self) -> int:
+        """Bytes every layer's cache buffers hold now, slots for new tokens included."""
+        return sum(c.pos.shape[0] * c.pos.shape[2] for c in self.caches()) * self.slot_bytes()
+
+    @torch.no_grad()
     def extend(self, tokens: Tensor) -> Tensor:
         """Append tokens [B, T'] to the (compressed) caches in one forward; logits [B, T', vocab].
 
-        Each new token attends to every valid cache entry and causally to the new tokens before
-        it; their K/V take the next free slots; their RoPE positions continue from the logical
-        length (prompt + tokens appended since), never from the slot index. Raises ValueError
-        when a layer's cache has fewer free slots than T' or the model's context would overflow.
+        Each new token attends to every cache entry and causally to the new tokens before it;
+        their K/V take the next free slots; their RoPE positions continue from the logical length
+        (prompt + tokens appended since), never from the slot index. Raises PromptError when a
+        layer's cache has fewer free slots than T', or the model's context or window would overflow.
         """
         n_new = tokens.shape[1]
         free = min(cache.free_slots() for cache in self.caches())
         if n_new > free:
-            raise ValueError(f"{n_new} new tokens do not fit in the {free} free cache slots: "
-                             f"leave more room for new tokens (max_new_tokens) when compressing")
+            raise PromptError(f"{n_new} new tokens do not fit in the {free} free cache slots: "
+                              f"leave more room for new tokens (max_new_tokens) when compressing")
         length = int(self.caches()[0].length.max())
-        if length + n_new > self.args.max_seq_len:
-            raise ValueError(f"{length} + {n_new} tokens exceed the model's context of {self.args.max_seq_len}")
+        self.check_room(length + n_new, f"{length} tokens in the cache + {n_new} new tokens", "append fewer tokens")
         return self.lm_head(self.through_cache(tokens))
 
+    @torch.no_grad()
     def decode(self, token: Tensor) -> Tensor:
         """token [B, 1] appended like `extend`, without its checks or host syncs: the step
         torch.compile turns into one graph. Logits [B, vocab]."""
         return self.lm_head(self.through_cache(token)[:, -1])
 
     def through_cache(self, tokens: Tensor) -> Tensor:
-        n_batch, n_new = tokens.shape
+        n_new = tokens.shape[1]
         positions = self.caches()[0].length[:, None] + torch.arange(n_new, device=tokens.device)  # [B, T']
-        cos, sin = (t.view(n_batch, 1, n_new, -1) for t in rope(positions.flatten(), self.args))  # [B, 1, T', D]
+        cos, sin = (t[:, None] for t in rope(positions, self.args))  # [B, 1, T', D]
         x = self.embed_tokens(tokens)
         for block in self.layers:
             x = block.extend(x, cos, sin)
         return self.norm(x)
 
     def recompress(self, config: chunkkv.CompressionConfig, budget: int, n_new: int = 1) -> bool:
-        """Make room for `n_new` tokens in every layer: the caches (rows) that cannot take them are
-        compressed again to `budget` entries (KVCache.recompress). Returns whether any was."""
+        """Make room for `n_new` tokens in every layer: the rows that cannot take them are compressed
+        again to `budget` entries (KVCache.recompress). Returns whether any was."""
         return any([cache.recompress(config, budget, n_new) for cache in self.caches()])
 
     def snapshot(self) -> list[tuple]:
-        """Every layer's counters and valid mask, e.g. right after compression; `restore` puts
+        """Every layer's counters and positions, e.g. right after compression; `restore` puts
         them back. Nothing appended after the snapshot is copied or kept."""
         return [cache.snapshot() for cache in self.caches()]
 
     def restore(self, snapshot: list[tuple]):
         """Return every layer's cache to `snapshot` in place (the compiled decode step keeps its
-        tensors). Raises ValueError if a prefill or compression ran since the snapshot."""
+        tensors). Raises ValueError if a prefill or re-compression ran since the snapshot."""
         for cache, state in zip(self.caches(), snapshot):
             cache.restore(state)

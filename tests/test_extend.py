@@ -1,36 +1,20 @@
 """Tests for extending a compressed cache: model.extend, snapshot/restore, the query-agnostic
 API and CLI (compress a context once, ask many questions). Tiny random models, plus the real
 default model end to end (marked `model`)."""
-import subprocess
-import sys
+import json
 
 import pytest
 import torch
 
 from chunkkv import CompressionConfig
-from model import Prefill, Transformer
-from test_chunkkv import HERE, greedy, reference_logits, tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
+from cli import PASSKEY_QUESTION
+from conftest import (EVERY_METHOD, assert_user_error, cli, greedy, kept_positions, prefill, reference_logits,
+                      tiny_model)
+from generate import PromptError, answer, compile_decode, compress_context, generate
 
 torch.set_grad_enabled(False)
 
-PASSKEY_AGNOSTIC_KEEP = "0.3"  # measured: results/passkey.json (README, "Compress once, ask many")
-
-EVERY_METHOD = [  # every method, per-head ChunkKV included: (label, config without a budget)
-    ("full", dict(method="full")), ("streaming", dict(method="streaming")), ("h2o", dict(method="h2o")),
-    ("snapkv", dict(method="snapkv")), ("pyramidkv", dict(method="pyramidkv")), ("chunkkv", dict(method="chunkkv")),
-    ("chunkkv-per-head", dict(method="chunkkv", per_head=True)),
-    ("fastgen", dict(method="fastgen", special_ids=(0,), punctuation_ids=(1, 2))),
-]
-
-
-def prefill(model: Transformer, tokens: torch.Tensor, config: CompressionConfig, room: int) -> torch.Tensor:
-    """Prefill and compress `tokens` [B, T], leaving `room` free slots; last logits [B, vocab]."""
-    budgets = config.layer_budgets(tokens.shape[1], model.args.n_layers)
-    return model.prefill(tokens, Prefill(config, tokens, budgets, room))
-
-
-def kept_positions(model: Transformer) -> list[torch.Tensor]:
-    return [cache.positions for cache in model.caches()]
+PASSKEY_AGNOSTIC_KEEP = "0.3"  # measured: results/passkey.json (docs/results.md, "Compress once, ask many")
 
 
 # ---------------------------------------------------------------------------------------
@@ -75,7 +59,7 @@ def test_extend_after_compression_attends_to_exactly_the_kept_positions(label, k
     budget = {} if label == "fastgen" else dict(budget=24)
     config = CompressionConfig(window=5, chunk_size=4, recovery=0.5, **kwargs, **budget)
     prefill(model, context, config, room=13)
-    kept = kept_positions(model)
+    kept = kept_positions(model, 64, per_head=True)
     assert all((k >= 0).sum(-1).min() < 64 for k in kept)  # every layer dropped something
     extended = torch.cat([model.extend(question[:, :3]), model.extend(question[:, 3:])], 1)
     decoded = torch.stack([model.decode(forced[:, i:i + 1]) for i in range(4)], 1)
@@ -99,7 +83,7 @@ def test_counters_are_per_row_and_owned_by_each_layer():
 # ---------------------------------------------------------------------------------------
 # snapshot and restore
 
-def answer(model, snapshot, question, n_steps=8, decode=None):
+def replay(model, snapshot, question, n_steps=8, decode=None):
     model.restore(snapshot)
     logits = model.extend(question)
     tokens, decoded = greedy(model, logits[:, -1], n_steps, decode)
@@ -114,15 +98,15 @@ def test_question_2_after_question_1_equals_question_2_alone(config):
     context, q1, q2 = torch.randint(0, 256, (2, 70)), torch.randint(0, 256, (2, 11)), torch.randint(0, 256, (2, 6))
     prefill(model, context, config, room=30)
     snapshot = model.snapshot()
-    compressed = [(c.used.clone(), c.length.clone(), c.valid.clone()) for c in model.caches()]
-    answer(model, snapshot, q1)
+    compressed = [(c.used.clone(), c.length.clone(), c.pos.clone()) for c in model.caches()]
+    replay(model, snapshot, q1)
     model.restore(snapshot)
     for cache, state in zip(model.caches(), compressed):  # the state right after compression
-        assert all(torch.equal(a, b) for a, b in zip((cache.used, cache.length, cache.valid), state))
-    after = answer(model, snapshot, q2)
+        assert all(torch.equal(a, b) for a, b in zip((cache.used, cache.length, cache.pos), state))
+    after = replay(model, snapshot, q2)
     prefill(model, context, config, room=30)
     snapshot = model.snapshot()
-    alone = answer(model, snapshot, q2)
+    alone = replay(model, snapshot, q2)
     for a, b in zip(after, alone):
         assert torch.equal(a, b)  # bit for bit
     model.restore(snapshot)
@@ -154,23 +138,21 @@ def test_batch_rows_are_independent():
     contexts, questions = torch.randint(0, 256, (2, 80)), torch.randint(0, 256, (2, 7))
     config = CompressionConfig(budget=30, window=6, chunk_size=5)
     prefill(model, contexts, config, room=16)
-    batch = answer(model, model.snapshot(), questions)
-    batch_kept = kept_positions(model)
+    batch = replay(model, model.snapshot(), questions)
+    batch_kept = kept_positions(model, 80)
     assert not torch.equal(batch_kept[0][0], batch_kept[0][1])
     for row in range(2):
         prefill(model, contexts[row:row + 1], config, room=16)
-        single = answer(model, model.snapshot(), questions[row:row + 1])
+        single = replay(model, model.snapshot(), questions[row:row + 1])
         torch.testing.assert_close(batch[0][row:row + 1], single[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(batch[1][row:row + 1], single[1])
-        assert all(torch.equal(a[row], b[0]) for a, b in zip(batch_kept, kept_positions(model)))
+        assert all(torch.equal(a[row], b[0]) for a, b in zip(batch_kept, kept_positions(model, 80)))
 
 
 # ---------------------------------------------------------------------------------------
 # compiled decode after extend: one graph, no recompiles
 
 def test_compiled_decode_after_extend_does_not_recompile():
-    from inference import compile_decode
-
     torch._dynamo.reset()
     model = tiny_model()
     compiled = compile_decode(model)
@@ -179,7 +161,7 @@ def test_compiled_decode_after_extend_does_not_recompile():
     def run(context, questions, decode):
         prefill(model, context, config, room=40)
         snapshot = model.snapshot()
-        return [answer(model, snapshot, q, n_steps=10, decode=decode) for q in questions]
+        return [replay(model, snapshot, q, n_steps=10, decode=decode) for q in questions]
 
     context = torch.randint(0, 256, (2, 60))
     run(context, [torch.randint(0, 256, (2, 3))], compiled)  # compiles once
@@ -197,23 +179,19 @@ def test_compiled_decode_after_extend_does_not_recompile():
 # The query-agnostic API and CLI
 
 def test_answer_from_an_uncompressed_context_equals_generate_on_the_whole_prompt():
-    from inference import answer, compress_context, generate
-
     model = tiny_model(n_layers=3)
     full = CompressionConfig(method="full")
     context, questions = torch.randint(0, 256, (2, 50)), [torch.randint(0, 256, (2, n)) for n in (9, 4)]
     questions.append(questions[0])  # the first question again, after the second
-    expected = [generate(model, torch.cat([context, q], 1), full, max_new_tokens=12) for q in questions]
+    expected = [generate(model, torch.cat([context, q], 1), full, max_new_tokens=12).tokens for q in questions]
     compressed = compress_context(model, context, full, max_new_tokens=30)  # once, for every question
     for question, tokens in zip(questions, expected):
-        assert torch.equal(answer(model, compressed, question, max_new_tokens=12), tokens)
+        assert torch.equal(answer(model, compressed, question, max_new_tokens=12).tokens, tokens)
         # context + this question + the answer's tokens but the last (never fed back); nothing earlier
         assert all(c.length.tolist() == [50 + question.shape[1] + 11] * 2 for c in model.caches())
 
 
 def test_answer_that_does_not_fit_is_a_prompt_error():
-    from inference import PromptError, answer, compress_context
-
     model = tiny_model()
     compressed = compress_context(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), 10)
     with pytest.raises(PromptError, match="does not fit in the 12 cache slots"):  # 20 + 10 -> 32 slots
@@ -221,11 +199,6 @@ def test_answer_that_does_not_fit_is_a_prompt_error():
     compress_context(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), 10)
     with pytest.raises(ValueError, match="compress the context again"):
         answer(model, compressed, torch.zeros(1, 2, dtype=torch.long), max_new_tokens=2)
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, str(HERE / "generate.py"), *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_cli_answers_several_questions_from_one_compression(tiny_dir, tmp_path):
@@ -248,8 +221,6 @@ def test_cli_answers_several_questions_from_one_compression(tiny_dir, tmp_path):
 
 
 def test_cli_question_errors(tiny_dir, tmp_path):
-    from test_chunkkv import assert_user_error
-
     context, empty, latin1 = tmp_path / "context.txt", tmp_path / "empty.txt", tmp_path / "latin1.txt"
     context.write_text("z" * 200)
     empty.write_text("\n  \n")
@@ -271,9 +242,7 @@ def test_cli_question_errors(tiny_dir, tmp_path):
 
 @pytest.mark.model
 def test_cli_answers_the_pass_key_demo_from_a_context_compressed_without_the_question():
-    from inference import PASSKEY_QUESTION
-
-    result = cli("--question", PASSKEY_QUESTION, "--keep", PASSKEY_AGNOSTIC_KEEP)
+    result = cli("--question", PASSKEY_QUESTION, "--keep", PASSKEY_AGNOSTIC_KEEP, process=True)
     assert result.returncode == 0, result.stderr
     assert "without the questions; then 1 question" in result.stdout
     assert f"({float(PASSKEY_AGNOSTIC_KEEP) * 100:.1f} %), 30 layers" in result.stdout
@@ -287,11 +256,8 @@ def test_cli_answers_the_pass_key_demo_from_a_context_compressed_without_the_que
     ("passkey", ["--quick"]),
 ])
 def test_bench_quick_runs(bench, args, tmp_path):
-    import json
-
     out = tmp_path / f"{bench}.json"
-    result = subprocess.run([sys.executable, str(HERE / "bench.py"), bench, *args, "--out", str(out)],
-                            capture_output=True, text=True, timeout=900)
+    result = cli(bench, *args, "--out", str(out), script="bench.py")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert rows and all({"bench", "metric", "value", "command", "date", "machine"} <= row.keys() for row in rows)

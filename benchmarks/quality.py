@@ -8,10 +8,10 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from bench_common import (Progress, bootstrap, capture, compress, greedy, interval, layer_scores, retrieval_case,
-                          stdlib_paragraphs, table, take_prose, wilson)
+from benchmarks.common import (Progress, bootstrap, compress, greedy, interval, kept_per_layer, layer_scores,
+                               retrieval_case, stdlib_paragraphs, table, take_prose, wilson)
 from chunkkv import CompressionConfig
-from inference import PASSKEY_QUESTION, fastgen_token_ids, passkey_context
+from cli import PASSKEY_QUESTION, fastgen_token_ids, passkey_prompt
 
 
 # ---------------------------------------------------------------------------------------
@@ -32,14 +32,9 @@ def teacher_forced(model, logits, continuation: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).float().log_softmax(-1)
 
 
-def layer_sets(model) -> list[list[set]]:
-    """Kept positions per layer and sequence; per-head methods merged by union over KV heads."""
-    sets = []
-    for block in model.layers:
-        positions = block.self_attn.cache.positions
-        rows = positions if positions.dim() == 2 else positions.flatten(1)
-        sets.append([set(row.tolist()) - {-1} for row in rows])
-    return sets
+def layer_sets(model, n_prompt: int) -> list[list[set]]:
+    """Kept prompt positions per layer and sequence; per-head methods merged by union over KV heads."""
+    return [[set(row.tolist()) - {-1} for row in kept.flatten(1)] for kept in model.kept_positions([n_prompt])]
 
 
 def adjacent_jaccard(sets: list[list[set]]) -> float:
@@ -66,7 +61,7 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
     cycling through 0, 0.25, ..., 1; `on_case(rows)` after each prompt (partial results)."""
     paragraphs = stdlib_paragraphs()
     rng = random.Random(0)
-    lengths = lengths or ([2048] if quick else [1024, 2048, 4096])
+    lengths = lengths or ([1024] if quick else [1024, 2048, 4096])
     depths = [0.25, 0.75] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]
     prompts = prompts or len(depths)
     tasks = tasks or ["single", "multikey", "multivalue"]
@@ -83,9 +78,6 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
 
     encode = lambda text: torch.tensor([tokenizer.encode(text).ids])  # noqa: E731
 
-    def found(answers):  # greedy may stop once every answer is in the text: later tokens cannot change the score
-        return lambda ids: all(a in tokenizer.decode(ids) for a in answers)
-
     cases = [(task, n, i) for n in lengths for task in tasks for i in range(prompts)]
     progress = Progress(len(cases) + (0 if retrieval_only else 1), "quality")
     for task, n_tokens, prompt in cases:
@@ -95,21 +87,21 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
         if "aware" in settings:  # every question in its own prompt: prefilled and compressed with it
             for asked, (question, answers) in enumerate(questions):
                 tokens = encode(context + question)
-                logits, captured = capture(model, tokens, max_new)
+                logits, captured = model.capture(tokens)
                 scores = {}
                 for bench, label, keep, config in configs:
                     key = (config.method, config.per_head)
                     if key not in scores:  # score once per method: every keep, reuse and chunk size selects from it
                         scores[key] = layer_scores(config, captured)
                     compress(model, captured, tokens, config, max_new, scores[key])
-                    answer = tokenizer.decode(greedy(model, logits, max_new, stop, found(answers)))
+                    answer = tokenizer.decode(greedy(model, logits, max_new, stop))
                     evaluate("retrieval" if bench == "main" else f"{bench}-ablation", setting="aware", method=label,
                              keep=keep, question=asked, prompt_tokens=tokens.shape[1],
                              value=sum(a in answer for a in answers) / len(answers), **common)
         if "agnostic" in settings:  # the context alone, compressed once; every question extends that cache
             tokens, asks = encode(context), [encode(question) for question, _ in questions]
             room = max(ask.shape[1] for ask in asks) + max_new
-            _, captured = capture(model, tokens, room)
+            _, captured = model.capture(tokens)
             scores = {}
             for bench, label, keep, config in [c for c in configs if c[0] == "main"]:
                 key = (config.method, config.per_head)
@@ -119,7 +111,7 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
                 compressed = model.snapshot()
                 for asked, ((_, answers), ask) in enumerate(zip(questions, asks)):
                     model.restore(compressed)
-                    answer = tokenizer.decode(greedy(model, model.extend(ask)[:, -1], max_new, stop, found(answers)))
+                    answer = tokenizer.decode(greedy(model, model.extend(ask)[:, -1], max_new, stop))
                     evaluate("retrieval", setting="agnostic", method=label, keep=keep, question=asked,
                              prompt_tokens=tokens.shape[1] + ask.shape[1],
                              value=sum(a in answer for a in answers) / len(answers), **common)
@@ -130,14 +122,15 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
         return rows
 
     # fidelity on real text: compress a long prose prefix, teacher-force its continuation
-    n_context, n_next = (1024, continuation or 64) if quick else (2048, continuation or 256)
+    n_context, n_next = (512, continuation or 32) if quick else (2048, continuation or 256)
     prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
     ids = tokenizer.encode(prose).ids
     tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
-    logits, captured = capture(model, tokens, n_next)
+    logits, captured = model.capture(tokens)
     reference = None
     for bench, label, keep, config in configs:
-        prefill = compress(model, captured, tokens, config, n_next)
+        compress(model, captured, tokens, config, n_next)
+        kept = kept_per_layer(model, n_context)
         logprobs = teacher_forced(model, logits, continuation)
         reference = logprobs if label == "full" else reference
         nll = -logprobs.gather(1, continuation[0, :, None]).mean()
@@ -146,14 +139,14 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
         name = "fidelity" if bench == "main" else f"{bench}-ablation"
         evaluate(name, metric="perplexity", value=math.exp(nll), **common)
         evaluate(name, metric="kl_to_full", value=float(kl), **common)
-        evaluate(name, metric="kept_fraction", value=sum(prefill.kept) / (n_context * model.args.n_layers), **common)
+        evaluate(name, metric="kept_fraction", value=sum(kept) / (n_context * model.args.n_layers), **common)
         if bench != "chunk":
             evaluate("layer-overlap" if bench == "main" else f"{bench}-ablation", metric="adjacent_jaccard",
-                     value=adjacent_jaccard(layer_sets(model)), **common)
+                     value=adjacent_jaccard(layer_sets(model, n_context)), **common)
         if bench == "reuse" or label == "chunkkv" and keep == 0.1:  # scoring time: no precomputed scores here
             seconds = []
             for _ in range(3):
-                seconds.append(compress(model, captured, tokens, config, n_next).compress_seconds)
+                seconds.append(compress(model, captured, tokens, config, n_next))
             evaluate("reuse-ablation", metric="compress_seconds", value=statistics.median(seconds), **common)
     progress.step("fidelity")
     return rows
@@ -329,7 +322,7 @@ def run_pages(model, tokenizer, quick: bool, lengths=None) -> list[dict]:
         context, questions, max_new = retrieval_case(task, paragraphs, tokenizer, n_tokens, depth, rng)
         question, answers = questions[0]
         tokens = torch.tensor([tokenizer.encode(context + question).ids])
-        logits, captured = capture(model, tokens, max_new)
+        logits, captured = model.capture(tokens)
         scores = layer_scores(PAGE_CONFIGS["chunkkv-c10"], captured)  # chunk size does not change the scores
         for label, config in PAGE_CONFIGS.items():
             compress(model, captured, tokens, config, max_new, scores if label != "full" else None)
@@ -341,7 +334,7 @@ def run_pages(model, tokenizer, quick: bool, lengths=None) -> list[dict]:
     prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
     ids = tokenizer.encode(prose).ids
     tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
-    logits, captured = capture(model, tokens, n_next)
+    logits, captured = model.capture(tokens)
     reference = None
     for label, config in PAGE_CONFIGS.items():
         compress(model, captured, tokens, config, n_next)
@@ -393,11 +386,11 @@ def run_passkey(model, tokenizer, quick: bool) -> list[dict]:
     rows, progress = [], Progress(len(seeds), "passkey")
     question = encode(PASSKEY_QUESTION)
     for seed in seeds:
-        context, key = passkey_context(seed=seed)
+        context, key = passkey_prompt(seed=seed, question=False)
         for setting in ("aware", "agnostic"):
             tokens = encode(context + PASSKEY_QUESTION) if setting == "aware" else encode(context)
             room = 16 + (0 if setting == "aware" else question.shape[1])
-            logits, captured = capture(model, tokens, room)
+            logits, captured = model.capture(tokens)
             for keep in [1.0] + keeps:
                 config = CompressionConfig(method="full") if keep == 1.0 else CompressionConfig(keep=keep)
                 compress(model, captured, tokens, config, room)

@@ -20,46 +20,13 @@ import pytest
 import torch
 
 import checkpoint
+import cli as cli_module
 import registry
 from checkpoint import CheckpointError
+from conftest import ROOT, cli, write_tiny_gguf
 
-HERE = Path(__file__).parent
 NAME = "qwen2.5-coder-0.5b"
 FOLDER = registry.CHECKPOINTS[NAME].folder
-
-
-def write_tiny_gguf(path: Path):
-    """A 1-layer Llama GGUF with random weights and a byte-level tokenizer (256 tokens)."""
-    import gguf
-    from tokenizers import pre_tokenizers
-
-    dim, ffn, n_heads, n_kv_heads, vocab = 16, 32, 2, 1, sorted(pre_tokenizers.ByteLevel.alphabet())
-    kv_dim = dim // n_heads * n_kv_heads
-    rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(1)
-    writer.add_context_length(64)
-    writer.add_embedding_length(dim)
-    writer.add_feed_forward_length(ffn)
-    writer.add_head_count(n_heads)
-    writer.add_head_count_kv(n_kv_heads)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")  # the default model's pre-tokenizer
-    writer.add_token_list(vocab)
-    writer.add_token_types([1] * len(vocab))
-    writer.add_token_merges([])
-    shapes = {"token_embd": (len(vocab), dim), "output_norm": (dim,), "output": (len(vocab), dim),
-              "blk.0.attn_norm": (dim,), "blk.0.ffn_norm": (dim,), "blk.0.attn_q": (dim, dim),
-              "blk.0.attn_k": (kv_dim, dim), "blk.0.attn_v": (kv_dim, dim), "blk.0.attn_output": (dim, dim),
-              "blk.0.ffn_gate": (ffn, dim), "blk.0.ffn_up": (ffn, dim), "blk.0.ffn_down": (dim, ffn)}
-    for name, shape in shapes.items():
-        writer.add_tensor(f"{name}.weight", rng.standard_normal(shape).astype(np.float32) * 0.2)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def write_wheel(folder: Path, requirement: str, member: str, payload: bytes) -> Path:
@@ -178,11 +145,9 @@ def test_names_and_paths_resolve(tmp_path, monkeypatch):
 
 
 def test_help_lists_the_names(capsys, monkeypatch):
-    import generate
-
     monkeypatch.setenv("COLUMNS", "500")
     with pytest.raises(SystemExit):
-        generate.parse_args(["--help"])
+        cli_module.parse_args(["--help"])
     assert "smollm2-135m (98 MB GGUF, context 8192, Apache-2.0), qwen2.5-coder-0.5b (491 MB GGUF, context 32768, " \
            "Apache-2.0)" in capsys.readouterr().out
 
@@ -230,9 +195,7 @@ def home_error(home: Path, problem: str) -> str:
 def test_cli_reports_a_file_as_cache_folder_before_any_download(tmp_path):
     home = tmp_path / "home"
     home.write_text("not a folder")
-    env = {**os.environ, **offline_env(tmp_path, tmp_path), "CHUNKKV_HOME": str(home)}
-    result = subprocess.run([sys.executable, str(HERE / "generate.py"), "--prompt", "hi"], capture_output=True,
-                            text=True, timeout=120, env=env)
+    result = cli("--prompt", "hi", env={**offline_env(tmp_path, tmp_path), "CHUNKKV_HOME": str(home)})
     assert result.returncode == 2
     # one line: no "First use: fetching" line before it, so no download was tried
     assert result.stderr.strip().splitlines() == [f"error: {home_error(home, 'is not a folder')}"]
@@ -283,7 +246,7 @@ print(registry.resolve(sys.argv[2]), flush=True)
 
 def start_run(entry, tmp_path: Path, wheels: Path, go: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(dataclasses.asdict(entry)), registry.DEFAULT,
-                             str(go)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             str(go)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **offline_env(tmp_path, wheels)})
 
 
@@ -299,7 +262,7 @@ def test_two_first_runs_at_once(fake_default, tmp_path):
     second = start_run(entry, tmp_path, wheels, go)
     assert second.stderr.readline().startswith("Waiting for another run that is fetching")
     go.touch()
-    outs = [run.communicate(timeout=120) for run in (first, second)]
+    outs = [run.communicate() for run in (first, second)]
     assert [run.returncode for run in (first, second)] == [0, 0], outs
     out_dir = str(tmp_path / "home" / DEFAULT_FOLDER)
     assert outs[0][0].splitlines()[-1] == outs[1][0].splitlines()[-1] == out_dir
@@ -314,7 +277,7 @@ def test_sigterm_during_conversion_leaves_no_scratch_folder(fake_default, tmp_pa
     assert run.stdout.readline() == "converting\n"
     assert len(scratch(home)) == 2  # the download folder and write_checkpoint's folder
     run.send_signal(signal.SIGTERM)
-    _, err = run.communicate(timeout=60)
+    _, err = run.communicate()
     assert run.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     assert leftovers(home) == []
@@ -326,7 +289,7 @@ def test_scratch_folders_of_a_killed_run_are_removed_by_the_next(fake_default, t
     run = start_run(entry, tmp_path, wheels, tmp_path / "never")
     assert run.stdout.readline() == "converting\n"
     run.kill()  # SIGKILL: no clean-up is possible
-    run.communicate(timeout=60)
+    run.communicate()
     stale = scratch(home)
     assert len(stale) == 2
     assert registry.resolve(None) == home / DEFAULT_FOLDER

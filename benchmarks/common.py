@@ -1,23 +1,25 @@
 """What every benchmark in bench.py uses: real prose and RULER-style retrieval cases, one prefill
-compressed many ways, progress on stderr, tables, JSON rows that record the machine, and 95 %
-intervals. Importing it turns autograd off, for every benchmark."""
+compressed many ways, progress on stderr, tables, JSON rows that record the machine (written
+atomically), and 95 % intervals. Importing it turns autograd off, for every benchmark."""
 import importlib
 import inspect
 import json
 import math
+import os
 import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
-import chunkkv
 from chunkkv import CompressionConfig
-from model import Prefill, Transformer
+from generate import decode_tokens
+from model import CacheRequest, Transformer
 
 torch.set_grad_enabled(False)
 
@@ -97,37 +99,45 @@ def retrieval_case(task: str, paragraphs, tokenizer, n_tokens: int, depth: float
 # ---------------------------------------------------------------------------------------
 # One prefill, many compressions
 
-def capture(model: Transformer, tokens: torch.Tensor, max_new_tokens: int):
-    """Prefill once; (last logits, each layer's (q, k, v)) to compress from again and again."""
-    captured = []
-    prefill = Prefill(CompressionConfig(method="full"), tokens, [tokens.shape[1]] * model.args.n_layers,
-                      max_new_tokens, captured=captured)
-    return model.prefill(tokens, prefill), captured
-
-
 def layer_scores(config: CompressionConfig, captured) -> list[torch.Tensor | None]:
-    """Each layer's token scores: scoring once serves every budget of a method."""
-    return [chunkkv.score(config, q, k) for q, k, _ in captured]
+    """Each layer's token scores (None for methods without): scoring once serves every budget of a method."""
+    return [config.row.score(config, q, k) if config.row.score else None for q, k, _ in captured]
 
 
-def compress(model, captured, tokens, config, max_new_tokens, scores=None) -> Prefill:
-    prefill = Prefill(config, tokens, config.layer_budgets(tokens.shape[1], model.args.n_layers), max_new_tokens,
-                      scores=scores)
-    model.compress(captured, prefill)
-    return prefill
+def compress(model: Transformer, captured, tokens: torch.Tensor, config: CompressionConfig, max_new_tokens: int,
+             scores=None) -> float:
+    """Fill the caches from a captured prefill (model.capture) of `tokens` [B, T], as `config` says;
+    seconds spent compressing."""
+    n_batch, n_prompt = tokens.shape
+    budgets = [config.layer_budgets(n_prompt, model.args.n_layers)] * n_batch
+    return model.compress(captured, CacheRequest(config, [n_prompt] * n_batch, budgets, max_new_tokens,
+                                                 tokens=tokens, scores=scores))
 
 
-def greedy(model, logits, n_tokens: int, stop: set[int], done=None) -> list[int]:
-    """Greedy tokens until a stop token (the answer's end of line), `done(tokens)` or n_tokens."""
-    tokens = []
-    for i in range(n_tokens):
-        token = logits.argmax(-1, keepdim=True)
-        tokens.append(int(token[0, 0]))
-        if tokens[-1] in stop or (done is not None and done(tokens)):
-            break
-        if i < n_tokens - 1:
-            logits = model.decode(token)
-    return tokens
+def greedy(model: Transformer, logits: torch.Tensor, n_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy tokens of row 0 until a stop token (the answer's end of line) or n_tokens."""
+    return decode_tokens(model, logits, n_tokens, stop_tokens=tuple(stop))[0][0].tolist()
+
+
+def replicated(captured, n_batch: int) -> list[tuple]:
+    """A captured prefill of one prompt as `n_batch` identical rows: decode speed does not depend on
+    the content, so the rows of a large batch are copies of one prompt, prefilled once."""
+    return [tuple(t.expand(n_batch, *t.shape[1:]) for t in layer) for layer in captured]
+
+
+def decode_step_seconds(model: Transformer, n_batch: int, n_steps: int, decode=None) -> list[float]:
+    """Seconds of each of `n_steps` decode steps (generate's decode loop, greedy) from the caches as
+    they are, which are then restored: the next measurement decodes from the same cache."""
+    snapshot = model.snapshot()
+    logits = torch.zeros(n_batch, model.args.vocab_size, device=model.lm_head.weight.device)
+    steps = decode_tokens(model, logits, n_steps + 1, decode=decode)[1]
+    model.restore(snapshot)
+    return steps
+
+
+def kept_per_layer(model: Transformer, n_prompt: int) -> list[float]:
+    """Prompt entries each layer's cache keeps (mean over rows and KV heads), asked from the caches."""
+    return [(kept >= 0).sum(-1).float().mean().item() for kept in model.kept_positions([n_prompt])]
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,14 +173,28 @@ def machine() -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
-def write_json(path: str, rows: list[dict], command: str, quiet: bool = False, dtype: torch.dtype | None = None):
-    meta = {"command": command, "date": date.today().isoformat(), "machine": machine(),
-            "cpus": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
-    if dtype is not None:
-        meta["dtype"] = str(dtype).removeprefix("torch.")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps([{**row, **meta} for row in rows], indent=1))
-    if not quiet:
+def write_json(path: str | Path, rows: list[dict], command: str, dtype: torch.dtype | None = None,
+               partial: bool = False):
+    """The rows with the run's command, date and machine, written atomically (a temporary file
+    renamed over the target: a kill leaves the old file or the new one, never half of one). A
+    partial run (after each prompt) goes to `<path>.partial`, so a complete file is only replaced
+    by a complete run; the complete run removes it."""
+    meta = {"command": command + ("  # partial" if partial else ""), "date": date.today().isoformat(),
+            "machine": machine(), "cpus": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, **({"dtype": str(dtype).removeprefix("torch.")} if dtype else {})}
+    path = Path(path)
+    target = path.with_name(path.name + ".partial") if partial else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump([{**row, **meta} for row in rows], f, indent=1)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if not partial:
+        path.with_name(path.name + ".partial").unlink(missing_ok=True)
         print(f"\nwrote {len(rows)} rows to {path}")
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from bench_common import KEYS, Progress, capture, compress, stdlib_paragraphs, table, take_prose
+from benchmarks.common import (KEYS, Progress, compress, decode_step_seconds, kept_per_layer, replicated,
+                               stdlib_paragraphs, table, take_prose)
 from chunkkv import CompressionConfig
-from inference import answer, compile_decode, compress_context, generate
-from model import Prefill
+from generate import answer, compile_decode, compress_context, generate
 from registry import resolve
 
 
@@ -99,26 +99,13 @@ def compile_start_seconds(checkpoint: str | None, dtype: torch.dtype) -> dict:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
         command = [*args, "--dtype", str(dtype).removeprefix("torch."), *(["--checkpoint", checkpoint] if checkpoint else [])]
         start = time.perf_counter()
-        subprocess.run(command, env=env, check=True, capture_output=True, cwd=Path(__file__).parent)
+        subprocess.run(command, env=env, check=True, capture_output=True, cwd=Path(__file__).parent.parent)
         return time.perf_counter() - start
     with tempfile.TemporaryDirectory() as cache_dir:
         cold = wall(COMPILE_PROBE, cache_dir)
         cached = wall(COMPILE_PROBE, cache_dir)
         eager = wall([a for a in COMPILE_PROBE if a != "--compile"], cache_dir)
     return {"cold_start_s": cold, "cached_start_s": cached, "eager_start_s": eager}
-
-
-def decode_seconds(model, decode, n_batch: int, n_steps: int) -> tuple[float, float, float]:
-    """Median and spread of one decode step's time after two warm-up steps, and the first step's
-    (with compilation, for a compiled step)."""
-    token = torch.zeros(n_batch, 1, dtype=torch.long)
-    times, compressed = [], model.snapshot()
-    for _ in range(n_steps + 2):
-        start = time.perf_counter()
-        decode(token).clone()
-        times.append(time.perf_counter() - start)
-    model.restore(compressed)  # the next mode decodes from the same cache
-    return statistics.median(times[2:]), max(times[2:]) - min(times[2:]), times[0]
 
 
 SPEED_CONFIGS = {"full": CompressionConfig(method="full"), "chunkkv": CompressionConfig(keep=0.1),
@@ -133,7 +120,7 @@ def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches
     the same prompt (full cache, batch 1) and the start time of a compiled run in a fresh process."""
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache size; many sizes in one run
     torch._dynamo.config.automatic_dynamic_shapes = False  # each size gets static shapes, as in use
-    lengths = lengths or ([1024] if quick else [1024, 2048, 4096, 8000])
+    lengths = lengths or ([512] if quick else [1024, 2048, 4096, 8000])
     batches = batches or ([1] if quick else [1, 4])
     n_steps = 8 if quick else 16
     configs = {label: SPEED_CONFIGS[label] for label in methods or (["full", "chunkkv"] if quick else SPEED_CONFIGS)}
@@ -151,7 +138,7 @@ def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches
         tokens = torch.tensor([ids])
         repeats = 1 if n_tokens > 8192 else 2 if n_tokens > 4096 else 3
         last = [None]  # the last timed prefill's capture serves the compressions below
-        prefill_s, prefill_spread = median_seconds(lambda: last.__setitem__(0, capture(model, tokens, 64)), repeats)
+        prefill_s, prefill_spread = median_seconds(lambda: last.__setitem__(0, model.capture(tokens)), repeats)
         captured = last[0][1]
         rows.append({"bench": "speed", "prompt_tokens": n_tokens, "metric": "prefill_seconds", "value": prefill_s,
                      "spread": prefill_spread, "of_gemm_peak": prefill_flops(model.args, n_tokens) / prefill_s / peak})
@@ -160,30 +147,30 @@ def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches
             rows.append({"bench": "speed", "method": "transformers", "keep": 1.0, "prompt_tokens": n_tokens, "batch": 1,
                          "metric": "decode_tokens_per_s", "value": 1 / hf_step, "step_ms": 1000 * hf_step})
         for label, config in configs.items():
-            seconds = [compress(model, captured, tokens, config, 64).compress_seconds for _ in range(5)]
+            seconds = [compress(model, captured, tokens, config, 64) for _ in range(5)]
             common = {"bench": "speed", "method": label, "keep": 0.1 if label != "full" else 1.0, "prompt_tokens": n_tokens}
             rows.append({**common, "metric": "compress_seconds", "value": statistics.median(seconds),
                          "spread": max(seconds) - min(seconds), "share_of_prefill": statistics.median(seconds) / prefill_s})
             for n_batch in batches:
                 # decode speed does not depend on content: batch rows are copies of the one prompt
-                batch = [tuple(t.expand(n_batch, *t.shape[1:]) for t in layer) for layer in captured]
-                prefill = compress(model, batch, tokens.expand(n_batch, -1), config, 64)
-                kv_bytes = sum(2 * b.self_attn.cache.k.numel() * b.self_attn.cache.k.element_size() for b in model.layers)
+                compress(model, replicated(captured, n_batch), tokens.expand(n_batch, -1), config, 64)
+                kv_bytes = model.cache_bytes()
                 torch._dynamo.reset()  # frees the last size's graph and its frozen copy of the weights
                 for mode, decode in modes:
                     rss_before = rss_mib()
-                    step_s, spread, first_s = decode_seconds(model, decode, n_batch, n_steps)
+                    times = decode_step_seconds(model, n_batch, n_steps + 2, decode)  # two warm-up steps
+                    step_s, spread, first_s = statistics.median(times[2:]), max(times[2:]) - min(times[2:]), times[0]
                     roofline_s = (weight_bytes + kv_bytes) / bandwidth
                     rows.append({**common, "batch": n_batch, "mode": mode, "metric": "decode_tokens_per_s",
                                  "value": n_batch / step_s, "step_ms": 1000 * step_s, "spread_ms": 1000 * spread,
                                  "roofline_ms": 1000 * roofline_s, "of_roofline": roofline_s / step_s,
                                  "first_step_s": first_s, "rss_added_mib": rss_mib() - rss_before})
                 rows.append({**common, "batch": n_batch, "metric": "kv_cache_bytes", "value": kv_bytes,
-                             "kept_per_layer": statistics.mean(prefill.kept)})
+                             "kept_per_layer": statistics.mean(kept_per_layer(model, n_tokens))})
                 rows.append({**common, "batch": n_batch, "metric": "peak_rss_mib_so_far",
                              "value": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
                 progress.step(f"{n_tokens} tokens, {label}, batch {n_batch}")
-    if compare and compiled:
+    if compare and compiled and not quick:  # two more compiles in fresh processes: minutes
         start = compile_start_seconds(checkpoint, dtype)
         rows.append({"bench": "speed", "metric": "start_seconds", "value": start["cached_start_s"], **start})
     return rows
@@ -250,28 +237,6 @@ THROUGHPUT_CONFIGS = {"full": CompressionConfig(method="full"), "chunkkv": Compr
                       "chunkkv-reuse2": CompressionConfig(keep=0.1, reuse=2)}
 
 
-def cache_bytes(model) -> int:
-    """Bytes every layer's cache holds now: K, V and the valid mask."""
-    return sum(2 * c.k.numel() * c.k.element_size() + c.valid.numel() for c in model.caches())
-
-
-def replicated(model, captured, tokens, config, n_batch: int, max_new_tokens: int) -> Prefill:
-    """Compress `n_batch` copies of one captured prefill: decode speed does not depend on the
-    content, so the rows of a large batch are copies of one prompt (prefilled once)."""
-    batch = [tuple(t.expand(n_batch, *t.shape[1:]) for t in layer) for layer in captured]
-    return compress(model, batch, tokens.expand(n_batch, -1), config, max_new_tokens)
-
-
-def step_times(model, n_batch: int, n_steps: int) -> list[float]:
-    """Seconds of each of n_steps eager decode steps after one warm-up step."""
-    token, times = torch.zeros(n_batch, 1, dtype=torch.long), []
-    for _ in range(n_steps + 1):
-        start = time.perf_counter()
-        model.decode(token)
-        times.append(time.perf_counter() - start)
-    return times[1:]
-
-
 def run_throughput(model, tokenizer, quick: bool, memory_gib: float = 1.0, lengths=None) -> list[dict]:
     """Decode tokens/s (i) at a fixed KV-cache memory: the largest batch of `long`-token prompts
     whose caches fit, per method; (ii) against batch size at `short` tokens (lengths = [long,
@@ -287,28 +252,28 @@ def run_throughput(model, tokenizer, quick: bool, memory_gib: float = 1.0, lengt
     rows, progress = [], Progress(2 + repeats * len(THROUGHPUT_CONFIGS) + 2 * len(batches), "throughput")
 
     def measure(label, config, captured, tokens, n_batch, **fields):
-        prefill = replicated(model, captured, tokens, config, n_batch, n_new)
-        times = step_times(model, n_batch, n_steps)
+        seconds = compress(model, replicated(captured, n_batch), tokens.expand(n_batch, -1), config, n_new)
+        times = decode_step_seconds(model, n_batch, n_steps + 1)[1:]  # one warm-up step
         rows.append({"bench": "throughput", "method": label, "batch": n_batch, "prompt_tokens": tokens.shape[1],
-                     "metric": "decode_step_seconds", "values": times, "kv_cache_bytes": cache_bytes(model),
-                     "compress_seconds_batch": prefill.compress_seconds, "load_average_1min": os.getloadavg()[0],
+                     "metric": "decode_step_seconds", "values": times, "kv_cache_bytes": model.cache_bytes(),
+                     "compress_seconds_batch": seconds, "load_average_1min": os.getloadavg()[0],
                      **fields})
         progress.step(f"{tokens.shape[1]} tokens, {label}, batch {n_batch}")
 
     # (i) equal memory: each method's largest batch, from the cache size of one row
     tokens = prompt(long)
     start = time.perf_counter()
-    _, captured = capture(model, tokens, n_new)
+    _, captured = model.capture(tokens)
     rows.append({"bench": "throughput", "prompt_tokens": long, "metric": "prefill_seconds",
                  "value": time.perf_counter() - start, "load_average_1min": os.getloadavg()[0]})
     progress.step(f"prefill {long}")
     fits = {}
     for label, config in THROUGHPUT_CONFIGS.items():
-        prefill = replicated(model, captured, tokens, config, 1, n_new)
-        fits[label] = memory // cache_bytes(model)
+        seconds = compress(model, captured, tokens, config, n_new)
+        fits[label] = memory // model.cache_bytes()
         rows.append({"bench": "throughput", "method": label, "prompt_tokens": long, "metric": "max_batch",
-                     "value": fits[label], "memory_bytes": memory, "row_bytes": cache_bytes(model),
-                     "compress_seconds": prefill.compress_seconds})
+                     "value": fits[label], "memory_bytes": memory, "row_bytes": model.cache_bytes(),
+                     "compress_seconds": seconds})
     for _ in range(repeats):
         for label, config in THROUGHPUT_CONFIGS.items():
             measure(label, config, captured, tokens, fits[label], setting="equal_memory", memory_bytes=memory)
@@ -316,7 +281,7 @@ def run_throughput(model, tokenizer, quick: bool, memory_gib: float = 1.0, lengt
 
     # (ii) tokens/s against batch size
     tokens = prompt(short)
-    _, captured = capture(model, tokens, n_new)
+    _, captured = model.capture(tokens)
     progress.step(f"prefill {short}")
     for n_batch in batches:
         for label in ("full", "chunkkv"):
@@ -452,7 +417,7 @@ def run_load(path: Path, dtypes=("float32", "bfloat16")) -> list[dict]:
     rows = []
     for dtype in dtypes:
         result = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(path), dtype], capture_output=True, text=True,
-                                cwd=Path(__file__).parent)
+                                cwd=Path(__file__).parent.parent)
         if result.returncode != 0:
             raise RuntimeError(f"loading {path} in {dtype} failed: {result.stderr.strip().splitlines()[-1]}")
         base, loaded, forward, seconds = map(float, result.stdout.split())

@@ -3,7 +3,6 @@ checkpoints. Oracles: transformers' own GGUF tokenizer and `apply_chat_template`
 plain-Python tokenizer written from llama.cpp's split rules (src/llama-vocab.cpp)."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -15,10 +14,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import checkpoint
 import registry
+from conftest import cli as run_cli
 from model import ModelArgs, Transformer
 from tokenizer import CheckpointError, chat_format, gguf_tokenizer, read_gguf_fields
 
-HERE = Path(__file__).parent
 
 # ---------------------------------------------------------------------------------------
 # A small byte-level BPE vocabulary, trained here, written into GGUF files
@@ -432,8 +431,7 @@ def test_template_errors_are_one_line(tmp_path, vocab):
 # The command line uses the checkpoint's template, BOS and stop ids
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HERE / "generate.py"), "--method", "full", "--max-new-tokens", "2", *args],
-                          capture_output=True, text=True, timeout=300)
+    return run_cli("--method", "full", "--max-new-tokens", "2", *args)
 
 
 def test_cli_uses_the_checkpoints_chat_format(tmp_path, vocab):
@@ -464,7 +462,7 @@ def test_cli_chat_errors_are_one_line(tmp_path, vocab):
 def test_default_model_answers_through_its_own_template(tmp_path, monkeypatch):
     """A fresh conversion of the default GGUF carries SmolLM2's template and stop id."""
     from chunkkv import CompressionConfig
-    from inference import generate
+    from generate import generate
 
     monkeypatch.setenv("CHUNKKV_HOME", str(tmp_path))
     path = registry.resolve(None)
@@ -473,5 +471,5 @@ def test_default_model_answers_through_its_own_template(tmp_path, monkeypatch):
     assert chat.template == SMOLLM2 and chat.stop_ids == (2,) and not chat.add_bos
     prompt = chat.render([{"role": "user", "content": "What is the capital of France?"}])
     ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
-    new = generate(model, ids, CompressionConfig(method="full"), max_new_tokens=16, stop_tokens=chat.stop_ids)
+    new = generate(model, ids, CompressionConfig(method="full"), max_new_tokens=16, stop_tokens=chat.stop_ids).tokens
     assert "Paris" in tokenizer.decode(new[0].tolist())

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 import checkpoint
 from checkpoint import CheckpointError
 from chunkkv import CompressionConfig
-from inference import generate
+from conftest import TINY_CONFIG, byte_tokenizer, tiny_model
+from generate import generate
+from model import rope_inv_freq as model_rope_inv_freq
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=256, max_position_embeddings=1024, rms_norm_eps=1e-5)
@@ -44,14 +45,6 @@ def randomize(model: torch.nn.Module, seed: int = 0):
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=generator)
             p.copy_(1 + 0.2 * noise if "norm" in name else (0.5 if name.endswith("bias") else 0.15) * noise)
-
-
-def byte_tokenizer() -> Tokenizer:
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE({ch: i for i, ch in enumerate(alphabet)}, []))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
 
 
 def hf_model(config_class, **overrides):
@@ -102,7 +95,7 @@ def test_family_matches_transformers(tmp_path, family):
     diff = max_logit_diff(model, reference, tokens)
     print(f"{family}: max |logit diff| {diff:.2e}")
     assert diff < 1e-5
-    assert torch.equal(generate(model, tokens, CompressionConfig(method="full"), max_new_tokens=N_NEW),
+    assert torch.equal(generate(model, tokens, CompressionConfig(method="full"), max_new_tokens=N_NEW).tokens,
                        hf_greedy(reference, tokens))
 
 
@@ -156,7 +149,7 @@ def test_mistral_sliding_window_beyond_the_run_is_refused(tmp_path):
     assert model.args.sliding_window == 64
     inside, beyond = prompt(48), prompt(N_PROMPT)
     assert max_logit_diff(model, reference, inside) < 1e-5
-    assert torch.equal(generate(model, inside, CompressionConfig(method="full"), max_new_tokens=N_NEW),
+    assert torch.equal(generate(model, inside, CompressionConfig(method="full"), max_new_tokens=N_NEW).tokens,
                        hf_greedy(reference, inside))
     # beyond the window transformers' sliding attention differs from full attention: refuse, never run wrong
     full = hf_model(MistralConfig, sliding_window=None)
@@ -259,15 +252,17 @@ GGUF_KINDS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def write_gguf(path, model, arch: str, rope_freqs=None, scaling=None):
-    """A float32 GGUF file of `model` laid out as llama.cpp's converter lays out `arch`."""
+def write_gguf(path, model, arch: str, rope_freqs=None, scaling=None, omit: tuple[str, ...] = ()):
+    """A float32 GGUF file of `model` laid out as llama.cpp's converter lays out `arch`, without
+    the metadata keys in `omit` (context_length, attention.layer_norm_rms_epsilon)."""
     config = model.config
     n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads  # Qwen2Config has none
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(f"tiny-{arch}")
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
+    if "context_length" not in omit:
+        writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(n_heads)
@@ -276,7 +271,8 @@ def write_gguf(path, model, arch: str, rope_freqs=None, scaling=None):
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if "attention.layer_norm_rms_epsilon" not in omit:
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     if scaling is not None:  # (gguf.RopeScalingType, factor)
         writer.add_rope_scaling_type(scaling[0])
@@ -330,9 +326,9 @@ def test_gguf_matches_transformers_gguf_import(tmp_path, arch):
     print(f"gguf {arch}: max |logit diff| vs transformers' GGUF import {diff:.2e}")
     assert diff < 1e-5
     assert max_logit_diff(model, source, tokens) < 1e-5
-    assert torch.equal(generate(model, tokens, CompressionConfig(method="full"), max_new_tokens=N_NEW),
+    assert torch.equal(generate(model, tokens, CompressionConfig(method="full"), max_new_tokens=N_NEW).tokens,
                        hf_greedy(reference, tokens))
-    config, _, _ = checkpoint.open_gguf(path)
+    config = checkpoint.open_gguf(path)[0]
     assert (config["bos_token_id"], config["eos_token_id"]) == (3, 7)
 
 
@@ -359,3 +355,80 @@ def test_gguf_rope_scaling_matches_the_hf_model(tmp_path, scaling):
 def test_gguf_unsupported_rope_scaling_is_refused(tmp_path):
     path = write_gguf(tmp_path / "yarn.gguf", hf_model(LlamaConfig), "llama", scaling=(gguf.RopeScalingType.YARN, 4.0))
     assert_refused(path, "RoPE scaling 'yarn' is not supported")
+
+
+@pytest.mark.parametrize("key", ["context_length", "attention.layer_norm_rms_epsilon"])
+def test_gguf_without_a_required_key_is_refused_at_load(tmp_path, key):
+    """llama.cpp refuses these files; chunkkv once converted them with None and failed at the first forward."""
+    path = write_gguf(tmp_path / "incomplete.gguf", hf_model(LlamaConfig), "llama", omit=(key,))
+    assert_refused(path, f"lacks llama.{key}", "the file is incomplete")
+
+
+CONVERTED = {  # name: (source model, what write_gguf needs)
+    "llama": lambda: (hf_model(LlamaConfig, **LLAMA_GGUF), dict(arch="llama")),
+    "qwen2": lambda: (hf_model(Qwen2Config, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+                      dict(arch="qwen2")),
+    "llama3-rope_freqs": lambda: (hf_model(LlamaConfig, **LLAMA_GGUF, rope_parameters=LLAMA3),
+                                  dict(arch="llama", rope_freqs=llama_cpp_rope_freqs(32, LLAMA3))),
+}
+
+
+@pytest.mark.parametrize("name", CONVERTED)
+def test_converted_gguf_is_a_folder_transformers_reads_right(tmp_path, name):
+    """A GGUF converted to a Hugging Face folder (what the registry does with named checkpoints)
+    loads in transformers' AutoModelForCausalLM with the logits of the model the file came from:
+    the right architecture, and Llama 3.1's rope_freqs as the llama3 RoPE scaling it encodes."""
+    source, layout = CONVERTED[name]()
+    path = write_gguf(tmp_path / f"{name}.gguf", source, **layout)
+    checkpoint.convert_gguf(path, tmp_path / "converted")
+    config = json.loads((tmp_path / "converted" / "config.json").read_text())
+    assert config["architectures"] == [type(source).__name__]
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "converted", dtype=torch.float32).eval()
+    ours, _ = checkpoint.load(tmp_path / "converted")
+    tokens = prompt(vocab=source.config.vocab_size)
+    assert max_logit_diff(theirs, source, tokens) < 1e-5
+    assert max_logit_diff(ours, source, tokens) < 1e-5
+
+
+def test_llama3_parameters_reproduce_step_divisors():
+    """rope_freqs with no blended frequency (each 1 or the factor: possible where the wavelengths are
+    far apart) still convert, to a llama3 scaling that gives exactly these divisors."""
+    divisors = [1.0, 8.0]  # head_dim 4: wavelengths 707x apart, room for original / 4 and original between
+    params = checkpoint.llama3_parameters({"rope_parameters": {"rope_theta": 500000.0}, "rope_freqs": divisors,
+                                           "head_dim": 4}, "test")
+    args = checkpoint.model_args({**TINY_CONFIG, "model_type": "llama", "head_dim": 4, "rope_parameters": params}, "test")
+    base = 1.0 / 500000.0 ** (torch.arange(0, 4, 2) / 4)
+    torch.testing.assert_close(base / model_rope_inv_freq(args), torch.tensor(divisors), rtol=1e-4, atol=0)
+
+
+def test_rope_freqs_that_are_no_llama3_scaling_are_not_converted(tmp_path):
+    """Such a file runs as a .gguf (chunkkv divides by rope_freqs as llama.cpp does), but no folder
+    transformers reads right can be written for it: the conversion refuses and writes nothing."""
+    source = hf_model(LlamaConfig, **LLAMA_GGUF)
+    divisors = np.random.default_rng(0).uniform(1, 3, 16).astype(np.float32)
+    path = write_gguf(tmp_path / "odd.gguf", source, "llama", rope_freqs=divisors)
+    assert checkpoint.load(path)[0].args.rope_freqs is not None
+    with pytest.raises(CheckpointError, match="no llama3 RoPE scaling"):
+        checkpoint.convert_gguf(path, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Writing checkpoints
+
+def test_hf_directory_round_trip(tiny_dir):
+    model, tokenizer = checkpoint.load(tiny_dir)
+    reference = tiny_model(n_layers=2, tie_embeddings=False, max_seq_len=256, rope_theta=10000.0)
+    tokens = torch.tensor([tokenizer.encode("hello, world").ids])
+    assert torch.equal(model(tokens), reference(tokens))
+    assert not list(tiny_dir.parent.glob(".tiny-*"))  # no temporary folder left behind
+
+
+def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save)
+    with pytest.raises(OSError):
+        checkpoint.write_checkpoint(tmp_path / "out", TINY_CONFIG, {}, byte_tokenizer())
+    assert list(tmp_path.iterdir()) == []

@@ -2,7 +2,7 @@
 for every method, per layer and per KV head; scoring dtypes; which layers score under reuse;
 PyramidKV's budgets; and the remaining bad inputs (config, API, CLI) and streaming output."""
 import math
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,11 +14,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 import chunkkv
 import generate as cli_module
 from chunkkv import CompressionConfig, CompressionError
-from generate import TextStream, summary
-from inference import PromptError, generate, sample
-from model import Prefill
-from test_chunkkv import (assert_user_error, byte_tokenizer, cli, reference_logits, reference_select, tiny_dir,  # noqa: F401
-                          tiny_model)
+from cli import TextStream, summary
+from conftest import (assert_user_error, byte_tokenizer, cli, kept_positions, prefill, reference_logits, reference_select,
+                      tiny_model)
+from generate import Prefilled, PromptError, generate, sample
 
 torch.set_grad_enabled(False)
 NEAR_TIE = 1e-5  # float32 scoring vs the float64 references: scores closer than this (relative) may rank either way
@@ -180,7 +179,8 @@ def scored_case(draw, methods):
     n_prompt = draw(st.integers(1, 60))
     budget = draw(st.integers(window + 1, max(window + 1, n_prompt + 3)))
     config = CompressionConfig(
-        method=method.removesuffix("-per-head"), per_head=method.endswith("-per-head"), budget=budget,
+        method=method.removesuffix("-per-head"), per_head=method.endswith("-per-head"),
+        budget=budget if chunkkv.METHODS[method.removesuffix("-per-head")].budgeted else None,
         window=window, chunk_size=draw(st.integers(1, 9)), pool_kernel=draw(st.sampled_from([1, 3, 5, 7])),
         n_sinks=draw(st.integers(1, max(1, window - 1))), recovery=draw(st.floats(0.05, 1.0)),
         special_ids=(0, 1), punctuation_ids=(2, 3))
@@ -194,7 +194,7 @@ def scored_case(draw, methods):
 
 
 def check_against_reference(config, q, k, tokens, budget):
-    positions, _ = chunkkv.keep_positions(config, q, k, tokens, budget, layer=0)
+    positions, _ = chunkkv.keep_positions(config, q, k, budget, layer=0, tokens=tokens)
     expected, margin = reference_keep(config, q, k, tokens, budget)
     assume(margin > NEAR_TIE)
     assert as_lists(positions, k.shape[1]) == expected
@@ -204,21 +204,19 @@ def check_against_reference(config, q, k, tokens, budget):
 @given(scored_case(("snapkv", "h2o", "chunkkv", "chunkkv-per-head", "streaming", "full")))
 def test_token_and_chunk_methods_keep_what_their_reference_keeps(case):
     config, q, k, tokens = case
-    check_against_reference(config, q, k, tokens, config.budget)
+    check_against_reference(config, q, k, tokens, config.budget or q.shape[2])
 
 
 @settings(max_examples=150, deadline=None)
 @given(scored_case(("fastgen",)))
 def test_fastgen_keeps_the_cheapest_sufficient_policy(case):
     config, q, k, tokens = case
-    positions, scores = chunkkv.keep_positions(config, q, k, tokens, q.shape[2], layer=0)
-    policy = chunkkv.fastgen_positions(scores, tokens, config)[1]
+    positions, _ = chunkkv.keep_positions(config, q, k, q.shape[2], layer=0, tokens=tokens)
     reference_scores = ref_head_scores(q, k, config.window).tolist()
     for b in range(q.shape[0]):
         for h in range(k.shape[1]):
-            expected_policy, expected, margin = ref_fastgen(reference_scores[b][h], tokens[b].tolist(), config)
+            _, expected, margin = ref_fastgen(reference_scores[b][h], tokens[b].tolist(), config)
             assume(margin > NEAR_TIE)
-            assert int(policy[b, h]) == expected_policy
             assert [p for p in positions[b, h].tolist() if p >= 0] == expected
 
 
@@ -306,24 +304,24 @@ def test_decode_attends_to_exactly_what_each_head_kept(config):
     prompt = torch.randint(0, 256, (2, n_prompt), generator=gen)
     forced = torch.randint(0, 256, (2, n_steps), generator=gen)
     budgets = config.layer_budgets(n_prompt, 3)
-    captured = []
-    logits = [model.prefill(prompt, Prefill(config, prompt, budgets, n_steps + 1, captured=captured))]
+    _, captured = model.capture(prompt)
+    logits = [prefill(model, prompt, config, n_steps + 1)]
     logits += [model.decode(forced[:, i:i + 1]) for i in range(n_steps)]
     logits = torch.stack(logits, dim=1)
-    kept = [block.self_attn.cache.positions for block in model.layers]
+    kept = kept_positions(model, n_prompt, per_head=config.per_kv_head)
 
-    for layer, (block, positions) in enumerate(zip(model.layers, kept)):
+    for layer, (cache, positions) in enumerate(zip(model.caches(), kept)):
         # the cache holds what the reference selects (a follower: from its leader's q and k)
         q, k, _ = captured[layer - layer % config.reuse]
         expected, margin = reference_keep(config, q, k, prompt, budgets[layer])
         assert margin > NEAR_TIE
         assert as_lists(positions, 2) == expected
         # a head may attend to its kept slots and the generated tokens, never to padding
-        cache = block.self_attn.cache
-        n = cache.n_kept.item()
+        n = positions.shape[-1]
         used = positions >= 0 if positions.dim() == 3 else (positions >= 0)[:, None].expand(-1, 2, -1)
-        assert torch.equal(cache.valid[..., :n], used)
-        assert cache.valid[..., n:n + n_steps].all() and not cache.valid[..., n + n_steps:].any()
+        assert torch.equal(cache.pos[..., :n] >= 0, used)
+        assert cache.pos[..., n:n + n_steps].tolist() == [[list(range(n_prompt, n_prompt + n_steps))] * 2] * 2
+        assert (cache.pos[..., n + n_steps:] == -1).all()
 
     reference = reference_logits(model, torch.cat([prompt, forced], 1), kept, n_prompt)[:, n_prompt - 1:]
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
@@ -353,9 +351,10 @@ def test_half_precision_scores_equal_float32_scores_of_the_same_values(dtype):
     tokens = torch.randint(0, 8, (2, 70), generator=gen)
     for method in ("h2o", "snapkv", "pyramidkv", "chunkkv", "chunkkv-per-head", "fastgen"):
         config = CompressionConfig(method=method.removesuffix("-per-head"), per_head=method.endswith("-per-head"),
-                                   budget=30, window=8, special_ids=(0,), punctuation_ids=(1,), recovery=0.5)
-        half, _ = chunkkv.keep_positions(config, q, k, tokens, 30, layer=0)
-        assert torch.equal(half, chunkkv.keep_positions(config, q32, k32, tokens, 30, layer=0)[0])
+                                   budget=None if method == "fastgen" else 30, window=8, special_ids=(0,),
+                                   punctuation_ids=(1,), recovery=0.5)
+        half, _ = chunkkv.keep_positions(config, q, k, 30, layer=0, tokens=tokens)
+        assert torch.equal(half, chunkkv.keep_positions(config, q32, k32, 30, layer=0, tokens=tokens)[0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,16 +364,17 @@ def test_half_precision_scores_equal_float32_scores_of_the_same_values(dtype):
 @pytest.mark.parametrize("n_layers, reuse, keep", [(5, 2, 0.3), (6, 3, 0.3), (4, 1, 0.3), (5, 2, 0.75), (4, 4, 0.9)])
 def test_reuse_scores_in_exactly_the_leader_layers(method, n_layers, reuse, keep, monkeypatch):
     config = CompressionConfig(method=method.removesuffix("-per-head"), per_head=method.endswith("-per-head"),
-                               keep=keep, window=5, reuse=reuse,
+                               keep=None if method == "fastgen" else keep, window=5, reuse=reuse,
                                special_ids=(0,), punctuation_ids=(1, 2), recovery=0.5)
     scored, layer = [], []
-    keep_positions, score = chunkkv.keep_positions, chunkkv.score
-    monkeypatch.setattr(chunkkv, "keep_positions", lambda *args: layer.append(args[5]) or keep_positions(*args))
-    monkeypatch.setattr(chunkkv, "score", lambda *args: scored.append(layer[-1]) or score(*args))
+    keep_positions, row = chunkkv.keep_positions, chunkkv.METHODS[config.method]
+    monkeypatch.setattr(chunkkv, "keep_positions", lambda *args: layer.append(args[4]) or keep_positions(*args))
+    monkeypatch.setitem(chunkkv.METHODS, config.method,
+                        replace(row, score=lambda *args: scored.append(layer[-1]) or row.score(*args)))
     model = tiny_model(n_layers=n_layers)
     prompt = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(0))
     budgets = config.layer_budgets(100, n_layers)
-    model.prefill(prompt, Prefill(config, prompt, budgets, 2))
+    prefill(model, prompt, config, 2)
     assert layer == list(range(n_layers))
     assert scored == list(range(0, n_layers, reuse))
     if config.method == "pyramidkv" and keep == 0.75:
@@ -383,13 +383,14 @@ def test_reuse_scores_in_exactly_the_leader_layers(method, n_layers, reuse, keep
 
 def test_nothing_scores_when_every_budget_covers_the_prompt(monkeypatch):
     calls = []
-    score = chunkkv.score
-    monkeypatch.setattr(chunkkv, "score", lambda *args: calls.append(1) or score(*args))
+    for method in ("h2o", "snapkv", "pyramidkv", "chunkkv"):
+        row = chunkkv.METHODS[method]
+        monkeypatch.setitem(chunkkv.METHODS, method, replace(row, score=lambda *args, row=row: calls.append(1)
+                                                                or row.score(*args)))
     model = tiny_model(n_layers=4)
     prompt = torch.randint(0, 256, (1, 40))
     for method in ("h2o", "snapkv", "pyramidkv", "chunkkv"):
-        config = CompressionConfig(method=method, budget=50, window=5, reuse=2)
-        model.prefill(prompt, Prefill(config, prompt, config.layer_budgets(40, 4), 2))
+        prefill(model, prompt, CompressionConfig(method=method, budget=50, window=5, reuse=2), 2)
     assert calls == []
 
 
@@ -420,8 +421,7 @@ def test_generate_rejects_what_the_cli_rejects_with_the_same_message():
              (dict(top_k=0), ("--top-k", "0")),
              (dict(temperature=-0.5), ("--temperature", "-0.5")),
              (dict(temperature=math.nan), ("--temperature", "nan"))]
-    with ThreadPoolExecutor(4) as pool:  # each run starts Python and imports torch: run them side by side
-        results = list(pool.map(lambda case: cli(*case[1]), cases))
+    results = [cli(*case[1]) for case in cases]
     model = tiny_model()
     for (kwargs, _), result in zip(cases, results):
         with pytest.raises(PromptError) as error:
@@ -450,17 +450,14 @@ def test_cli_errors_for_the_remaining_bad_inputs(tmp_path):
         if not getattr(torch, device).is_available():
             cases.append((("--device", device), f"--device {device}, but this torch sees no {device} device",
                           "use --device cpu"))
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda case: cli(*case[0]), cases))
+    results = [cli(*case[0]) for case in cases]
     for (args, *fragments), result in zip(cases, results):
         assert_user_error(result, *fragments)
 
 
 def test_cli_pyramidkv_keeps_what_it_is_asked_and_a_tiny_temperature_runs(tiny_dir):
-    with ThreadPoolExecutor(2) as pool:
-        greedy, tiny = pool.map(lambda t: cli("--checkpoint", str(tiny_dir), "--prompt", "z" * 208, "--no-chat",
-                                              "--method", "pyramidkv", "--keep", "0.75", "--max-new-tokens", "5",
-                                              "--temperature", t), ["0", "1e-38"])
+    greedy, tiny = (cli("--checkpoint", str(tiny_dir), "--prompt", "z" * 208, "--no-chat", "--method", "pyramidkv",
+                        "--keep", "0.75", "--max-new-tokens", "5", "--temperature", t) for t in ("0", "1e-38"))
     for result in (greedy, tiny):
         assert result.returncode == 0, result.stderr
         assert "KV kept per layer 104-208 of 208 (75.0 %), 2 layers" in result.stdout
@@ -505,10 +502,10 @@ def test_cli_prints_the_held_back_text_at_the_end(tiny_dir, monkeypatch, capsys)
     real_generate = cli_module.generate
 
     def generate_ending_in_a_cut_emoji(*args, on_token, **kwargs):
-        new = real_generate(*args, **kwargs)
+        record = real_generate(*args, **kwargs)
         for i in cut:
             on_token(torch.tensor([[i]]))
-        return new
+        return record
 
     monkeypatch.setattr(cli_module, "generate", generate_ending_in_a_cut_emoji)
     assert cli_module.main(["--checkpoint", str(tiny_dir), "--prompt", "z" * 50, "--method", "full",
@@ -518,9 +515,9 @@ def test_cli_prints_the_held_back_text_at_the_end(tiny_dir, monkeypatch, capsys)
 
 
 def test_summary_names_only_the_settings_a_method_uses():
-    stats = dict(kept=[20.0, 20.0], prompt_tokens=200, budgets=[20, 20], decode_step_seconds=[0.1, 0.1],
-                 compress_seconds=0.01, prefill_seconds=0.1, kv_bytes_full=2**20, kv_bytes_kept=2**17, new_tokens=2)
-    method_line = lambda config: summary(stats, config, 2).splitlines()[0]  # noqa: E731
+    prefilled = Prefilled(lengths=[200], budgets=[[20, 20]], kept=[[20.0, 20.0]], prefill_seconds=0.1,
+                          compress_seconds=0.01, kv_bytes=2**17, kv_bytes_full=2**20)
+    method_line = lambda config: summary(config, 2, prefilled, 2, [0.1, 0.1]).splitlines()[0]  # noqa: E731
     assert method_line(CompressionConfig(method="streaming", budget=40)) == "method            streaming (4 sinks)"
     assert method_line(CompressionConfig(method="full")) == "method            full"
     assert method_line(CompressionConfig(budget=40, reuse=2)) == \

@@ -9,10 +9,9 @@ import time
 
 import torch
 
-from bench_common import INTRO, KEYS, Progress, stdlib_paragraphs, table, take_prose, wilson
+from benchmarks.common import INTRO, KEYS, Progress, stdlib_paragraphs, table, take_prose, wilson
 from chunkkv import CompressionConfig
-from inference import Recompression, extend_all, generate, prefill_and_compress
-from model import Prefill
+from generate import Recompression, decode_tokens, extend_all, generate, prefill_and_compress
 
 
 # ---------------------------------------------------------------------------------------
@@ -36,8 +35,8 @@ def through_recompression(model, prompt: torch.Tensor, continuation: torch.Tenso
     """Logits [1 + n, vocab] after the prompt and after each continuation token, appended through
     a cache of `cache_budget` entries re-compressed whenever full (extend_all = one by one)."""
     recompression = Recompression(config, cache_budget)
-    room = cache_budget - min(recompression.budget, prompt.shape[1])
-    first, _ = prefill_and_compress(model, prompt, recompression.config, room, cache_budget, keep_queries=True)
+    first, _ = prefill_and_compress(model, prompt, [prompt.shape[1]], config, continuation.shape[1],
+                                    recompression=recompression)
     rest = extend_all(model, continuation, recompression)
     return torch.cat([first[:, None], rest], 1)[0], recompression
 
@@ -107,23 +106,15 @@ def recompress_retrieval(model, tokenizer, paragraphs, caps, n_cases: int, n_tok
         for label, cap in runs:
             if cap is None:
                 ids = torch.cat([prompt, rest], 1)
-                logits = model.prefill(ids, Prefill(CompressionConfig(method="full"), ids,
-                                                    [ids.shape[1]] * model.args.n_layers, 12))
+                logits, _ = prefill_and_compress(model, ids, [ids.shape[1]], CompressionConfig(method="full"), 12)
                 recompression = None
             else:
                 all_logits, recompression = through_recompression(model, prompt, rest, CompressionConfig(
                     **RECOMPRESS_METHODS[label]), cap)
                 logits = all_logits[-1:]
-            tokens = []
-            for i in range(10):  # greedy; the cache is re-compressed when full, as in generate
-                token = logits.argmax(-1, keepdim=True)
-                tokens.append(int(token[0, 0]))
-                if tokens[-1] in stop or i == 9:
-                    break
-                if recompression is not None:
-                    recompression.make_room(model, 1)
-                logits = model.decode(token)
-            found = value in tokenizer.decode(tokens)
+            # greedy; the cache is re-compressed when full, as in generate
+            tokens = decode_tokens(model, logits, 10, stop_tokens=tuple(stop), recompression=recompression)[0]
+            found = value in tokenizer.decode(tokens[0].tolist())
             rows.append({"bench": "recompress", "part": "retrieval", "method": label, "cache_budget": cap,
                          "case": case, "context_tokens": prompt.shape[1] + rest.shape[1], "found": found,
                          "recompressions": recompression.count if recompression else 0})
@@ -141,17 +132,15 @@ def recompress_speed(model, tokenizer, paragraphs, n_new: int, rounds: int = 2) 
     rows = []
     for round_ in range(rounds):
         for label, (config, cap) in runs.items():
-            stats = {}
             start = time.perf_counter()
-            generate(model, ids, config, n_new, cache_budget=cap, stats=stats)
-            total = time.perf_counter() - start - stats["prefill_seconds"]
-            steps = stats["decode_step_seconds"]
+            record = generate(model, ids, config, n_new, cache_budget=cap)
+            total = time.perf_counter() - start - record.prefill.prefill_seconds
+            steps = record.step_seconds
             rows.append({"bench": "recompress", "part": "speed", "method": label, "cache_budget": cap, "round": round_,
-                         "prompt_tokens": 256, "new_tokens": stats["new_tokens"],
+                         "prompt_tokens": 256, "new_tokens": record.tokens.shape[1],
                          "decode_tokens_per_s": len(steps) / total, "step_ms_median": 1000 * statistics.median(steps),
-                         "recompressions": stats.get("recompressions", 0),
-                         "recompress_seconds": stats.get("recompress_seconds", 0.0),
-                         "recompress_share": stats.get("recompress_seconds", 0.0) / total, "mode": "eager"})
+                         "recompressions": record.recompressions, "recompress_seconds": record.recompress_seconds,
+                         "recompress_share": record.recompress_seconds / total, "mode": "eager"})
             print(f"  [speed] round {round_ + 1}/{rounds}, {label}: {rows[-1]['decode_tokens_per_s']:.1f} tok/s",
                   file=sys.stderr, flush=True)
     return rows

@@ -1,10 +1,8 @@
 """Tests for re-compression of a full cache (decode-time ChunkKV, SnapKV, StreamingLLM), the
 cache budget in generate, and the interactive chat CLI. Tiny random models; the chat template
 checks also read the converted real checkpoints when they are present (marked `model`)."""
+import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chunkkv
+import registry
 from chunkkv import CompressionConfig, CompressionError
-from generate import next_turn_text
-from inference import Recompression, extend, generate, prefill_and_compress
+from cli import next_turn_text
+from conftest import cli, masked_reference, reference_select, tiny_model
+from generate import Recompression, compile_decode, extend, extend_all, generate, prefill_and_compress
 from model import Transformer
-from test_chunkkv import HERE, masked_reference, reference_select, tiny_dir, tiny_model  # noqa: F401  (tiny_dir is a fixture)
-from tokenizer import CHATML, ChatFormat
+from tokenizer import CHATML, ChatFormat, chat_format
 
 torch.set_grad_enabled(False)
 
@@ -127,8 +126,8 @@ def run_recorded(model: Transformer, prompt: torch.Tensor, forced: torch.Tensor,
     after the prompt and after each forced token, per layer the [B, Hkv, n_all, n_all] mask of
     the positions each query saw according to the cache, re-compression count)."""
     recompression = Recompression(config, cache_budget)
-    room = cache_budget - min(recompression.budget, prompt.shape[1])
-    logits, _ = prefill_and_compress(model, prompt, recompression.config, room, cache_budget, keep_queries=True)
+    logits, _ = prefill_and_compress(model, prompt, [prompt.shape[1]] * prompt.shape[0], config, forced.shape[1],
+                                     recompression=recompression)
     n_prompt, n_all = prompt.shape[1], prompt.shape[1] + forced.shape[1]
     seen = [torch.ones(prompt.shape[0], model.args.n_kv_heads, n_all, n_all, dtype=torch.bool).tril()
             for _ in model.layers]
@@ -141,7 +140,7 @@ def run_recorded(model: Transformer, prompt: torch.Tensor, forced: torch.Tensor,
         outputs.append(model.extend(forced[:, start:start + n]))
         for layer, cache in enumerate(model.caches()):
             assert int(cache.used.max()) <= cache_budget
-            positions = cache.slot_positions()  # [B, Hkv, slots], -1 = empty
+            positions = cache.pos.long()  # [B, Hkv, slots], -1 = empty
             in_cache = torch.zeros(*positions.shape[:2], n_all + 1, dtype=torch.bool)
             in_cache.scatter_(2, torch.where(positions >= 0, positions, n_all), True)
             for p in range(n_prompt + start, n_prompt + start + n):
@@ -185,27 +184,25 @@ def test_with_a_budget_above_the_final_length_nothing_is_recompressed():
         logits, _, count = run_recorded(model, prompt, forced, CompressionConfig(window=6, **kwargs), 96)
         assert count == 0
         torch.testing.assert_close(logits, model(torch.cat([prompt, forced], 1))[:, 29:], rtol=1e-5, atol=1e-5)
-        stats = {}
-        tokens = generate(model, prompt, CompressionConfig(window=6, **kwargs), 50, cache_budget=96, stats=stats)
-        assert stats["recompressions"] == 0
-        assert torch.equal(tokens, generate(model, prompt, CompressionConfig(method="full"), 50))
+        record = generate(model, prompt, CompressionConfig(window=6, **kwargs), 50, cache_budget=96)
+        assert record.recompressions == 0
+        assert torch.equal(record.tokens, generate(model, prompt, CompressionConfig(method="full"), 50).tokens)
 
 
 def test_generation_longer_than_the_cache():
     model = tiny_model(n_layers=2)
-    stats = {}
-    tokens = generate(model, torch.randint(0, 256, (1, 20)), CompressionConfig(window=8), 200, cache_budget=48,
-                      stats=stats)
-    assert tokens.shape == (1, 200)
-    assert stats["recompressions"] == math.ceil((200 - 1 - (48 - 20)) / (48 - 36))  # 36 kept, 12 free each time
-    assert stats["recompress_budget"] == 36 and stats["recompress_seconds"] > 0
+    record = generate(model, torch.randint(0, 256, (1, 20)), CompressionConfig(window=8), 200, cache_budget=48)
+    assert record.tokens.shape == (1, 200)
+    assert record.recompressions == math.ceil((200 - 1 - (48 - 20)) / (48 - 36))  # 36 kept, 12 free each time
+    assert record.recompress_seconds > 0
     assert all(int(cache.used.max()) <= 48 for cache in model.caches())
 
 
 def test_extend_longer_than_the_free_slots_goes_in_pieces():
     model = tiny_model(n_layers=2)
     recompression = Recompression(CompressionConfig(window=4, budget=20), 32)
-    prefill_and_compress(model, torch.randint(0, 256, (1, 16)), recompression.config, 16, 32, keep_queries=True)
+    prefill_and_compress(model, torch.randint(0, 256, (1, 16)), [16], recompression.config, 100,
+                         recompression=recompression)
     extend(model, torch.randint(0, 256, (1, 100)), recompression)
     assert recompression.count == 7  # 16 free slots first, then 12 after each re-compression: 16 + 7 * 12 = 100
     assert int(model.caches()[0].length[0]) == 116 and int(model.caches()[0].used[0]) <= 32
@@ -214,20 +211,17 @@ def test_extend_longer_than_the_free_slots_goes_in_pieces():
 def test_compiled_decode_is_one_graph_across_recompressions():
     """The compiled step serves many re-compressions and a second prompt with recompiles made an
     error, and gives the eager tokens."""
-    from inference import compile_decode
-
     model = tiny_model(n_layers=2)
     config = CompressionConfig(window=6, budget=24, chunk_size=4)
     prompts = torch.randint(0, 256, (2, 1, 30))
-    eager = [generate(model, prompt, config, 60, cache_budget=32) for prompt in prompts]
+    eager = [generate(model, prompt, config, 60, cache_budget=32).tokens for prompt in prompts]
     decode = compile_decode(model)
     generate(model, prompts[0], config, 3, decode=decode, cache_budget=32)  # compiles
     with torch.compiler.set_stance("fail_on_recompile"):
         for prompt, expected in zip(prompts, eager):
-            stats = {}
-            assert torch.equal(generate(model, prompt, config, 60, decode=decode, cache_budget=32, stats=stats),
-                               expected)
-            assert stats["recompressions"] >= 5
+            record = generate(model, prompt, config, 60, decode=decode, cache_budget=32)
+            assert torch.equal(record.tokens, expected)
+            assert record.recompressions >= 5
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,14 +257,10 @@ def test_chat_turns_append_exactly_the_rendered_conversation():
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("name", ["SmolLM2-135M-Instruct", "Qwen2.5-Coder-0.5B-Instruct"])
+@pytest.mark.parametrize("name", registry.CHECKPOINTS)
 def test_real_chat_templates_append_exactly_the_rendered_conversation(name):
-    from tokenizer import chat_format
-
-    path = Path.home() / ".cache" / "chunkkv" / name
-    if not path.is_dir():
-        pytest.skip(f"{name} is not converted here")
-    appended, whole = replies_through_templates(chat_format(path), REPLIES)
+    # the converted folder under $CHUNKKV_HOME, fetched first where it is missing: never a skip
+    appended, whole = replies_through_templates(chat_format(registry.resolve(name)), REPLIES)
     assert whole.startswith("".join(appended))
 
 
@@ -279,9 +269,8 @@ def test_interactive_cli_from_a_pipe_keeps_the_cache_bounded(tiny_dir):
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>\n{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}")
     turns = "What is the first thing?\nAnd a second one, somewhat longer than the first.\nthird\n"
-    result = subprocess.run([sys.executable, str(HERE / "generate.py"), "--checkpoint", str(tiny_dir),
-                             "--interactive", "--cache-budget", "48", "--window", "8", "--max-new-tokens", "24"],
-                            input=turns, capture_output=True, text=True, timeout=300)
+    result = cli("--checkpoint", str(tiny_dir), "--interactive", "--cache-budget", "48", "--window", "8",
+                 "--max-new-tokens", "24", stdin=turns, process=True)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("[cache: ")]
     assert len(lines) == 3
@@ -289,8 +278,7 @@ def test_interactive_cli_from_a_pipe_keeps_the_cache_bounded(tiny_dir):
     counts = [int(line.split(", ")[1].split()[0]) for line in lines]
     assert all(0 < u <= 48 for u in used) and " of 48 entries used" in lines[0]
     assert counts[-1] >= 4 and counts == sorted(counts)  # ~190 tokens through 48 slots
-    empty = subprocess.run([sys.executable, str(HERE / "generate.py"), "--checkpoint", str(tiny_dir),
-                            "--interactive", "--window", "8"], input="", capture_output=True, text=True, timeout=300)
+    empty = cli("--checkpoint", str(tiny_dir), "--interactive", "--window", "8", stdin="")
     assert empty.returncode == 0 and "[cache" not in empty.stdout  # EOF at once: a clean exit
 
 
@@ -298,14 +286,12 @@ def test_interactive_cli_from_a_pipe_keeps_the_cache_bounded(tiny_dir):
 def test_extend_in_pieces_equals_decoding_one_by_one(label, kwargs):
     """bench.py teacher-forces long texts with extend_all: re-compressions fall where one-by-one
     decoding puts them, so the logits are the same."""
-    from inference import extend_all
-
     model = tiny_model(n_layers=2)
     prompt, forced = torch.randint(0, 256, (1, 20)), torch.randint(0, 256, (1, 70))
     config = CompressionConfig(budget=24, window=6, chunk_size=4, **kwargs)
     one_by_one, _, count = run_recorded(model, prompt, forced, config, 32)
     recompression = Recompression(config, 32)
-    first, _ = prefill_and_compress(model, prompt, recompression.config, 12, 32, keep_queries=True)
+    first, _ = prefill_and_compress(model, prompt, [20], config, 70, recompression=recompression)
     pieces = extend_all(model, forced, recompression)
     assert recompression.count == count
     torch.testing.assert_close(torch.cat([first[:, None], pieces], 1), one_by_one, rtol=1e-4, atol=1e-4)
@@ -313,12 +299,9 @@ def test_extend_in_pieces_equals_decoding_one_by_one(label, kwargs):
 
 @pytest.mark.model
 def test_bench_recompress_quick_runs(tmp_path):
-    import json
-
     out = tmp_path / "recompress.json"
-    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "recompress", "--quick", "--parts", "retrieval",
-                             "speed", "--cases", "1", "--caps", "128", "--new-tokens", "300", "--out", str(out)],
-                            capture_output=True, text=True, timeout=900)
+    result = cli("recompress", "--quick", "--parts", "retrieval", "speed", "--cases", "1", "--caps", "128",
+                 "--new-tokens", "300", "--out", str(out), script="bench.py")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())
     retrieval = [r for r in rows if r["part"] == "retrieval"]

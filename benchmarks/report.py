@@ -1,0 +1,80 @@
+"""python bench.py report: every table of docs/results.md and the README's headline table, rebuilt
+from the committed results/*.json, so the text cannot drift from the data.
+
+A document marks each generated block with `<!-- results/NAME.json -->` (the tables of that run,
+headed by its command, date and machine) or `<!-- headline -->`, and ends it with `<!-- end -->`;
+everything between the markers is rewritten, everything outside them is left alone."""
+import json
+import re
+from pathlib import Path
+
+from benchmarks.common import table
+from benchmarks.quality import accuracy_cell, pages_table, passkey_table, quality_tables
+from benchmarks.recompress import recompress_tables
+from benchmarks.speed import load_table, questions_table, speed_tables, throughput_tables
+
+ROOT = Path(__file__).parent.parent
+DOCUMENTS = ("README.md", "docs/results.md", "docs/engines.md")
+TABLES = {"quality": quality_tables, "speed": speed_tables, "throughput": throughput_tables, "pages": pages_table,
+          "questions": questions_table, "passkey": passkey_table, "recompress": recompress_tables, "load": load_table}
+BLOCK = re.compile(r"(<!-- (results/[\w./-]+\.json|headline) -->\n)(.*?)(<!-- end -->)", re.S)
+
+
+def rows_of(path: str) -> list[dict]:
+    return json.loads((ROOT / path).read_text())
+
+
+def run_tables(path: str) -> str:
+    """The tables of one committed run, headed by what produced it."""
+    rows = rows_of(path)
+    first = rows[0]
+    bench = first["command"].split()[2]  # "python bench.py <bench> ..."
+    dtype = f", {first['dtype']}" if first.get("dtype") else ""
+    head = (f"`{first['command']}` ({first['date']}, {first['machine']}, torch {first['torch']}, "
+            f"Python {first['python']}{dtype})")
+    return f"{head}\n{TABLES[bench](rows).rstrip()}\n"
+
+
+HEADLINE_QUALITY = [  # (model, results file, rows that count, what they are)
+    ("SmolLM2-135M", "results/quality.json", {}, "single, multikey and multivalue needles, 1k-4k tokens"),
+    ("Qwen2.5-Coder-0.5B", "results/qwen/quality-4k.json", {"setting": "aware"}, "single needle, 4k tokens"),
+]
+HEADLINE_SPEED = [("bfloat16", "results/speed.json"), ("float32", "results/speed-float32.json")]
+
+
+def headline() -> str:
+    """Retrieval at keep 0.1 on both models, and decode tokens/s with the share of the roofline."""
+    labels = ["full", "chunkkv", "snapkv", "pyramidkv", "streaming", "h2o"]
+    cells = [[model, what] + [accuracy_cell(rows_of(path), bench="retrieval", method=label,
+                                            keep=1.0 if label == "full" else 0.1, **match) for label in labels]
+             for model, path, match, what in HEADLINE_QUALITY]
+    out = [table("Retrieval accuracy at keep 0.1, query-aware (mean [95 % interval] n=prompts)",
+                 ["model", "prompts"] + labels, cells)]
+    cells = []
+    for dtype, path in HEADLINE_SPEED:
+        rows = [r for r in rows_of(path) if r.get("mode") == "compiled" and r.get("batch") == 1]
+        for r in sorted(rows, key=lambda r: (r["prompt_tokens"], r["method"] != "full")):
+            cells.append([dtype, r["prompt_tokens"], r["method"], f"{r['value']:.1f}", f"{100 * r['of_roofline']:.0f} %"])
+    out.append(table("Decode, SmolLM2-135M, batch 1, compiled (`--compile`), ChunkKV keep 0.1 (docs/results.md, Speed)",
+                     ["dtype", "prompt tokens", "method", "tokens/s", "of the bandwidth roofline"], cells))
+    return "\n".join(out).lstrip("\n") + "\n"
+
+
+def rebuilt(text: str) -> str:
+    """`text` with every marked block generated anew."""
+    return BLOCK.sub(lambda m: m.group(1) + (headline() if m.group(2) == "headline" else run_tables(m.group(2)))
+                     + m.group(4), text)
+
+
+def report(check: bool = False) -> list[str]:
+    """Rebuild the marked blocks of DOCUMENTS in place (check: only compare); the documents that differ."""
+    stale = []
+    for name in DOCUMENTS:
+        path = ROOT / name
+        text = path.read_text()
+        new = rebuilt(text)
+        if new != text:
+            stale.append(name)
+            if not check:
+                path.write_text(new)
+    return stale

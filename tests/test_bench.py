@@ -1,0 +1,125 @@
+"""The benchmarks' own machinery, without a model: the intervals every accuracy cell carries, the
+paired tables, results written atomically, the refusals of bench.py, and the documents' tables
+generated from the committed results."""
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+import bench
+from benchmarks import common, quality
+from conftest import ROOT, write_tiny_gguf
+
+
+# ---------------------------------------------------------------------------------------
+# The intervals every accuracy cell carries
+
+@pytest.mark.parametrize("k, n, expected", [(81, 263, (0.2553, 0.3662)), (15, 148, (0.0624, 0.1605)),
+                                            (0, 20, (0.0, 0.1611)), (1, 29, (0.0061, 0.1718))])
+def test_wilson_matches_published_values(k, n, expected):
+    # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table I, method 3
+    assert common.wilson(k, n) == pytest.approx(expected, abs=1e-4)
+
+
+def test_interval_is_wilson_for_0_1_scores_and_bootstrap_otherwise():
+    scores = [1.0] * 30 + [0.0] * 10
+    assert common.interval(scores) == common.wilson(30, 40)
+    partial = [0.25, 0.5, 1.0, 0.75] * 10  # multivalue: a share of the four values
+    low, high = common.interval(partial)
+    assert low < statistics.fmean(partial) < high and high - low < 0.2
+    assert common.bootstrap([0.5] * 8) == (0.5, 0.5)
+
+
+def retrieval_rows(values: dict[str, list[float]]) -> list[dict]:
+    return [{"bench": "retrieval", "metric": "accuracy", "method": method, "keep": 1.0 if method == "full" else 0.1,
+             "task": "single", "context": 1024, "depth": 0.0, "prompt": i, "value": value}
+            for method, scores in values.items() for i, value in enumerate(scores)]
+
+
+def test_paired_table_pairs_prompts_and_says_what_is_resolved():
+    # SnapKV fails the ten prompts ChunkKV finds, and finds none else: +0.50, resolved;
+    # H2O fails ten other prompts: the means are equal (0.00, unresolved) though no prompt agrees
+    chunk, snap, h2o = [1.0] * 10 + [0.0] * 10, [0.0] * 20, [0.0] * 10 + [1.0] * 10
+    text = quality.paired_table(retrieval_rows({"chunkkv": chunk, "snapkv": snap, "h2o": h2o, "full": [1.0] * 20}))
+    lines = {line.split("|")[2].strip(): line for line in text.splitlines() if line.startswith("| 0.1")}
+    low, high = (float(x) for x in lines["snapkv"].split("[")[1].split("]")[0].split(","))
+    assert 0.2 < low < 0.35 and 0.65 < high < 0.8  # about 0.5 -+ 1.96 * 0.5 / sqrt(20)
+    assert "+0.50 [" in lines["snapkv"] and lines["snapkv"].rstrip(" |").endswith("yes")
+    assert "+0.00 [" in lines["h2o"] and lines["h2o"].rstrip(" |").endswith("no")
+    assert "-0.50 [" in lines["full"] and "| 20 " in lines["full"]
+    assert quality.accuracy_cell(retrieval_rows({"chunkkv": chunk}), method="chunkkv") == "0.50 [0.30, 0.70] n=20"
+
+
+def test_pages_table_pairs_the_two_chunk_sizes():
+    # chunk 16 answers prompts 0-2 that chunk 10 misses, chunk 10 answers prompt 3 only; over the
+    # continuation, chunk 16's KL is chunk 10's + 0.05 on every token: a paired difference of +0.05
+    c10, c16 = [0.0, 0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0, 1.0]
+    rows = [{"metric": "accuracy", "method": method, "value": value}
+            for method, hits in (("full", [1.0] * 5), ("chunkkv-c10", c10), ("chunkkv-c16", c16)) for value in hits]
+    kl = [0.1, 0.3, 0.2, 0.6]
+    rows += [{"metric": "fidelity", "method": method, "kl_per_token": [x + shift for x in kl], "nll_per_token": [1.0] * 4}
+             for method, shift in (("full", -0.1), ("chunkkv-c10", 0.0), ("chunkkv-c16", 0.05))]
+    text = quality.pages_table(rows)
+    assert "3 answered by chunk 16 only, 1 by chunk 10 only" in text
+    assert "KL difference per token +0.050 [+0.050, +0.050]" in text
+
+
+def test_bench_refuses_lengths_beyond_the_context_and_bad_counts(tmp_path, capsys):
+    tiny = tmp_path / "tiny.gguf"
+    write_tiny_gguf(tiny)  # context 64
+    assert bench.main(["quality", "--checkpoint", str(tiny), "--lengths", "1024"]) == 2
+    assert "error: --lengths 1024 does not fit the model's context of 64 tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["quality", "--prompts", "0"])
+    assert exit_.value.code == 2 and "'0' is not a whole number >= 1" in capsys.readouterr().err
+    assert bench.main(["recompress", "--caps", "512", "40", "--out", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err == ("error: --caps 40: re-compression keeps 30 entries in a cache of 40: it needs "
+                                       "the observation window (32) < budget < cache budget; raise the cache budget or lower the budget\n")
+    assert not (tmp_path / "r.json").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Results on disk: atomic, and a partial run never replaces a complete file
+
+def test_results_are_written_atomically_and_partial_runs_go_beside_them(tmp_path, monkeypatch):
+    out = tmp_path / "results" / "quality.json"
+    common.write_json(out, [{"value": 1}], "python bench.py quality")
+    complete = out.read_text()
+    common.write_json(out, [{"value": 2}], "python bench.py quality", partial=True)  # after a prompt of a run
+    assert out.read_text() == complete
+    partial = json.loads(out.with_name("quality.json.partial").read_text())
+    assert partial[0]["value"] == 2 and partial[0]["command"] == "python bench.py quality  # partial"
+
+    def killed_halfway(rows, f, **kwargs):
+        f.write('[{"val')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common.json, "dump", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        common.write_json(out, [{"value": 3}], "python bench.py quality")
+    monkeypatch.undo()
+    assert out.read_text() == complete  # the old file, whole; no temporary file left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["quality.json", "quality.json.partial"]
+    common.write_json(out, [{"value": 4}], "python bench.py quality")  # the run completes
+    assert json.loads(out.read_text())[0]["value"] == 4 and not out.with_name("quality.json.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# The documents' figures are generated from results/
+
+def test_the_documents_tables_are_what_the_committed_results_give():
+    from benchmarks.report import report
+
+    assert report(check=True) == [], "run: python bench.py report"
+
+
+def test_a_figure_typed_over_in_a_generated_block_is_found():
+    from benchmarks.report import rebuilt
+
+    text = (ROOT / "docs" / "results.md").read_text()
+    start = text.index("<!-- results/throughput.json -->")
+    figure = text[start:].split("| full ")[1].split("|")[3]  # the full cache's max batch, as generated
+    tampered = text[:start] + text[start:].replace(figure, " 999 ", 1)
+    assert tampered != text and rebuilt(tampered) == text
