@@ -10,6 +10,7 @@
     python bench.py recompress [--quick] [--checkpoint NAME] [--parts fidelity retrieval speed] [--caps 256 512]
                               [--texts 3] [--cases 8] [--new-tokens 1024] [--out results/recompress.json]
     python bench.py load      [--checkpoint NAME] [--out results/load.json]
+    python bench.py demo      [--checkpoint NAME] [--out results/demo.json]
     python bench.py report    [--check]
 
 quality: every prompt is prefilled once and every method x keep is compressed from that one
@@ -30,6 +31,7 @@ passkey: how often the CLI's pass-key demo finds its key, per keep and setting, 
 recompress: long generation through a cache re-compressed whenever full: teacher-forced fidelity,
 recall of a fact stated before many re-compressions, and decode speed.
 load: peak resident memory of loading the checkpoint, in float32 and bfloat16, each in a fresh process.
+demo: the README's demo, `python generate.py --chunk 10`, run in a fresh process: its output.
 report: the tables of docs/results.md and the README's headline, rebuilt from results/*.json
 (--check: exit 1 if the committed documents differ from what the results give).
 
@@ -44,11 +46,10 @@ from datetime import date
 import torch
 
 from benchmarks.common import machine, write_json
-from benchmarks.quality import pages_table, passkey_table, plot, quality_tables, run_pages, run_passkey, run_quality
-from benchmarks.recompress import recompress_tables, run_recompress
-from benchmarks.report import report
-from benchmarks.speed import (SPEED_CONFIGS, load_table, questions_table, run_load, run_questions, run_speed,
-                              run_throughput, speed_tables, throughput_tables)
+from benchmarks.quality import plot, run_pages, run_passkey, run_quality
+from benchmarks.recompress import run_recompress
+from benchmarks.report import TABLES, report, run_demo
+from benchmarks.speed import SPEED_CONFIGS, run_load, run_questions, run_speed, run_throughput
 from checkpoint import CheckpointError
 from chunkkv import CompressionConfig, CompressionError
 from cli import auto_dtype
@@ -71,7 +72,7 @@ def positive(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=["quality", "speed", "throughput", "pages", "questions", "passkey",
-                                          "recompress", "load", "report"])
+                                          "recompress", "load", "demo", "report"])
     parser.add_argument("--check", action="store_true", help="report: only compare the documents with the results")
     parser.add_argument("--quick", action="store_true", help="a small subset: minutes, not the full run")
     parser.add_argument("--setting", choices=["aware", "agnostic", "both"], default="both",
@@ -133,11 +134,11 @@ def main(argv=None) -> int:
         print(f"error: --caps {cap}: {e}", file=sys.stderr)
         return 2
     try:
-        if args.bench == "load":  # measured in fresh processes: this one loads nothing
+        if args.bench in ("load", "demo"):  # measured in fresh processes: this one loads nothing
             command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-            rows = run_load(resolve(args.checkpoint))
-            print(f"{command}\n{date.today()}, {machine()}, torch {torch.__version__}\n{load_table(rows)}")
-            write_json(args.out or "results/load.json", rows, command)
+            rows = run_load(resolve(args.checkpoint)) if args.bench == "load" else run_demo(args.checkpoint)
+            print(f"{command}\n{date.today()}, {machine()}, torch {torch.__version__}\n{TABLES[args.bench](rows)}")
+            write_json(args.out or f"results/{args.bench}.json", rows, command)
             return 0
         dtype = auto_dtype(torch.device("cpu")) if args.dtype == "auto" else getattr(torch, args.dtype)
         model, tokenizer = load(args.checkpoint, dtype=dtype)
@@ -153,38 +154,36 @@ def main(argv=None) -> int:
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"{command}\n{date.today()}, {machine()}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}")
     start = time.perf_counter()
-    if args.bench == "quality":
-        settings = ("aware", "agnostic") if args.setting == "both" else (args.setting,)
-        out = args.out or f"results/{args.bench}.json"
-        rows = run_quality(model, tokenizer, args.quick, settings, lengths, args.keeps, args.tasks, args.retrieval_only,
-                           args.prompts, args.ablations, args.fidelity_tokens,
-                           on_case=lambda rows: write_json(out, rows, command, dtype, partial=True))
-        print(quality_tables(rows))
-    elif args.bench == "speed":
-        rows = run_speed(model, tokenizer, args.quick, lengths, args.methods, args.batches, args.compile,
-                         args.checkpoint, args.compare)
-        print(speed_tables(rows))
-    elif args.bench == "throughput":
-        rows = run_throughput(model, tokenizer, args.quick, args.memory_gib, args.lengths)
-        print(throughput_tables(rows))
-    elif args.bench == "pages":
-        rows = run_pages(model, tokenizer, args.quick, args.lengths)
-        print(pages_table(rows))
-    elif args.bench == "questions":
-        rows = run_questions(model, tokenizer, args.quick, args.lengths, args.questions)
-        print(questions_table(rows))
-    elif args.bench == "recompress":
-        rows = run_recompress(model, tokenizer, args.quick, args.caps, args.parts, args.texts, args.cases,
-                              args.new_tokens)
-        print(recompress_tables(rows))
-    else:
-        rows = run_passkey(model, tokenizer, args.quick)
-        print(passkey_table(rows))
+    rows = run(args, model, tokenizer, lengths, command, dtype)
+    print(TABLES[args.bench](rows))
     print(f"\n{args.bench} benchmark took {(time.perf_counter() - start) / 60:.1f} min")
     write_json(args.out or f"results/{args.bench}.json", rows, command, dtype)
     if args.plot and args.bench == "quality":
         plot(rows, args.plot)
     return 0
+
+
+def run(args: argparse.Namespace, model, tokenizer, lengths, command: str, dtype) -> list[dict]:
+    """The rows of the benchmark `args.bench` asks for."""
+    if args.bench == "quality":
+        settings = ("aware", "agnostic") if args.setting == "both" else (args.setting,)
+        out = args.out or f"results/{args.bench}.json"
+        return run_quality(model, tokenizer, args.quick, settings, lengths, args.keeps, args.tasks, args.retrieval_only,
+                           args.prompts, args.ablations, args.fidelity_tokens,
+                           on_case=lambda rows: write_json(out, rows, command, dtype, partial=True))
+    if args.bench == "speed":
+        return run_speed(model, tokenizer, args.quick, lengths, args.methods, args.batches, args.compile,
+                         args.checkpoint, args.compare)
+    if args.bench == "throughput":
+        return run_throughput(model, tokenizer, args.quick, args.memory_gib, args.lengths)
+    if args.bench == "pages":
+        return run_pages(model, tokenizer, args.quick, args.lengths)
+    if args.bench == "questions":
+        return run_questions(model, tokenizer, args.quick, args.lengths, args.questions)
+    if args.bench == "recompress":
+        return run_recompress(model, tokenizer, args.quick, args.caps, args.parts, args.texts, args.cases,
+                              args.new_tokens)
+    return run_passkey(model, tokenizer, args.quick)
 
 
 if __name__ == "__main__":

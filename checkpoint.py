@@ -244,36 +244,27 @@ def convert_gguf(path: Path, out_dir: Path):
 
 
 def llama3_parameters(config: dict, source: Path) -> dict:
-    """The llama3 RoPE scaling (transformers' rope_parameters) whose per-frequency divisors are a
-    GGUF's rope_freqs, as llama.cpp's convert_hf_to_gguf.py computes them from it; CheckpointError
-    when no such scaling reproduces them."""
+    """The llama3 RoPE scaling (transformers' rope_parameters, Meta's low 1 and high 4) whose
+    per-frequency divisors are a GGUF's rope_freqs, as llama.cpp's convert_hf_to_gguf.py writes
+    them; CheckpointError when none reproduces them."""
     theta, divisors = config["rope_parameters"]["rope_theta"], torch.tensor(config["rope_freqs"])
-    head_dim, factor = config["head_dim"], float(divisors.max())
-    base = ModelArgs(dim=head_dim, n_heads=1, n_kv_heads=1, rope_theta=theta)
+    factor, base = float(divisors.max()), ModelArgs(dim=config["head_dim"], n_heads=1, n_kv_heads=1, rope_theta=theta)
     wavelen = 2 * math.pi / rope_inv_freq(base)
-    # between the boundaries the blend s = (original / wavelen - low) / (high - low) is linear in
-    # 1 / wavelen: with Meta's low 1 and high 4, one blended divisor gives the original context; two
-    # or more fit all three; none leave it anywhere between the boundaries
-    middle = (divisors > 1 + 1e-6) & (divisors < factor - 1e-6)
-    blend = (1 / divisors[middle] - 1 / factor) / (1 - 1 / factor)
-    if middle.sum() >= 2:
-        slope, intercept = np.polyfit((1 / wavelen[middle]).double().numpy(), blend.double().numpy(), 1)
-        candidates = [(-3 * intercept, 3 - 3 * intercept, 3 * slope)]  # high - low = 3, as Meta's
-    elif middle.sum() == 1:
-        candidates = [(1.0, 4.0, float((3 * blend[0] + 1) * wavelen[middle][0]))]
-    else:  # kept (divisor 1) below original / 4, stretched (the factor) above original
-        kept, stretched = wavelen[divisors <= 1 + 1e-6].tolist(), wavelen[divisors >= factor - 1e-6].tolist()
-        low_end, high_end = 4 * max(kept, default=0.0), min(stretched, default=8 * max(kept, default=1.0))
-        candidates = [(1.0, 4.0, (low_end + high_end) / 2)]
-    for low, high, original in candidates:
-        original = round(original) if abs(original - round(original)) < 1e-3 else original
-        args = replace(base, rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=low,
-                       rope_high_freq_factor=high, rope_original_context=original)
-        if torch.allclose(rope_inv_freq(base) / rope_inv_freq(args), divisors, rtol=1e-4):
-            return {"rope_theta": theta, "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                    "high_freq_factor": high, "original_max_position_embeddings": original}
-    raise CheckpointError(f"{source}: its rope_freqs are no llama3 RoPE scaling, which is all transformers can read "
-                          "from a checkpoint directory: load the .gguf file itself instead of converting it")
+    kept, stretched = wavelen[divisors <= 1 + 1e-6].tolist(), wavelen[divisors >= factor - 1e-6].tolist()
+    blended = (divisors > 1 + 1e-6) & (divisors < factor - 1e-6)
+    if blended.any():  # the blend s = (original / wavelen - 1) / 3 of the first one gives the original context
+        s = (1 / divisors[blended][0] - 1 / factor) / (1 - 1 / factor)
+        original = float((3 * s + 1) * wavelen[blended][0])
+    else:  # kept below original / 4, stretched above original: anywhere between
+        original = (4 * max(kept, default=0.0) + min(stretched, default=8 * max(kept, default=1.0))) / 2
+    original = round(original) if abs(original - round(original)) < 1e-3 else original
+    params = {"rope_theta": theta, "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": original}
+    args = replace(base, rope_scaling="llama3", rope_factor=factor, rope_original_context=original)
+    if not torch.allclose(rope_inv_freq(base) / rope_inv_freq(args), divisors, rtol=1e-4):
+        raise CheckpointError(f"{source}: its rope_freqs are no llama3 RoPE scaling, which is all transformers can "
+                              "read from a checkpoint directory: load the .gguf file itself instead of converting it")
+    return params
 
 
 def open_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tokenizer, dict]:

@@ -297,39 +297,17 @@ class Method:
     recompressible: bool = False  # can compress a full cache again at decode time (recompress_slots)
 
 
-# scorers
 def window_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
     q_win = q[:, :, -config.window:]
     return head_window_scores(q_win, k) if config.per_head else window_scores(q_win, k)
-
-
-def head_window_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
-    return head_window_scores(q[:, :, -config.window:], k)
 
 
 def pooled_window_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
     return snapkv_scores(q[:, :, -config.window:], k, config.pool_kernel)
 
 
-def all_queries_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
-    return h2o_scores(q, k)
-
-
-# selectors
-def keep_all(config: CompressionConfig, scores, budget: int, k: Tensor, tokens) -> Tensor:
-    return all_positions(k, per_head=False)
-
-
-def sinks_and_recent(config: CompressionConfig, scores, budget: int, k: Tensor, tokens) -> Tensor:
-    return streaming_positions(k.shape[0], k.shape[2], budget, config.n_sinks, k.device)
-
-
 def top_tokens(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens) -> Tensor:
     return select_tokens(scores, budget, config.window)
-
-
-def top_chunks(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens) -> Tensor:
-    return select_chunks(scores, budget, config.window, config.chunk_size)
 
 
 def cheapest_policy(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens: Tensor | None) -> Tensor:
@@ -338,14 +316,19 @@ def cheapest_policy(config: CompressionConfig, scores: Tensor, budget: int, k: T
     return fastgen_positions(scores, tokens, config)
 
 
-METHODS = {
-    "full":      Method(None, keep_all, per_head=False, windowed=False, budgeted=False),
-    "streaming": Method(None, sinks_and_recent, per_head=False, windowed=False, recompressible=True),
-    "h2o":       Method(all_queries_score, top_tokens, per_head=True),
-    "snapkv":    Method(pooled_window_score, top_tokens, per_head=True, recompressible=True),
+METHODS = {  # scorers (config, q, k) and selectors (config, scores, budget, k, tokens), as above
+    "full": Method(None, lambda c, s, budget, k, t: all_positions(k, per_head=False), per_head=False,
+                   windowed=False, budgeted=False),
+    "streaming": Method(None, lambda c, s, budget, k, t: streaming_positions(k.shape[0], k.shape[2], budget,
+                                                                           c.n_sinks, k.device),
+                        per_head=False, windowed=False, recompressible=True),
+    "h2o": Method(lambda c, q, k: h2o_scores(q, k), top_tokens, per_head=True),
+    "snapkv": Method(pooled_window_score, top_tokens, per_head=True, recompressible=True),
     "pyramidkv": Method(pooled_window_score, top_tokens, per_head=True, pyramid=True),
-    "chunkkv":   Method(window_score, top_chunks, per_head=None, recompressible=True),
-    "fastgen":   Method(head_window_score, cheapest_policy, per_head=True, budgeted=False),
+    "chunkkv": Method(window_score, lambda c, s, budget, k, t: select_chunks(s, budget, c.window, c.chunk_size),
+                      per_head=None, recompressible=True),
+    "fastgen": Method(lambda c, q, k: head_window_scores(q[:, :, -c.window:], k), cheapest_policy, per_head=True,
+                      budgeted=False),
 }
 SCORED = tuple(name for name, row in METHODS.items() if row.score is not None)  # layer-wise reuse applies to these
 RECOMPRESSIBLE = tuple(sorted(name for name, row in METHODS.items() if row.recompressible))
@@ -390,17 +373,11 @@ def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, budget: int,
 
 
 def recompress_slots(config: CompressionConfig, q_win: Tensor, k: Tensor, budget: int) -> Tensor:
-    """Which of a full cache's slots to keep when it is compressed again (decode-time ChunkKV).
-
-    q_win [B, Hq, W, D]: the last W queries the layer has seen (the tokens in the last W
-    slots); k [B, Hkv, n, D]: the n used slots, oldest first. The cache is scored like a prompt
-    whose tokens are its slots: the last W slots are the observation window, always kept,
-    and window query i sees slots up to n - W + i. ChunkKV cuts the older slots into chunks of
-    consecutive slots and keeps whole chunks to exactly `budget` (select_chunks); SnapKV keeps
-    the best single slots; StreamingLLM the first n_sinks and the most recent slots.
-    Returns kept slot indices, sorted: [B, N] (one choice per row) or [B, Hkv, N] (per KV head),
-    N = min(budget, n). Raises CompressionError for the methods that cannot.
-    """
+    """Which of a full cache's n used slots k [B, Hkv, n, D] to keep when it is compressed again
+    (decode-time ChunkKV), scored like a prompt whose tokens are the slots: q_win [B, Hq, W, D],
+    the last W queries the layer saw, score; the last W slots are the window. ChunkKV keeps whole
+    chunks of consecutive slots, SnapKV single slots, StreamingLLM the sinks and the most recent.
+    Sorted slot indices [B, N] or [B, Hkv, N], N = min(budget, n); CompressionError for the rest."""
     if not config.row.recompressible:
         raise CompressionError(f"method {config.method!r} cannot re-compress a full cache: "
                                f"use one of {', '.join(RECOMPRESSIBLE)}")

@@ -37,7 +37,8 @@ def parser(description: str = "") -> argparse.ArgumentParser:
                       help="cap on KV entries per layer for a single prompt or --interactive: when full, the cache is "
                            f"compressed again to --budget entries (default 3/4 of the cap); methods "
                            f"{', '.join(RECOMPRESSIBLE)}; lets --max-new-tokens exceed it (--interactive: default 1024)")
-    source = parser.add_argument_group("prompt").add_mutually_exclusive_group()
+    prompt = parser.add_argument_group("prompt (one source)")
+    source = prompt.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt (default: a ~2,000-token pass-key demo)")
     source.add_argument("--prompt-file", action="append",
                         help="read the prompt from a UTF-8 file; repeat for a batch of prompts of any lengths")
@@ -47,10 +48,11 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     source.add_argument("--interactive", action="store_true",
                         help="chat: one user turn per line of stdin (works from a pipe), one cache for the whole "
                              "conversation kept within --cache-budget (default 256 new tokens a reply)")
-    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+    prompt.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="wrap prompts in the checkpoint's chat template (default: on when the checkpoint has one "
                              "or ChatML tokens, off for the demo)")
-    asked = parser.add_mutually_exclusive_group()
+    asked = parser.add_argument_group("questions about --context-file or the demo's context, answered from one "
+                                      "compression").add_mutually_exclusive_group()
     asked.add_argument("--question", action="append", help="a question about the context; repeat for more")
     asked.add_argument("--questions-file", help="questions about the context, one per line (UTF-8)")
     gen = parser.add_argument_group("generation")

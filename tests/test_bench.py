@@ -2,10 +2,7 @@
 paired tables, results written atomically, the refusals of bench.py, and the documents' tables
 generated from the committed results."""
 import json
-import os
 import statistics
-import subprocess
-import sys
 
 import pytest
 
