@@ -427,3 +427,30 @@ def test_compiled_prefill_matches_eager():
         assert all(torch.equal(a, b) for a, b in zip(kept_positions(model, n_prompt), eager_kept))
 
 
+
+
+def test_streaming_needs_no_room_beside_a_window_it_does_not_keep():
+    config = CompressionConfig(method="streaming", budget=20)  # below the default window of 32: it has no window
+    assert config.prompt_budget(100) == 20 and config.min_budget == 5
+    kept = chunkkv.keep_positions(config, torch.zeros(1, 4, 100, 8), torch.zeros(1, 2, 100, 8), 20, layer=0)[0]
+    assert kept[0].tolist() == list(range(4)) + list(range(84, 100))
+    with pytest.raises(CompressionError, match="the 4 attention sinks"):
+        CompressionConfig(method="streaming", budget=4)
+
+
+def test_a_method_is_one_table_row(monkeypatch):
+    """Adding a variant is one row of chunkkv.METHODS and nothing else: SnapKV's pooled scores with
+    ChunkKV's whole chunks, per KV head, runs through the model and keeps what its row says."""
+    row = chunkkv.Method(chunkkv.pooled_window_score,
+                         lambda c, s, budget, k, t: chunkkv.select_chunks(s, budget, c.window, c.chunk_size),
+                         per_head=True, recompressible=True)
+    monkeypatch.setitem(chunkkv.METHODS, "snapkv-chunks", row)
+    config = CompressionConfig(method="snapkv-chunks", budget=24, window=4, chunk_size=5)
+    model = tiny_model()
+    prompt = torch.randint(0, 256, (2, 60))
+    record = generate(model, prompt, config, max_new_tokens=3)
+    _, captured = model.capture(prompt)
+    for (q, k, _), kept in zip(captured, kept_positions(model, 60, per_head=True)):
+        scores = chunkkv.snapkv_scores(q[:, :, -4:], k, config.pool_kernel)
+        assert torch.equal(kept, chunkkv.select_chunks(scores, 24, 4, 5))
+    assert record.prefill.kept == [[24.0, 24.0]] * 2

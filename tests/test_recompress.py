@@ -313,3 +313,10 @@ def test_bench_recompress_quick_runs(tmp_path):
                                                                                         "streaming") for i in (0, 1))
     assert all(r["recompressions"] == (0 if r["method"] == "full" else 1) for r in speed)
     assert "Early fact recalled" in result.stdout and "| streaming | 512   | 300" in result.stdout
+
+
+def test_a_keep_fraction_with_a_cache_budget_is_refused_as_the_cli_refuses_it():
+    """A re-compressed cache keeps an absolute budget: generate once ignored keep=0.1 with a cache budget."""
+    model = tiny_model()
+    with pytest.raises(CompressionError, match="keep is a fraction of the prompt"):
+        generate(model, torch.randint(0, 256, (1, 40)), CompressionConfig(keep=0.1, window=4), 8, cache_budget=64)
