@@ -250,8 +250,7 @@ def streaming_positions(n_batch: int, n_prompt: int, budget: int, n_sinks: int, 
     return torch.cat([sinks, recent]).expand(n_batch, budget)
 
 
-def fastgen_positions(scores: Tensor, tokens: Tensor, config: CompressionConfig,
-                      frequent_ratio: float = 0.3, local_ratio: float = 0.3) -> Tensor:
+def fastgen_positions(scores: Tensor, tokens: Tensor, config: CompressionConfig) -> Tensor:
     """FastGen (prefill form): each KV head takes the cheapest policy of special tokens ->
     + punctuation -> + frequent (heavy hitters) -> + local -> full whose kept set recovers at
     least `config.recovery` of its window attention mass; the window is always kept.
@@ -265,9 +264,9 @@ def fastgen_positions(scores: Tensor, tokens: Tensor, config: CompressionConfig,
     window = (pos >= n_prompt - config.window).expand_as(scores)
     special = window | torch.isin(tokens, torch.tensor(config.special_ids, device=device, dtype=tokens.dtype))[:, None]
     punctuation = special | torch.isin(tokens, torch.tensor(config.punctuation_ids, device=device, dtype=tokens.dtype))[:, None]
-    top = scores.topk(max(1, round(frequent_ratio * n_prompt)), dim=-1).indices
+    top = scores.topk(max(1, round(0.3 * n_prompt)), dim=-1).indices  # the 30 % heaviest hitters
     frequent = punctuation | torch.zeros_like(punctuation).scatter_(-1, top, True)
-    local = frequent | (pos >= n_prompt - round(local_ratio * n_prompt))
+    local = frequent | (pos >= n_prompt - round(0.3 * n_prompt))  # and the last 30 %
     masks = torch.stack([special, punctuation, frequent, local, torch.ones_like(local)])  # [5, B, Hkv, T]
     recovered = (masks * scores).sum(-1) / scores.sum(-1)  # [5, B, Hkv]
     enough = (recovered >= config.recovery) & (config.recovery < 1)  # 1.0 means: keep everything

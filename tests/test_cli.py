@@ -168,6 +168,21 @@ def test_answer_refuses_what_generate_refuses_with_the_same_message():
         assert str(from_answer.value) == str(from_generate.value)
 
 
+def test_the_pass_key_report_counts_layers_for_a_per_layer_method_after_re_compression():
+    """After a re-compression every cache holds [B, Hkv, N] positions; a per-layer method still
+    chose one set per layer, and the report says so (it once counted "layer-KV heads")."""
+    from conftest import byte_tokenizer
+
+    model, tokenizer = tiny_model(), byte_tokenizer()
+    text, key = "x" * 60 + " the key is 12345 " + "y" * 60, "12345"
+    encoding = tokenizer.encode(text)
+    config = CompressionConfig(budget=80, window=8)
+    record = generate.generate(model, torch.tensor([encoding.ids]), config, 40, cache_budget=96)
+    assert record.recompressions > 0
+    report = cli_module.passkey_report(model, config, text, encoding.offsets, key, "no")
+    assert " of 2 layers" in report.splitlines()[0] and "NOT found" in report
+
+
 # ---------------------------------------------------------------------------------------
 # The real default model, end to end (SmolLM2-135M-Instruct, fetched on first use)
 

@@ -129,3 +129,16 @@ def test_no_library_file_passes_500_lines_nor_a_function_60(path):
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             assert node.end_lineno - node.lineno + 1 <= 60, f"{path}: {node.name} has {node.end_lineno - node.lineno + 1} lines"
+
+
+def test_the_readme_option_table_lists_every_flag():
+    table = [line for line in text("README.md").splitlines() if line.startswith("| `--")]
+    flags = {flag for action in cli.parser()._actions for flag in action.option_strings if flag.startswith("--")}
+    missing = {flag for flag in flags - {"--help"} if not any(f"`{flag}" in line or f"/ `{flag}" in line for line in table)}
+    assert not missing, f"the README's option table lacks {sorted(missing)}"
+
+
+def test_each_layers_cache_fits_on_a_screen():
+    tree = ast.parse((ROOT / "model.py").read_text())
+    cache = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "KVCache")
+    assert cache.end_lineno - cache.lineno + 1 <= 100
