@@ -151,13 +151,23 @@ TINY_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads":
                "max_position_embeddings": 256, "tie_word_embeddings": False}
 
 
+def write_tiny_dir(path: Path, context: int = 256) -> Path:
+    """A tiny random Llama as a Hugging Face directory, with a byte-level tokenizer."""
+    model = tiny_model(n_layers=2, tie_embeddings=False, max_seq_len=context, rope_theta=10000.0)
+    state = {f"model.{k}" if not k.startswith("lm_head") else k: v for k, v in model.state_dict().items()}
+    checkpoint.write_checkpoint(path, {**TINY_CONFIG, "max_position_embeddings": context}, state, byte_tokenizer())
+    return path
+
+
 @pytest.fixture
 def tiny_dir(tmp_path) -> Path:
-    """A tiny random Llama as a Hugging Face directory, with a byte-level tokenizer."""
-    model = tiny_model(n_layers=2, tie_embeddings=False, max_seq_len=256, rope_theta=10000.0)
-    state = {f"model.{k}" if not k.startswith("lm_head") else k: v for k, v in model.state_dict().items()}
-    checkpoint.write_checkpoint(tmp_path / "tiny", TINY_CONFIG, state, byte_tokenizer())
-    return tmp_path / "tiny"
+    return write_tiny_dir(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def bench_checkpoint(tmp_path_factory) -> str:
+    """A tiny checkpoint with a 4k context: every benchmark's machinery runs on it in seconds."""
+    return str(write_tiny_dir(tmp_path_factory.mktemp("bench") / "tiny", context=4096))
 
 
 def write_tiny_gguf(path: Path):

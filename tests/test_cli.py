@@ -236,9 +236,9 @@ def test_cli_default_run_finds_the_pass_key():
 
 @pytest.mark.model
 @pytest.mark.parametrize("bench", ["quality", "speed"])
-def test_bench_quick_runs(bench, tmp_path):
+def test_bench_quick_runs(bench, bench_checkpoint, tmp_path):
     out = tmp_path / f"{bench}.json"
-    result = cli(bench, "--quick", "--out", str(out), script="bench.py")
+    result = cli(bench, "--quick", "--checkpoint", bench_checkpoint, "--out", str(out), script="bench.py")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert rows and all({"bench", "metric", "command", "date"} <= row.keys() for row in rows)

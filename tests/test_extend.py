@@ -250,13 +250,14 @@ def test_cli_answers_the_pass_key_demo_from_a_context_compressed_without_the_que
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("bench, args", [
+@pytest.mark.parametrize("bench, args", [  # quality on the tiny checkpoint; the others on the default model
     ("quality", ["--quick", "--retrieval-only", "--lengths", "512", "--tasks", "multikey", "--keeps", "0.2"]),
     ("questions", ["--quick"]),
     ("passkey", ["--quick"]),
 ])
-def test_bench_quick_runs(bench, args, tmp_path):
+def test_bench_quick_runs(bench, args, bench_checkpoint, tmp_path):
     out = tmp_path / f"{bench}.json"
+    args = args + (["--checkpoint", bench_checkpoint] if bench == "quality" else [])
     result = cli(bench, *args, "--out", str(out), script="bench.py")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())

@@ -298,10 +298,10 @@ def test_extend_in_pieces_equals_decoding_one_by_one(label, kwargs):
 
 
 @pytest.mark.model
-def test_bench_recompress_quick_runs(tmp_path):
+def test_bench_recompress_quick_runs(bench_checkpoint, tmp_path):
     out = tmp_path / "recompress.json"
     result = cli("recompress", "--quick", "--parts", "retrieval", "speed", "--cases", "1", "--caps", "128",
-                 "--new-tokens", "300", "--out", str(out), script="bench.py")
+                 "--new-tokens", "300", "--checkpoint", bench_checkpoint, "--out", str(out), script="bench.py")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())
     retrieval = [r for r in rows if r["part"] == "retrieval"]
