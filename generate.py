@@ -17,7 +17,7 @@ from torch import Tensor
 
 import cli
 from chunkkv import RECOMPRESSIBLE, CompressionConfig, CompressionError
-from model import CacheRequest, PromptError, Transformer
+from model import CacheRequest, PromptError, Transformer, synchronize
 from registry import load, resolve
 from tokenizer import CheckpointError, chat_format
 
@@ -48,24 +48,24 @@ def sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
 
 
 def compile_decode(model: Transformer):
-    """The decode step as one graph (fullgraph), never recompiled while the cache size stays: a CUDA
-    graph on CUDA; on CPU with frozen weights and autotuned matmuls, whose C++ micro-GEMM reads them
-    2-3x as fast as MKL (docs/results.md, Speed), so later changes to the weights are ignored."""
-    if model.lm_head.weight.is_cuda:
-        return torch.compile(model.decode, fullgraph=True, mode="reduce-overhead")
-    compiled = torch.compile(model.decode, fullgraph=True, options={"max_autotune": True})
+    """The decode step as one graph (fullgraph): a CUDA graph on CUDA; on CPU with frozen weights and
+    autotuned matmuls (C++ micro-GEMM, 2-3x MKL's speed: docs/results.md, Speed), so later changes to
+    the weights are ignored. The caches' tensors go in as arguments, whose sizes turn dynamic: as
+    attributes of a frozen module, each cache size was a new graph and the 9th raised."""
+    def decode(token: Tensor, tensors: list[tuple]) -> Tensor:
+        model.bind_caches(tensors)  # the caches' own tensors, read from the arguments
+        return model.decode(token)
+
+    cuda = model.lm_head.weight.is_cuda
+    compiled = torch.compile(decode, fullgraph=True, **{"mode": "reduce-overhead"} if cuda else
+                             {"options": {"max_autotune": True}})
 
     def step(token: Tensor) -> Tensor:
         # Dynamo reads `freezing` while it traces, so it cannot go in `options`; patched per call,
         # it reaches every (re)compile of this step and no other torch.compile in the process
-        with torch._inductor.config.patch(freezing=True):
-            return compiled(token)
+        with torch._inductor.config.patch(freezing=not cuda):
+            return compiled(token, model.cache_tensors())
     return step
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,8 +160,12 @@ def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, tempe
                   top_k: int | None = None, stop_tokens: tuple[int, ...] = (), on_token=None, decode=None,
                   recompression: "Recompression | None" = None) -> tuple[Tensor, list[float]]:
     """Sample from `logits` [B, vocab], decode until every row stopped or max_new_tokens: (new ids [B, n],
-    seconds of each step); `on_token(ids [B, 1])` sees each token made, `decode` replaces model.decode."""
+    seconds of each step); `on_token(ids [B, 1])` sees each token made, `decode` replaces model.decode.
+    Raises PromptError, before any step, when the caches cannot take the tokens (no `recompression`)."""
     device = logits.device
+    if recompression is None and max_new_tokens - 1 > model.free_slots():  # a step past the cache would index out
+        raise PromptError(f"{max_new_tokens} new tokens need {max_new_tokens - 1} free cache slots, the caches have "
+                          f"{model.free_slots()}: leave more room when compressing, or lower max_new_tokens")
     decode = decode or model.decode
     stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
@@ -194,7 +198,7 @@ def generate(model: Transformer, prompt: Tensor | list[list[int]], compression: 
     `lengths` [B]; each row is compressed alone and gives what it gives alone), compress each
     layer's KV cache as `compression` says, decode up to `max_new_tokens`: a Record, whose `tokens`
     are the new ids [B, n]. `decode` replaces `model.decode` (e.g. compile_decode(model)); `n_slots`
-    fixes every cache's size, so one compiled graph serves many prompts; with `cache_budget` (see
+    fixes every cache's size; with `cache_budget` (see
     Recompression) no cache holds more entries and max_new_tokens may exceed it. Raises PromptError
     for a prompt beyond the context or empty, lengths that do not fit, a ragged batch with a cache
     budget, and sampling settings no generation can run; CompressionError for a budget or method
@@ -244,14 +248,15 @@ class Recompression:
     def make_room(self, model: Transformer, n_new: int):
         """Re-compress when `n_new` tokens do not fit; then count them as written."""
         if self.free is None:
-            self.free = min(cache.free_slots() for cache in model.caches())
+            self.free = model.free_slots()
         if n_new > self.free:
+            synchronize(model.lm_head.weight.device)  # the queued steps are not re-compression
             start = time.perf_counter()
             model.recompress(self.config, self.budget, n_new)
             synchronize(model.lm_head.weight.device)
             self.seconds += time.perf_counter() - start
             self.count += 1
-            self.free = min(cache.free_slots() for cache in model.caches())
+            self.free = model.free_slots()
         self.free -= n_new
 
 
@@ -261,7 +266,7 @@ def extend_all(model: Transformer, tokens: Tensor, recompression: Recompression)
     pieces that fill the free slots, so re-compressions fall where decoding the tokens one by one
     would put them. Logits of every appended token [B, T', vocab] (teacher forcing)."""
     if recompression.free is None:
-        recompression.free = min(cache.free_slots() for cache in model.caches())
+        recompression.free = model.free_slots()
     logits, start = [], 0
     while start < tokens.shape[1]:
         piece = tokens[:, start:start + (recompression.free or recompression.cache_budget - recompression.budget)]
@@ -281,9 +286,8 @@ def extend(model: Transformer, tokens: Tensor, recompression: Recompression) -> 
 
 @dataclass
 class CompressedContext:
-    """A context prefilled and compressed once, before any question was seen. The compressed
-    caches live in the model; this holds their state right after compression and what it cost.
-    A later prefill or compression on the same model invalidates it."""
+    """A context compressed once, before any question: the caches' state right after, and what it cost.
+    The caches live in the model: a later prefill or compression on it invalidates this."""
     n_tokens: int  # context tokens T
     free_slots: int  # cache slots left for each question and its answer
     snapshot: list  # model.snapshot() right after compression
@@ -300,7 +304,7 @@ def compress_context(model: Transformer, context: Tensor, compression: Compressi
     max_new_tokens exceed the model's context, CompressionError for an impossible budget."""
     prompt, lengths = batch_prompts(context, None, model.lm_head.weight.device)
     _, prefilled = prefill_and_compress(model, prompt, lengths, compression, max_new_tokens, n_slots)
-    free = min([cache.free_slots() for cache in model.caches()] + [model.args.max_seq_len - prompt.shape[1]])
+    free = min(model.free_slots(), model.args.max_seq_len - prompt.shape[1])
     return CompressedContext(prompt.shape[1], free, model.snapshot(), prefilled)
 
 
@@ -410,10 +414,9 @@ def run_questions(model, tokenizer, config, args, context: str, questions: list[
 
 
 def run_chat(model, tokenizer, config, args, chat, decode, lines) -> int:
-    """--interactive: each line of `lines` is a user turn, rendered with the chat template (or a
-    plain line with --no-chat), extended into one cache for the whole conversation, answered with
-    a streamed reply; re-compressed whenever full, so it never holds more than --cache-budget
-    entries. One line of occupancy after each turn. Ends on EOF or Ctrl-C."""
+    """--interactive: each line of `lines` is a user turn, rendered with the chat template (or plain
+    with --no-chat), appended to one cache, re-compressed whenever full (never over --cache-budget
+    entries), and answered with a streamed reply and a line of occupancy. Ends on EOF or Ctrl-C."""
     recompression = Recompression(config, args.cache_budget)
     max_new_tokens = args.max_new_tokens or 256
     device = model.lm_head.weight.device

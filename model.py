@@ -31,6 +31,12 @@ class PromptError(ValueError):
     """A prompt or generation setting that cannot be run; the message says how to fix it."""
 
 
+def synchronize(device: torch.device):
+    """Wait for the work queued on `device` (CUDA runs asynchronously): read a clock only after this."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class ModelArgs:
     dim: int = 576
@@ -77,30 +83,37 @@ class CacheRequest:
 class KVCache(nn.Module):
     """One layer's static cache: k, v [B, Hkv, slots, D] rotated at their positions; pos [B, Hkv, slots]
     the logical (RoPE) position of each slot's entry, -1 where nothing may be attended. It owns the
-    counters of each row: `used` (slots written) and `length` (prompt tokens + tokens appended)."""
+    counters of each row: `used` (slots written) and `length` (prompt tokens + tokens appended), tensors
+    [B], not ints, so that the decode graph reads them without recompiling per value."""
+    TENSORS = ("k", "v", "pos", "used", "length", "queries")
 
     def __init__(self):
         super().__init__()
         self.fills = 0  # refills and re-compressions move K and V: older snapshots cannot be restored
-        self.register_buffer("queries", None, persistent=False)  # last `window` queries [B, Hq, W, D]
+        self.remembers = False  # whether `queries` holds the last `window` queries [B, Hq, W, D]
+        for name in self.TENSORS:  # plain attributes, not buffers: compile_decode passes them as arguments
+            setattr(self, name, None)
 
     def fill(self, k: Tensor, v: Tensor, positions: Tensor, n_slots: int, lengths: Tensor, used: Tensor):
         """Kept entries k, v [B, Hkv, n, D] at positions [B, Hkv, n] (-1: padding) into slots [0, n) of
-        prompts of `lengths` [B], `used` [B] slots per row. Same-size fills reuse the buffers (one graph)."""
-        n_batch, n_kv_heads, n_kept, head_dim = k.shape
-        shape = (n_batch, n_kv_heads, n_slots, head_dim)
-        if getattr(self, "k", None) is None or (self.k.shape, self.k.dtype, self.k.device) != (shape, k.dtype, k.device):
-            for name, t in [("k", k.new_zeros(shape)), ("v", k.new_zeros(shape)),
-                            ("pos", torch.full(shape[:3], -1, dtype=torch.int32, device=k.device)),
-                            # tensors, not ints: the decode graph reads them without recompiling per value
-                            ("used", lengths.new_zeros(n_batch)), ("length", lengths.new_zeros(n_batch))]:
-                self.register_buffer(name, t, persistent=False)
+        caches of `n_slots`, for prompts of `lengths` [B], `used` [B] slots per row."""
+        shape, n_kept = (*k.shape[:2], n_slots, k.shape[3]), k.shape[2]
+        for name, size, dtype in [("k", shape, k.dtype), ("v", shape, k.dtype), ("pos", shape[:3], torch.int32),
+                                  ("used", shape[:1], used.dtype), ("length", shape[:1], used.dtype)]:
+            self.allocate(name, size, dtype, k.device)
         self.k[:, :, :n_kept], self.v[:, :, :n_kept] = k, v
         self.pos.fill_(-1)
         self.pos[:, :, :n_kept] = positions
         self.used.copy_(used)
         self.length.copy_(lengths)
         self.fills += 1
+
+    def allocate(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Tensor `name`, new zeros only if it had another shape, dtype or device: same-size calls reuse it."""
+        t = getattr(self, name)
+        if t is None or (t.shape, t.dtype, t.device) != (shape, dtype, device):
+            setattr(self, name, torch.zeros(shape, dtype=dtype, device=device))
+        return getattr(self, name)
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Write k, v [B, Hkv, T', D] of new tokens at each row's next slots, advance the counters; the whole
@@ -118,33 +131,25 @@ class KVCache(nn.Module):
         self.length.add_(n_new)
         return self.k, self.v, mask
 
-    def free_slots(self) -> int:  # slots left in the fullest row (a host sync: not inside decode)
-        return self.k.shape[2] - int(self.used.max())
-
     def snapshot(self) -> tuple:
         """(fill count, used, length, pos, queries), copied; K and V are not."""
         return (self.fills, *(None if t is None else t.clone() for t in (self.used, self.length, self.pos, self.queries)))
 
     def restore(self, state: tuple):
         """Back to a snapshot of the same fill, in place: what was appended since stays, masked."""
-        fills, *tensors = state
-        if fills != self.fills:
+        if state[0] != self.fills:
             raise ValueError("the cache was refilled or re-compressed since this snapshot: compress the context again")
-        for mine, saved in zip((self.used, self.length, self.pos, self.queries), tensors):
+        for mine, saved in zip((self.used, self.length, self.pos, self.queries), state[1:]):
             if saved is not None:
                 mine.copy_(saved)
 
     def keep_queries(self, q: Tensor | None, window: int):
         """Start the query buffer [B, Hq, window, D] from the prompt's q [B, Hq, T, D], right-aligned
-        (zeros before a shorter prompt); None: no buffer (no re-compression)."""
-        if q is None:
-            self.queries = None
-            return
-        shape = (q.shape[0], q.shape[1], window, q.shape[3])
-        if self.queries is None or (self.queries.shape, self.queries.dtype) != (shape, q.dtype):
-            self.register_buffer("queries", q.new_zeros(shape), persistent=False)
-        self.queries.zero_()
-        self.queries[:, :, window - min(window, q.shape[2]):] = q[:, :, -window:]
+        (zeros before a shorter prompt); None: remember none (no re-compression), buffer kept."""
+        self.remembers = q is not None
+        if q is not None:
+            queries = self.allocate("queries", (q.shape[0], q.shape[1], window, q.shape[3]), q.dtype, q.device).zero_()
+            queries[:, :, window - min(window, q.shape[2]):] = q[:, :, -window:]
 
     def remember(self, q: Tensor):
         """Shift the queries q [B, Hq, T', D] of appended tokens into the buffer, in place."""
@@ -152,11 +157,10 @@ class KVCache(nn.Module):
 
     @torch.no_grad()
     def recompress(self, config: chunkkv.CompressionConfig, budget: int, n_new: int = 1) -> bool:
-        """Make room for `n_new` tokens: each row that cannot take them keeps `budget` entries
-        (chunkkv.recompress_slots), moved to slots [0, budget) in order, positions unchanged.
-        Eager, with host syncs: between decode steps. Returns whether any row was compressed."""
+        """Make room for `n_new` tokens: each row that cannot take them keeps `budget` entries (whether
+        any did), chosen by chunkkv.recompress_slots and moved to slots [0, budget), positions unchanged."""
         n_slots = self.k.shape[2]
-        if self.queries is None:
+        if not self.remembers:
             raise ValueError("this cache keeps no queries to score with: prefill with keep_queries=True")
         if n_new > n_slots - budget:
             raise ValueError(f"{n_new} new tokens do not fit beside the {budget} entries re-compression keeps "
@@ -250,7 +254,7 @@ class Attention(nn.Module):
         """New tokens x [B, T', dim] appended to the cache; each attends to the cache entries up to
         its own position. cos/sin [B, 1, T', D] per row."""
         q, k, v = self.qkv(x, cos, sin)
-        if self.cache.queries is not None:  # a Python check: each case compiles once
+        if self.cache.remembers:  # a Python check: each case compiles once
             self.cache.remember(q)
         k_all, v_all, mask = self.cache.update(k, v)
         n_batch, _, n_new, _ = q.shape
@@ -270,8 +274,7 @@ def compress_layer(cache: KVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, 
     reuse leaders for the next layers, seconds spent). Rows of one length are selected together;
     in a ragged batch each row's real tokens are scored, selected and gathered alone, as a batch
     of one (padding is never scored or kept), and its positions padded with -1."""
-    if k.is_cuda:
-        torch.cuda.synchronize()  # bill the queued prefill to the prefill, not to compression
+    synchronize(k.device)  # bill the queued prefill to the prefill, not to compression
     start = time.perf_counter()
     config, lengths = request.config, request.lengths
     parts = [range(len(lengths))] if len(set(lengths)) == 1 else [range(row, row + 1) for row in range(len(lengths))]
@@ -298,8 +301,7 @@ def compress_layer(cache: KVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, 
     used = torch.tensor([p.shape[-1] for p, _, _ in kept for _ in range(p.shape[0])], device=k.device)
     cache.fill(k_kept, v_kept, positions, n_slots, torch.tensor(lengths, device=k.device), used)
     cache.keep_queries(q if request.keep_queries else None, config.window)
-    if k.is_cuda:
-        torch.cuda.synchronize()
+    synchronize(k.device)
     return (new_leaders if layer % config.reuse == 0 else leaders), time.perf_counter() - start
 
 
@@ -404,6 +406,20 @@ class Transformer(nn.Module):
     def caches(self) -> list[KVCache]:
         return [block.self_attn.cache for block in self.layers]
 
+    def cache_tensors(self) -> list[tuple]:
+        """Each layer's cache tensors (KVCache.TENSORS), as compile_decode passes them to its step."""
+        return [tuple(getattr(cache, name) for name in KVCache.TENSORS) for cache in self.caches()]
+
+    def bind_caches(self, tensors: list[tuple]):
+        """Each layer's cache reads and writes these tensors (from cache_tensors) from now on."""
+        for cache, own in zip(self.caches(), tensors):
+            for name, t in zip(KVCache.TENSORS, own):
+                setattr(cache, name, t)
+
+    def free_slots(self) -> int:
+        """Cache slots left in the fullest row of any layer (a host sync: not inside decode)."""
+        return min(cache.k.shape[2] - int(cache.used.max()) for cache in self.caches())
+
     def kept_positions(self, lengths: list[int]) -> list[Tensor]:
         """Each layer's kept prompt positions [B, Hkv, N], sorted, for rows of prompt `lengths`
         (-1 where a head or row keeps fewer), asked from the caches."""
@@ -433,7 +449,7 @@ class Transformer(nn.Module):
         layer's cache has fewer free slots than T', or the model's context or window would overflow.
         """
         n_new = tokens.shape[1]
-        free = min(cache.free_slots() for cache in self.caches())
+        free = self.free_slots()
         if n_new > free:
             raise PromptError(f"{n_new} new tokens do not fit in the {free} free cache slots: "
                               f"leave more room for new tokens (max_new_tokens) when compressing")

@@ -386,6 +386,22 @@ def test_compiled_decode_is_one_graph_for_every_prompt_and_method():
             assert torch.equal(tokens, greedy_decode(model, prompt, config, model.decode)[0])
 
 
+def test_one_compiled_step_serves_twenty_prompt_lengths_and_three_batch_sizes():
+    """Every cache size was a new graph (the cache's buffers were new tensors, and Dynamo guards on
+    their identity), so the 9th size raised at the recompile limit (fullgraph): now a few graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    compiled = compile_decode(model)
+    for i, n_prompt in enumerate(range(80, 340, 13)):
+        prompt, config = torch.randint(0, 256, (1 + i % 3, n_prompt)), CompressionConfig(keep=0.5)
+        tokens = generate(model, prompt, config, max_new_tokens=4, decode=compiled).tokens
+        assert torch.equal(tokens, generate(model, prompt, config, max_new_tokens=4).tokens), n_prompt
+    assert counters["stats"]["unique_graphs"] <= 3
+
+
 def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_native_bfloat16(monkeypatch):
     from cli import auto_dtype
 

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
+import chunkkv
 from chunkkv import CompressionConfig
 from cli import PASSKEY_QUESTION
 from conftest import (EVERY_METHOD, assert_user_error, cli, greedy, kept_positions, prefill, reference_logits,
                       tiny_model)
-from generate import PromptError, answer, compile_decode, compress_context, generate
+from generate import PromptError, answer, compile_decode, compress_context, decode_tokens, generate, prefill_and_compress
 
 torch.set_grad_enabled(False)
 
@@ -128,9 +129,62 @@ def test_restore_after_a_new_compression_is_an_error():
 def test_extend_past_the_free_slots_is_an_error():
     model = tiny_model()
     prefill(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), room=5)
-    free = min(cache.free_slots() for cache in model.caches())  # 5, rounded up to a multiple of 8 slots
+    free = model.free_slots()  # 5, rounded up to a multiple of 8 slots
     with pytest.raises(ValueError, match="free cache slots"):
         model.extend(torch.zeros(1, free + 1, dtype=torch.long))
+
+
+def test_decoding_past_the_cache_is_refused_before_any_step():
+    """decode_tokens once ran its steps into the cache's end: an IndexError on CPU, and on CUDA a
+    device-side assert that ends the process's CUDA context."""
+    model = tiny_model()
+    logits = prefill(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), room=5)
+    free = model.free_slots()
+    assert decode_tokens(model, logits, free + 1)[0].shape == (1, free + 1)  # n tokens take n - 1 steps
+    prefill(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), room=5)
+    with pytest.raises(PromptError, match=f"{free + 2} new tokens need {free + 1} free cache slots, the caches have {free}"):
+        decode_tokens(model, logits, free + 2)
+
+
+def test_no_public_call_records_autograd():
+    """On a GPU, an 8B prefill recorded for autograd keeps every layer's activations."""
+    torch.set_grad_enabled(True)  # as in a user's process (this file turns it off at import)
+    model = tiny_model()
+    prompt, question = torch.randint(0, 256, (1, 60)), torch.randint(0, 256, (1, 4))
+    config = CompressionConfig(budget=40, window=4)
+    outputs = [generate(model, prompt, config, max_new_tokens=3).tokens,
+               prefill_and_compress(model, prompt, [60], config, 8)[0], model.decode(prompt[:, :1]),
+               model.extend(prompt[:, :2]), model.capture(prompt)[0]]  # model(tokens), the plain forward, may train
+    outputs.append(answer(model, compress_context(model, prompt, config, 16), question, 3).tokens)
+    outputs += [generate(model, prompt, config, 40, cache_budget=48).tokens]
+    tensors = outputs + [t for layer in model.cache_tensors() for t in layer if t is not None]
+    torch.set_grad_enabled(False)
+    assert [i for i, t in enumerate(tensors) if t.requires_grad or t.grad_fn is not None] == []
+
+
+def test_every_timed_interval_starts_and_ends_after_the_device_is_synchronized(monkeypatch):
+    """CUDA queues work: a clock read before a synchronize bills the queued prefill (or decode steps)
+    to compression (or re-compression). Seen on CPU by the order of the calls."""
+    import time
+
+    import generate as generate_module
+    import model as model_module
+
+    events, clock = [], time.perf_counter
+    monkeypatch.setattr(model_module, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(generate_module, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(time, "perf_counter", lambda: events.append("clock") or clock())
+    for module, name in [(chunkkv, "keep_positions"), (model_module.Transformer, "recompress")]:
+        work = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, work=work, name=name, **kw: events.append(name) or work(*a, **kw))
+    record = generate(tiny_model(), torch.randint(0, 256, (1, 60)), CompressionConfig(budget=40, window=4),
+                      max_new_tokens=30, cache_budget=48)
+    assert record.recompressions > 0 and {"keep_positions", "recompress"} <= set(events)
+    for i, event in enumerate(events):
+        if event in ("keep_positions", "recompress"):  # the clocks either side of the work timed
+            start = max(j for j in range(i) if events[j] == "clock")
+            stop = min(j for j in range(i, len(events)) if events[j] == "clock")
+            assert events[start - 1] == events[stop - 1] == "sync", (event, events[start - 2:stop + 1])
 
 
 def test_batch_rows_are_independent():

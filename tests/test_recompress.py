@@ -208,6 +208,18 @@ def test_extend_longer_than_the_free_slots_goes_in_pieces():
     assert int(model.caches()[0].length[0]) == 116 and int(model.caches()[0].used[0]) <= 32
 
 
+def test_the_caches_keep_their_tensors_across_calls_of_one_size():
+    """A CUDA graph reads fixed addresses: a call without re-compression dropped the query buffer,
+    and the next call with it allocated a new one, a silent re-recording each time."""
+    model = tiny_model()
+    prompt, config = torch.randint(0, 256, (1, 60)), CompressionConfig(budget=40, window=4)
+    addresses = []
+    for kwargs in (dict(cache_budget=48), dict(n_slots=48), dict(cache_budget=48)):
+        generate(model, prompt, config, max_new_tokens=8, **kwargs)
+        addresses.append([t.data_ptr() for layer in model.cache_tensors() for t in layer if t is not None])
+    assert addresses[0] == addresses[2] and addresses[1] == addresses[0]
+
+
 def test_compiled_decode_is_one_graph_across_recompressions():
     """The compiled step serves many re-compressions and a second prompt with recompiles made an
     error, and gives the eager tokens."""
