@@ -68,8 +68,8 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="default cuda when available, else cpu")
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                     help="auto (default): bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX), "
-                          "float32 elsewhere")
+                     help="auto (default): bfloat16 on CUDA (float16 below compute capability 8.0) and on CPUs "
+                          "with native bfloat16 (AVX512-BF16, AMX), float32 elsewhere")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step: one full graph; CUDA graphs on CUDA")
     run.add_argument("--compile-prefill", action="store_true", help="also compile the prefill, with dynamic shapes")
@@ -112,11 +112,12 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:
-    """--dtype auto: bfloat16 on CUDA, and on CPUs with native bfloat16 dot products (AVX512-BF16
-    or AMX), where it prefilled 1.3-2.6x faster than float32 here (docs/results.md, Speed);
+    """--dtype auto: bfloat16 on CUDA GPUs of compute capability 8.0 and up, float16 on older ones
+    (no bfloat16 tensor cores there); on CPUs with native bfloat16 dot products (AVX512-BF16 or
+    AMX), where it prefilled 1.3-2.6x faster than float32 here (docs/results.md, Speed), bfloat16;
     float32 elsewhere."""
     if device.type == "cuda":
-        return torch.bfloat16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     # private helpers, but the only way torch tells which instructions its kernels may use
     native_bf16 = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return torch.bfloat16 if native_bf16 else torch.float32

@@ -178,7 +178,7 @@ def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, tempe
         new_tokens.append(token)
         if on_token is not None:
             on_token(token)
-        if i == max_new_tokens - 1 or bool(done.all()):
+        if i == max_new_tokens - 1 or (stop_tokens and bool(done.all())):  # a host sync: only with stop tokens
             break
         if recompression is not None:
             recompression.make_room(model, 1)  # eager, outside the (compiled) step
@@ -198,11 +198,10 @@ def generate(model: Transformer, prompt: Tensor | list[list[int]], compression: 
     `lengths` [B]; each row is compressed alone and gives what it gives alone), compress each
     layer's KV cache as `compression` says, decode up to `max_new_tokens`: a Record, whose `tokens`
     are the new ids [B, n]. `decode` replaces `model.decode` (e.g. compile_decode(model)); `n_slots`
-    fixes every cache's size; with `cache_budget` (see
-    Recompression) no cache holds more entries and max_new_tokens may exceed it. Raises PromptError
-    for a prompt beyond the context or empty, lengths that do not fit, a ragged batch with a cache
-    budget, and sampling settings no generation can run; CompressionError for a budget or method
-    that cannot work."""
+    fixes every cache's size; with `cache_budget` (see Recompression) no cache holds more entries
+    and max_new_tokens may exceed it. Raises PromptError for a prompt beyond the context or empty,
+    lengths that do not fit, a ragged batch with a cache budget, and sampling settings no
+    generation can run; CompressionError for a budget or method that cannot work."""
     check_sampling(max_new_tokens, temperature, top_k)
     prompt, lengths = batch_prompts(prompt, lengths, model.lm_head.weight.device)
     recompression = Recompression(compression, cache_budget) if cache_budget is not None else None

@@ -405,7 +405,9 @@ def test_one_compiled_step_serves_twenty_prompt_lengths_and_three_batch_sizes():
 def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_native_bfloat16(monkeypatch):
     from cli import auto_dtype
 
-    assert auto_dtype(torch.device("cuda")) == torch.bfloat16
+    for capability, expected in [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)  # T4, A100, H100
+        assert auto_dtype(torch.device("cuda")) == expected
     for avx512_bf16, amx, expected in [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
                                        (False, False, torch.float32)]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)

@@ -146,6 +146,18 @@ def test_decoding_past_the_cache_is_refused_before_any_step():
         decode_tokens(model, logits, free + 2)
 
 
+def test_decoding_without_stop_tokens_reads_nothing_back_per_step(monkeypatch):
+    """Under CUDA graphs the host queues step after step only if it reads nothing back: `done.all()`
+    was read every step, even without stop tokens, a host sync per token."""
+    model = tiny_model()
+    logits = prefill(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), room=16)
+    reads, read = [], torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or read(t))
+    assert decode_tokens(model, logits, 8)[0].shape == (1, 8) and reads == []
+    decode_tokens(model, logits, 4, stop_tokens=(1,))
+    assert len(reads) == 3  # with stop tokens: one read per step, to stop when every row is done
+
+
 def test_no_public_call_records_autograd():
     """On a GPU, an 8B prefill recorded for autograd keeps every layer's activations."""
     torch.set_grad_enabled(True)  # as in a user's process (this file turns it off at import)
