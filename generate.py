@@ -57,8 +57,8 @@ def compile_decode(model: Transformer):
         return model.decode(token)
 
     cuda = model.lm_head.weight.is_cuda
-    compiled = torch.compile(decode, fullgraph=True, **{"mode": "reduce-overhead"} if cuda else
-                             {"options": {"max_autotune": True}})
+    compiled = torch.compile(decode, fullgraph=True, **({"mode": "reduce-overhead"} if cuda else
+                                                        {"options": {"max_autotune": True}}))
 
     def step(token: Tensor) -> Tensor:
         # Dynamo reads `freezing` while it traces, so it cannot go in `options`; patched per call,
@@ -163,9 +163,9 @@ def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, tempe
     seconds of each step); `on_token(ids [B, 1])` sees each token made, `decode` replaces model.decode.
     Raises PromptError, before any step, when the caches cannot take the tokens (no `recompression`)."""
     device = logits.device
-    if recompression is None and max_new_tokens - 1 > model.free_slots():  # a step past the cache would index out
+    if recompression is None and max_new_tokens - 1 > (free := model.free_slots()):  # a step past the cache indexes out
         raise PromptError(f"{max_new_tokens} new tokens need {max_new_tokens - 1} free cache slots, the caches have "
-                          f"{model.free_slots()}: leave more room when compressing, or lower max_new_tokens")
+                          f"{free}: leave more room when compressing, or lower max_new_tokens")
     decode = decode or model.decode
     stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)

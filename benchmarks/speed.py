@@ -119,7 +119,7 @@ def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches
     bandwidth roofline) per length, method and batch; with `compare`, transformers' `generate` on
     the same prompt (full cache, batch 1) and the start time of a compiled run in a fresh process."""
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache size; many sizes in one run
-    torch._dynamo.config.automatic_dynamic_shapes = False  # each size gets static shapes, as in use
+    torch._dynamo.config.automatic_dynamic_shapes = False  # static shapes per size, as a one-prompt CLI run has
     lengths = lengths or ([512] if quick else [1024, 2048, 4096, 8000])
     batches = batches or ([1] if quick else [1, 4])
     n_steps = 8 if quick else 16

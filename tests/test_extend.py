@@ -160,17 +160,16 @@ def test_decoding_without_stop_tokens_reads_nothing_back_per_step(monkeypatch):
 
 def test_no_public_call_records_autograd():
     """On a GPU, an 8B prefill recorded for autograd keeps every layer's activations."""
-    torch.set_grad_enabled(True)  # as in a user's process (this file turns it off at import)
     model = tiny_model()
     prompt, question = torch.randint(0, 256, (1, 60)), torch.randint(0, 256, (1, 4))
     config = CompressionConfig(budget=40, window=4)
-    outputs = [generate(model, prompt, config, max_new_tokens=3).tokens,
-               prefill_and_compress(model, prompt, [60], config, 8)[0], model.decode(prompt[:, :1]),
-               model.extend(prompt[:, :2]), model.capture(prompt)[0]]  # model(tokens), the plain forward, may train
-    outputs.append(answer(model, compress_context(model, prompt, config, 16), question, 3).tokens)
-    outputs += [generate(model, prompt, config, 40, cache_budget=48).tokens]
+    with torch.enable_grad():  # as in a user's process (this file turns it off at import)
+        outputs = [generate(model, prompt, config, max_new_tokens=3).tokens,
+                   prefill_and_compress(model, prompt, [60], config, 8)[0], model.decode(prompt[:, :1]),
+                   model.extend(prompt[:, :2]), model.capture(prompt)[0]]  # model(tokens), the plain forward, may train
+        outputs.append(answer(model, compress_context(model, prompt, config, 16), question, 3).tokens)
+        outputs += [generate(model, prompt, config, 40, cache_budget=48).tokens]
     tensors = outputs + [t for layer in model.cache_tensors() for t in layer if t is not None]
-    torch.set_grad_enabled(False)
     assert [i for i, t in enumerate(tensors) if t.requires_grad or t.grad_fn is not None] == []
 
 
