@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from chunkkv import METHODS, RECOMPRESSIBLE, CompressionConfig
 from model import PromptError
 from registry import CHECKPOINTS, DEFAULT, describe
+from tokenizer import Encoded, encode_text, split_text
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -243,25 +244,28 @@ def read_batch(prompt_files: list[str] | None, prompts_jsonl: str | None) -> lis
     return batch
 
 
-def split_turn(context: str, question: str, chat) -> tuple[str, str]:
-    """(context part, question part) of one prompt holding the context and then the question,
-    split just before the question's text. With a `chat` format both sit in one user turn of its
-    template (a blank line between them); without, the question starts on a new line."""
+def encode_prompt(tokenizer: Tokenizer, text: str, chat) -> Encoded:
+    """A user's prompt as ids: one user turn of the `chat` format (its template writes its own
+    BOS), or plain text with the tokenizer's BOS/EOS. What the user wrote is text, never control tokens."""
+    return chat.encode(tokenizer, [{"role": "user", "content": text}]) if chat else encode_text(tokenizer, text, True)
+
+
+def split_prompt(tokenizer: Tokenizer, context: str, questions: list[str], chat) -> tuple[Encoded, list[list[int]]]:
+    """(the context, each question's ids) for compress-once mode, tokenized as the one prompt
+    holding both: in one user turn of the `chat` format (a blank line between them), or plain (the
+    question on a new line). With nothing compressed, the model sees exactly that prompt's ids."""
+    if chat is not None:
+        return chat.split(tokenizer, context, questions)
+    return split_text(tokenizer, context if context.endswith("\n") else context + "\n", questions, True)
+
+
+def turn_ids(tokenizer: Tokenizer, messages: list[dict], chat) -> list[int]:
+    """The ids --interactive appends to its cache for the new user turn `messages[-1]`: the first
+    turn as a prompt, each later one as `chat` writes it after the last reply (ChatFormat.turn_ids),
+    or without a template on a line of its own."""
     if chat is None:
-        return (context if context.endswith("\n") else context + "\n"), question
-    turn = chat.render([{"role": "user", "content": f"{context}\n\n{question}"}])
-    cut = turn.rindex(question)
-    return turn[:cut], turn[cut:]
-
-
-def next_turn_text(in_cache: str, conversation: str) -> str:
-    """What to append for a new turn: the whole `conversation` rendered with the chat template,
-    minus the text the cache holds already (`in_cache`, which must be its prefix). Raises
-    PromptError when the template writes earlier turns differently once later ones follow."""
-    if not conversation.startswith(in_cache):
-        raise PromptError("the chat template rewrites earlier turns once a reply follows them, so the cache cannot "
-                          "be extended turn by turn: use --no-chat")
-    return conversation[len(in_cache):]
+        return encode_text(tokenizer, messages[-1]["content"] + "\n", add_special_tokens=len(messages) == 1).ids
+    return chat.turn_ids(tokenizer, messages) if len(messages) > 1 else chat.encode(tokenizer, messages).ids
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,14 +360,14 @@ def questions_summary(prefill, records: list, asks: list, config: CompressionCon
     return "\n".join(lines)
 
 
-def passkey_report(model, config: CompressionConfig, prompt: str, offsets: list, key: str,
-                   answers: str | list[str]) -> str:
+def passkey_report(model, config: CompressionConfig, prompt: Encoded, key: str, answers: str | list[str]) -> str:
     """Whether the pass key's tokens survived compression whole, per layer (or layer and KV head
     for per-head methods), and whether each answer has the key."""
-    start = prompt.index(key)  # the key's first mention, in the needle
-    needle = {i for i, (a, b) in enumerate(offsets) if a < start + len(key) and b > start}
+    start = prompt.text.index(key)  # the key's first mention, in the needle
+    starts = [0, *prompt.ends[:-1]]
+    needle = {i for i, (a, b) in enumerate(zip(starts, prompt.ends)) if a < start + len(key) and b > start}
     heads = range(model.args.n_kv_heads) if config.per_kv_head else range(1)  # per-layer methods: heads agree
-    rows = [set(kept[0, head].tolist()) for kept in model.kept_positions([len(offsets)]) for head in heads]
+    rows = [set(kept[0, head].tolist()) for kept in model.kept_positions([len(prompt.ids)]) for head in heads]
     unit = "layer-KV heads" if config.per_kv_head else "layers"
     lines = [f"pass key tokens   positions {min(needle)}-{max(needle)}, kept whole in "
              f"{sum(needle <= row for row in rows)} of {len(rows)} {unit}"]

@@ -161,11 +161,15 @@ def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, tempe
                   recompression: "Recompression | None" = None) -> tuple[Tensor, list[float]]:
     """Sample from `logits` [B, vocab], decode until every row stopped or max_new_tokens: (new ids [B, n],
     seconds of each step); `on_token(ids [B, 1])` sees each token made, `decode` replaces model.decode.
-    Raises PromptError, before any step, when the caches cannot take the tokens (no `recompression`)."""
+    Raises PromptError, before any step, when the caches cannot take the tokens (no `recompression`)
+    or they would run past the model's context or sliding window."""
     device = logits.device
     if recompression is None and max_new_tokens - 1 > (free := model.free_slots()):  # a step past the cache indexes out
         raise PromptError(f"{max_new_tokens} new tokens need {max_new_tokens - 1} free cache slots, the caches have "
                           f"{free}: leave more room when compressing, or lower max_new_tokens")
+    length = int(model.caches()[0].length.max())  # positions run on past the slots under re-compression
+    model.check_room(length + max_new_tokens, f"{length} tokens in the cache + {max_new_tokens} new tokens",
+                     "lower max_new_tokens")
     decode = decode or model.decode
     stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
@@ -315,14 +319,16 @@ def answer(model: Transformer, context: CompressedContext, question: Tensor, max
     state right after compression (no K/V copy), the question is appended at positions T, T+1,
     ..., then the answer is decoded (options as in `generate`). Answering question 2 after
     question 1 gives exactly what question 2 alone gives. Raises PromptError when the question
-    and answer do not fit in the context's free slots, and for the sampling settings `generate`
-    refuses."""
+    and answer do not fit in the free slots or the model's context or window, and for the
+    sampling settings `generate` refuses."""
     check_sampling(max_new_tokens, temperature, top_k)
     question, _ = batch_prompts(question, None, model.lm_head.weight.device)
     if question.shape[1] + max_new_tokens > context.free_slots:
         raise PromptError(f"a question of {question.shape[1]} tokens + {max_new_tokens} new tokens does not fit "
                           f"in the {context.free_slots} cache slots compress_context left free: pass a larger "
                           f"max_new_tokens to compress_context, or shorten the question")
+    model.check_room(context.n_tokens + question.shape[1] + max_new_tokens, f"a context of {context.n_tokens} tokens, "
+                     f"a question of {question.shape[1]} and {max_new_tokens} new tokens", "shorten them")
     model.restore(context.snapshot)
     start = time.perf_counter()
     logits = model.extend(question)[:, -1]
@@ -338,9 +344,8 @@ def answer(model: Transformer, context: CompressedContext, question: Tensor, max
 def run_one(model, tokenizer, config, args, text: str, key: str | None, chat, decode) -> int:
     """A single prompt (or the pass-key demo): streamed answer, summary."""
     shown = text if len(text) <= 300 else f"{text[:150]} [...] {text[-150:]}"
-    text = chat.render([{"role": "user", "content": text}]) if chat else text
-    encoding = tokenizer.encode(text, add_special_tokens=not chat)  # a template writes its own BOS
-    prompt = torch.tensor([encoding.ids], device=model.lm_head.weight.device)
+    encoded = cli.encode_prompt(tokenizer, text, chat)
+    prompt = torch.tensor([encoded.ids], device=model.lm_head.weight.device)
     if prompt.shape[1] == 0:
         raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
     max_new_tokens = args.max_new_tokens or (16 if key is not None else 64)
@@ -356,15 +361,14 @@ def run_one(model, tokenizer, config, args, text: str, key: str | None, chat, de
     stream.flush()
     print("\n---\n" + cli.record_summary(record, config, model.args.n_layers, args.cache_budget))
     if key is not None:
-        print(cli.passkey_report(model, config, text, encoding.offsets, key, stream.printed))
+        print(cli.passkey_report(model, config, encoded, key, stream.printed))
     return 0
 
 
 def run_batch(model, tokenizer, config, args, batch: list[tuple[str, str]], chat, decode) -> int:
     """Prompts of any lengths prefilled, compressed (each row with its own budget) and decoded as
     one ragged batch; each answer printed after the batch finished."""
-    texts = [chat.render([{"role": "user", "content": text}]) if chat else text for _, text in batch]
-    rows = [tokenizer.encode(text, add_special_tokens=chat is None).ids for text in texts]
+    rows = [cli.encode_prompt(tokenizer, text, chat).ids for _, text in batch]
     max_new_tokens = args.max_new_tokens or 64
     for i, ids in enumerate(rows):  # fail before printing anything
         if not ids:
@@ -386,17 +390,15 @@ def run_questions(model, tokenizer, config, args, context: str, questions: list[
     """Query-agnostic: compress the context once, answer each question from it."""
     if not context.strip():
         raise PromptError("the context is empty: put some text in --context-file")
-    parts = [cli.split_turn(context, question, chat) for question in questions]
-    context_text = parts[0][0]  # the same for every question: the split is just before the question
-    encoding = tokenizer.encode(context_text, add_special_tokens=chat is None)  # a template writes its own BOS
-    asks = [torch.tensor([tokenizer.encode(question, add_special_tokens=False).ids]) for _, question in parts]
+    encoded, asks = cli.split_prompt(tokenizer, context, questions, chat)
+    asks = [torch.tensor([ids]) for ids in asks]
     max_new_tokens = args.max_new_tokens or (16 if key is not None else 64)
     room = max(ids.shape[1] for ids in asks) + max_new_tokens  # slots each question + answer needs
-    check_prompt(model, len(encoding.ids), config, room)  # fail before printing anything
+    check_prompt(model, len(encoded.ids), config, room)  # fail before printing anything
     what = f"the pass-key demo's context (key {key})" if key is not None else f"context from {args.context_file}"
-    print(f"Compressing {what}, {len(encoding.ids)} tokens{', chat template' if chat else ''}, once, "
+    print(f"Compressing {what}, {len(encoded.ids)} tokens{', chat template' if chat else ''}, once, "
           f"without the questions; then {len(questions)} question{'s' if len(questions) > 1 else ''}.")
-    compressed = compress_context(model, torch.tensor([encoding.ids]), config, room)
+    compressed = compress_context(model, torch.tensor([encoded.ids]), config, room)
     answers, records = [], []
     for i, (question, ids) in enumerate(zip(questions, asks), start=1):
         print(f"--- question {i}: {question.strip()} ---")
@@ -408,7 +410,7 @@ def run_questions(model, tokenizer, config, args, context: str, questions: list[
         answers.append(stream.printed)
     print("---\n" + cli.questions_summary(compressed.prefill, records, asks, config, model.args.n_layers))
     if key is not None:
-        print(cli.passkey_report(model, config, context_text, encoding.offsets, key, answers))
+        print(cli.passkey_report(model, config, encoded, key, answers))
     return 0
 
 
@@ -421,21 +423,18 @@ def run_chat(model, tokenizer, config, args, chat, decode, lines) -> int:
     device = model.lm_head.weight.device
     print(f"Chat with {config.method}: at most {recompression.cache_budget} KV entries per layer, compressed again "
           f"to {recompression.budget} whenever full. One line per turn; end with Ctrl-D or Ctrl-C.", flush=True)
-    messages, in_cache = [], ""
+    messages = []
     try:
         for line in lines:
             text = line.rstrip("\r\n")
             if not text.strip():
                 continue
             messages.append({"role": "user", "content": text})
-            rendered = chat.render(messages) if chat is not None else f"{in_cache}{text}\n"
-            turn = tokenizer.encode(cli.next_turn_text(in_cache, rendered),
-                                    add_special_tokens=not in_cache and chat is None)
-            ids = torch.tensor([turn.ids], device=device)
-            length = int(model.caches()[0].length.max()) if in_cache else 0
+            ids = torch.tensor([cli.turn_ids(tokenizer, messages, chat)], device=device)
+            length = int(model.caches()[0].length.max()) if len(messages) > 1 else 0
             model.check_room(length + ids.shape[1] + max_new_tokens, "the conversation with the next reply",
                              "start a new session, or lower --max-new-tokens")
-            if not in_cache:  # the first turn is the prompt: prefilled, compressed if longer than the budget
+            if len(messages) == 1:  # the first turn is the prompt: prefilled, compressed if longer than the budget
                 logits, _ = prefill_and_compress(model, ids, [ids.shape[1]], config, max_new_tokens,
                                                  recompression=recompression)
                 recompression.free = None
@@ -450,7 +449,6 @@ def run_chat(model, tokenizer, config, args, chat, decode, lines) -> int:
             else:  # cut short by --max-new-tokens: the last token was sampled but not yet written
                 extend(model, torch.tensor([new[-1:]], device=device), recompression)
             messages.append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
-            in_cache = rendered + messages[-1]["content"]  # what the cache holds now, as text
             used = max(int(cache.used.max()) for cache in model.caches())
             print(f"\n[cache: {used} of {recompression.cache_budget} entries used, {recompression.count} "
                   f"re-compressions so far]", flush=True)

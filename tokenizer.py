@@ -6,18 +6,25 @@ llama.cpp's `src/llama-vocab.cpp`. `gguf_tokenizer` rebuilds it as a `tokenizers
 for the names implemented here and refuses any other by name. `chat_format` reads a
 checkpoint's chat template and stop tokens (Hugging Face directory or GGUF file); templates
 are untrusted input and render in jinja2's sandbox, with the globals and filters transformers
-gives them, so a prompt equals `apply_chat_template(..., add_generation_prompt=True)`.
+gives them, so a prompt equals `apply_chat_template(..., add_generation_prompt=True)`. Only a
+template's own markup becomes special tokens: `ChatFormat.encode` and `encode_text` keep what a
+user wrote as text, and `ChatFormat.turn_ids`/`split` tokenize chat turns and questions for a
+cache that already holds what came before.
 """
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from model import PromptError
 
 
 class CheckpointError(RuntimeError):
@@ -69,9 +76,13 @@ def gguf_tokenizer(fields: dict) -> Tokenizer:
         raise CheckpointError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE_TOKENIZERS)}): "
                               "use a Hugging Face directory of this model")
     tokens = fields["tokenizer.ggml.tokens"]
+    vocab = {token: i for i, token in enumerate(tokens)}
     merges = [tuple(merge.split(" ", 1)) for merge in fields.get("tokenizer.ggml.merges", [])]
-    tokenizer = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges,
-                                     ignore_merges=pre in IGNORE_MERGES))
+    for i, merge in enumerate(merges):  # the BPE model would fail on it with a long Rust message
+        if len(merge) != 2 or merge[0] not in vocab or merge[1] not in vocab or "".join(merge) not in vocab:
+            raise CheckpointError(f"GGUF merge {i} {' '.join(merge)!r} is not two vocabulary tokens joined into "
+                                  "a third: re-convert the file")
+    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in IGNORE_MERGES))
     tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
     tokenizer.decoder = decoders.ByteLevel()
     kinds = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
@@ -151,13 +162,147 @@ class ChatFormat:
             raise CheckpointError(f"the chat template of {self.source} failed ({type(e).__name__}: {reason}): "
                                   "pass --no-chat, or fix chat_template in the checkpoint") from None
 
+    def encode(self, tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> "Encoded":
+        """`render(messages)` as ids: the template's own special tokens become their ids, and
+        what the messages say stays text, even where it spells a special token, so a user cannot
+        end their turn or write a system turn (llama.cpp's parse_special=false for user text;
+        transformers parses it, huggingface/transformers#29279)."""
+        hidden = Hidden(tokenizer)
+        return hidden.encode(self.render(hidden.messages(messages), add_generation_prompt))
+
+    def turn_ids(self, tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+        """The ids that carry a cached conversation to its new user turn `messages[-1]`: what the
+        template writes between the last reply `messages[-2]` and the new generation prompt. Earlier
+        turns stay as the cache holds them (as generated), where the template would now rewrite
+        them (drop a <think> block, trim a reply, move a system prompt)."""
+        if len(messages) < 3 or messages[-2]["role"] != "assistant":
+            raise PromptError("turn_ids needs a conversation that ends in a reply and a new user message")
+        hidden = Hidden(tokenizer)
+        *history, _, new = hidden.messages(messages)
+        rendered = self.render([*history, {"role": "assistant", "content": REPLY}, new])
+        if REPLY not in rendered:
+            raise CheckpointError(f"the chat template of {self.source} does not write the last reply, so a cached "
+                                  "conversation cannot go on turn by turn: pass --no-chat")
+        return hidden.encode(rendered[rendered.rindex(REPLY) + 1:]).ids
+
+    def split(self, tokenizer: Tokenizer, context: str, questions: list[str]) -> tuple["Encoded", list[list[int]]]:
+        """(the context, each question's ids) of one user turn holding the context, a blank line
+        and then the question: context + question ids are exactly `encode` of that turn (see
+        `shared_prefix`)."""
+        prompts = []
+        for question in questions:
+            hidden = Hidden(tokenizer)
+            content = f"{hidden.hide(context)}\n\n{CUT}{hidden.hide(question)}"
+            left, right = self.render([{"role": "user", "content": content}]).split(CUT)
+            prompts.append((hidden.encode(left + right), len(hidden.restore(left))))
+        return shared_prefix(prompts)
+
     def hf_files(self) -> dict[str, str]:
         """tokenizer_config.json and generation_config.json that carry this format in a
         Hugging Face directory (read back by `chat_format`)."""
-        tokenizer_config = {"add_bos_token": self.add_bos, "bos_token": self.bos_token, "eos_token": self.eos_token,
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as it is, for any version
+                            "add_bos_token": self.add_bos, "bos_token": self.bos_token, "eos_token": self.eos_token,
                             "chat_template": self.template}
         return {"tokenizer_config.json": json.dumps(tokenizer_config, indent=2, ensure_ascii=False),
                 "generation_config.json": json.dumps({"eos_token_id": list(self.stop_ids)}, indent=2)}
+
+
+# Unicode noncharacters, never in real text, that a template passes through untouched: a hidden
+# piece of a message (HIDE index UNHIDE), the seam between a context and its question, the last reply
+HIDE, UNHIDE, CUT, REPLY = "\ufdd0", "\ufdd1", "\ufdd2", "\ufdd3"
+HIDDEN = re.compile(f"{HIDE}(\\d+){UNHIDE}")
+
+
+class Hidden:
+    """Message text kept text through a chat template: each special token's string in it (and each
+    mark character) is replaced by a placeholder before rendering and put back after, so the only
+    special tokens in the rendered prompt are the template's own."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.pieces = tokenizer, []
+        self.specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        longest_first = sorted(self.specials, key=len, reverse=True)
+        self.special = re.compile("|".join(map(re.escape, longest_first))) if self.specials else None
+        self.unsafe = re.compile("|".join([*map(re.escape, longest_first), "[\ufdd0-\ufdd3]"]))
+
+    def hide(self, text: str) -> str:
+        check_text(text)
+        return self.unsafe.sub(self.placeholder, text)
+
+    def placeholder(self, match: re.Match) -> str:
+        self.pieces.append(match.group())
+        return f"{HIDE}{len(self.pieces) - 1}{UNHIDE}"
+
+    def messages(self, messages: list[dict]) -> list[dict]:
+        return [{**m, "content": self.hide(m["content"])} if isinstance(m.get("content"), str) else m
+                for m in messages]
+
+    def restore(self, text: str) -> str:
+        return HIDDEN.sub(lambda m: self.pieces[int(m[1])] if int(m[1]) < len(self.pieces) else m[0], text)
+
+    def encode(self, rendered: str) -> "Encoded":
+        """A rendered prompt as ids: the special tokens it spells are the template's, the rest
+        (hidden pieces restored) is text."""
+        pieces = self.special.split(rendered) if self.special else [rendered]
+        specials = self.special.findall(rendered) if self.special else []
+        encoded = Encoded([], [], "")
+        for i, piece in enumerate(pieces):
+            encoded += encode_text(self.tokenizer, self.restore(piece))
+            if i < len(specials):
+                encoded += Encoded([self.specials[specials[i]]], [len(specials[i])], specials[i])
+        return encoded
+
+
+@dataclass
+class Encoded:
+    """Token ids of a text, and where each token ends in it (characters)."""
+    ids: list[int]
+    ends: list[int]
+    text: str
+
+    def __add__(self, other: "Encoded") -> "Encoded":
+        return Encoded(self.ids + other.ids, self.ends + [len(self.text) + end for end in other.ends],
+                       self.text + other.text)
+
+
+def encode_text(tokenizer: Tokenizer, text: str, add_special_tokens: bool = False) -> Encoded:
+    """`text` as text: a special token's string in it stays characters (user text), though the
+    tokenizer adds its BOS/EOS with `add_special_tokens`. Raises PromptError for text that is not
+    valid Unicode (a lone surrogate)."""
+    check_text(text)
+    parses = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True  # "encode them as text", despite the name
+    try:
+        encoding = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    finally:
+        tokenizer.encode_special_tokens = parses
+    return Encoded(encoding.ids, [end for _, end in encoding.offsets], text)
+
+
+def split_text(tokenizer: Tokenizer, context: str, questions: list[str],
+               add_special_tokens: bool) -> tuple[Encoded, list[list[int]]]:
+    """`ChatFormat.split` without a template: each prompt is the context, then the question."""
+    return shared_prefix([(encode_text(tokenizer, context + question, add_special_tokens), len(context))
+                          for question in questions])
+
+
+def shared_prefix(prompts: list[tuple[Encoded, int]]) -> tuple[Encoded, list[list[int]]]:
+    """(the context, each question's ids) from each whole prompt and where its question starts:
+    the context is the tokens every prompt shares that end by then, so context + question ids
+    are exactly the prompt's (tokenized apart, "\n\n" + "Who" gives 'ĊĊ' where it has 'Ċ', 'Ċ')."""
+    first, n = prompts[0][0], 0
+    while all(n < len(p.ids) and p.ends[n] <= cut and p.ids[n] == first.ids[n] for p, cut in prompts):
+        n += 1
+    context = Encoded(first.ids[:n], first.ends[:n], first.text[:first.ends[n - 1] if n else 0])
+    return context, [p.ids[n:] for p, _ in prompts]
+
+
+def check_text(text: str):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"text holds {text[e.start]!r} at character {e.start}, which is not a character "
+                          "(a lone surrogate): fix the text's encoding") from None
 
 
 def raise_exception(message: str):
@@ -177,7 +322,17 @@ class Sandbox(ImmutableSandboxedEnvironment):
         raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
 
 
-TEMPLATES = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+class Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (marks what the assistant wrote, for training
+    masks in transformers): rendered as its body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+TEMPLATES = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", Generation])
 TEMPLATES.filters["tojson"] = tojson
 TEMPLATES.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
 
@@ -191,9 +346,10 @@ def chat_format(path: str | Path) -> ChatFormat:
     """The chat format of a checkpoint: a Hugging Face directory or a .gguf file.
 
     Template from chat_template.jinja, else tokenizer_config.json's `chat_template` (GGUF:
-    `tokenizer.chat_template`); stop ids from generation_config.json's and config.json's
-    `eos_token_id` and the tokenizer's EOS (GGUF: `eos`, `eot` and `eom_token_id`), plus
-    `<|im_end|>` under the ChatML fallback. Raises CheckpointError for unreadable files.
+    `tokenizer.chat_template`); BOS/EOS from tokenizer_config.json, else special_tokens_map.json;
+    stop ids from generation_config.json's and config.json's `eos_token_id` and the tokenizer's
+    EOS (GGUF: `eos`, `eot` and `eom_token_id`), plus the END_OF_TURN tokens the vocabulary has,
+    as llama.cpp stops. Raises CheckpointError for unreadable files.
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
@@ -210,9 +366,9 @@ def gguf_chat_format(fields: dict, source: str = "the GGUF file") -> ChatFormat:
     token = lambda key: tokens[fields[key]] if 0 <= fields.get(key, -1) < len(tokens) else None  # noqa: E731
     stop_ids = [fields[f"tokenizer.ggml.{kind}_token_id"] for kind in ("eos", "eot", "eom")
                 if f"tokenizer.ggml.{kind}_token_id" in fields]
+    vocab = {token: i for i, token in enumerate(tokens) if token in (*END_OF_TURN, "<|im_start|>")}
     return with_fallback(fields.get("tokenizer.chat_template"), token("tokenizer.ggml.bos_token_id"),
-                         token("tokenizer.ggml.eos_token_id"), stop_ids, adds(fields, "bos"), source,
-                         {token: i for i, token in enumerate(tokens) if token in ("<|im_start|>", "<|im_end|>")})
+                         token("tokenizer.ggml.eos_token_id"), stop_ids, adds(fields, "bos"), source, vocab)
 
 
 def hf_chat_format(path: Path) -> ChatFormat:
@@ -224,23 +380,34 @@ def hf_chat_format(path: Path) -> ChatFormat:
                         None)
     if (path / "chat_template.jinja").is_file():
         template = read_text(path / "chat_template.jinja")
-    bos, eos = (special_content(tokenizer_config.get(name)) for name in ("bos_token", "eos_token"))
+    special_map = read_json(path / "special_tokens_map.json")  # where older checkpoints name BOS/EOS
+    bos, eos = (special_content(tokenizer_config.get(name, special_map.get(name)))
+                for name in ("bos_token", "eos_token"))
     try:
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:
         raise CheckpointError(f"{path}/tokenizer.json is unreadable ({e}): re-create the checkpoint") from None
     stop_ids = [*token_ids(generation, path / "generation_config.json"), *token_ids(config, path / "config.json"),
                 *([tokenizer.token_to_id(eos)] if eos and tokenizer.token_to_id(eos) is not None else [])]
-    chatml = {token: i for token in ("<|im_start|>", "<|im_end|>") if (i := tokenizer.token_to_id(token)) is not None}
+    vocab = {token: i for token in (*END_OF_TURN, "<|im_start|>") if (i := tokenizer.token_to_id(token)) is not None}
     add_bos = bos is not None and tokenizer.encode("").ids[:1] == [tokenizer.token_to_id(bos)]  # tokenizer.json decides
-    return with_fallback(template, bos, eos, stop_ids, add_bos, str(path), chatml)
+    return with_fallback(template, bos, eos, stop_ids, add_bos, str(path), vocab)
 
 
-def with_fallback(template, bos, eos, stop_ids, add_bos, source, chatml: dict[str, int]) -> ChatFormat:
-    if template is None and len(chatml) == 2:
-        template, stop_ids = CHATML, [*stop_ids, chatml["<|im_end|>"]]
+# Tokens that end a turn, by their text: llama.cpp's end-of-generation list (src/llama-vocab.cpp),
+# so a file whose EOS is <|endoftext|> still stops at its template's <|im_end|>
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
+               "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>")
+
+
+def with_fallback(template, bos, eos, stop_ids, add_bos, source, vocab: dict[str, int]) -> ChatFormat:
+    """The ChatFormat, ChatML its template where it has none but the tokenizer has ChatML's
+    tokens; `vocab` maps the END_OF_TURN and ChatML tokens the tokenizer has to their ids."""
+    if template is None and {"<|im_start|>", "<|im_end|>"} <= vocab.keys():
+        template = CHATML
     if template is not None and not isinstance(template, str):
         raise CheckpointError(f"{source}: chat_template is a {type(template).__name__}, not a string: fix the checkpoint")
+    stop_ids = [*stop_ids, *(i for token, i in vocab.items() if token in END_OF_TURN)]
     return ChatFormat(template, bos, eos, tuple(dict.fromkeys(stop_ids)), add_bos, source)
 
 

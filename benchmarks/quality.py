@@ -12,6 +12,7 @@ from benchmarks.common import (Progress, bootstrap, compress, greedy, interval, 
                                retrieval_case, stdlib_paragraphs, table, take_prose, wilson)
 from chunkkv import CompressionConfig
 from cli import PASSKEY_QUESTION, fastgen_token_ids, passkey_prompt
+from tokenizer import split_text
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,7 +100,9 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
                              keep=keep, question=asked, prompt_tokens=tokens.shape[1],
                              value=sum(a in answer for a in answers) / len(answers), **common)
         if "agnostic" in settings:  # the context alone, compressed once; every question extends that cache
-            tokens, asks = encode(context), [encode(question) for question, _ in questions]
+            # tokenized as the aware prompts are: context + question ids are the one prompt's (no BOS between)
+            encoded, asks = split_text(tokenizer, context, [question for question, _ in questions], True)
+            tokens, asks = torch.tensor([encoded.ids]), [torch.tensor([ids]) for ids in asks]
             room = max(ask.shape[1] for ask in asks) + max_new
             _, captured = model.capture(tokens)
             scores = {}
@@ -384,11 +387,12 @@ def run_passkey(model, tokenizer, quick: bool) -> list[dict]:
     seeds, keeps = (range(1), [0.1]) if quick else (range(5), [0.1, 0.2, 0.3])
     encode = lambda text: torch.tensor([tokenizer.encode(text).ids])  # noqa: E731
     rows, progress = [], Progress(len(seeds), "passkey")
-    question = encode(PASSKEY_QUESTION)
     for seed in seeds:
         context, key = passkey_prompt(seed=seed, question=False)
+        encoded, (question,) = split_text(tokenizer, context, [PASSKEY_QUESTION], True)
+        question = torch.tensor([question])
         for setting in ("aware", "agnostic"):
-            tokens = encode(context + PASSKEY_QUESTION) if setting == "aware" else encode(context)
+            tokens = encode(context + PASSKEY_QUESTION) if setting == "aware" else torch.tensor([encoded.ids])
             room = 16 + (0 if setting == "aware" else question.shape[1])
             logits, captured = model.capture(tokens)
             for keep in [1.0] + keeps:

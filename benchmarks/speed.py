@@ -340,7 +340,8 @@ def questions_at(model, tokenizer, n_tokens: int, n_questions: int) -> list[dict
     ids = tokenizer.encode("\n".join(take_prose(stdlib_paragraphs(), tokenizer, n_tokens, 0))).ids[:n_tokens]
     document = torch.tensor([ids])
     questions = [torch.tensor([tokenizer.encode(f"\nWhat is the special magic number for {KEYS[i % len(KEYS)]} "
-                                                f"number {i}? The special magic number is").ids])
+                                                f"number {i}? The special magic number is",
+                                                add_special_tokens=False).ids])
                  for i in range(n_questions)]
     room = max(q.shape[1] for q in questions) + n_answer
     configs = {"full": CompressionConfig(method="full"), "chunkkv": CompressionConfig(keep=0.1)}

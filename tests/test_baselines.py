@@ -514,6 +514,25 @@ def test_cli_prints_the_held_back_text_at_the_end(tiny_dir, monkeypatch, capsys)
     assert answer == " \ufffd"
 
 
+def test_question_answers_print_the_held_back_text_at_the_end(tiny_dir, monkeypatch, capsys, tmp_path):
+    cut = byte_tokenizer().encode(" 😀").ids[:-1]
+    real_answer = cli_module.answer
+
+    def answer_ending_in_a_cut_emoji(*args, on_token, **kwargs):
+        record = real_answer(*args, **kwargs)
+        for i in cut:
+            on_token(torch.tensor([[i]]))
+        return record
+
+    monkeypatch.setattr(cli_module, "answer", answer_ending_in_a_cut_emoji)
+    context = tmp_path / "context.txt"
+    context.write_text("z" * 50)
+    assert cli_module.main(["--checkpoint", str(tiny_dir), "--context-file", str(context), "--question", "q?",
+                            "--question", "r?", "--method", "full", "--max-new-tokens", "2"]) == 0
+    answers = capsys.readouterr().out.split("\n---\n")[0].split(" ---\n")[1:]
+    assert [a.split("\n")[0] for a in answers] == [" \ufffd", " \ufffd"]
+
+
 def test_summary_names_only_the_settings_a_method_uses():
     prefilled = Prefilled(lengths=[200], budgets=[[20, 20]], kept=[[20.0, 20.0]], prefill_seconds=0.1,
                           compress_seconds=0.01, kv_bytes=2**17, kv_bytes_full=2**20)

@@ -175,11 +175,11 @@ def test_the_pass_key_report_counts_layers_for_a_per_layer_method_after_re_compr
 
     model, tokenizer = tiny_model(), byte_tokenizer()
     text, key = "x" * 60 + " the key is 12345 " + "y" * 60, "12345"
-    encoding = tokenizer.encode(text)
+    encoded = cli_module.encode_prompt(tokenizer, text, None)
     config = CompressionConfig(budget=80, window=8)
-    record = generate.generate(model, torch.tensor([encoding.ids]), config, 40, cache_budget=96)
+    record = generate.generate(model, torch.tensor([encoded.ids]), config, 40, cache_budget=96)
     assert record.recompressions > 0
-    report = cli_module.passkey_report(model, config, text, encoding.offsets, key, "no")
+    report = cli_module.passkey_report(model, config, encoded, key, "no")
     assert " of 2 layers" in report.splitlines()[0] and "NOT found" in report
 
 

@@ -335,3 +335,27 @@ def test_bench_quick_runs(bench, args, bench_checkpoint, tmp_path):
         assert {r["k"] for r in rows} == {1, 2} and "speed-up" in result.stdout
     else:
         assert "Pass-key demo" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Sliding-window models: exact only within the window, on every path that extends a cache
+
+def test_every_path_that_extends_a_cache_refuses_to_pass_the_sliding_window():
+    model = tiny_model(sliding_window=64)
+    context = compress_context(model, torch.randint(0, 256, (1, 40)), CompressionConfig(method="full"), 20, n_slots=128)
+    with pytest.raises(PromptError, match="sliding window of 64"):  # 40 + 20 + 10 positions
+        answer(model, context, torch.randint(0, 256, (1, 20)), max_new_tokens=10)
+    logits, _ = prefill_and_compress(model, torch.randint(0, 256, (1, 40)), [40], CompressionConfig(method="full"), 10,
+                                     n_slots=128)
+    with pytest.raises(PromptError, match="sliding window of 64"):  # 88 free slots, but 70 positions
+        decode_tokens(model, logits, max_new_tokens=30)
+
+
+def test_interactive_stops_with_an_error_at_the_sliding_window(tiny_dir):
+    config = json.loads((tiny_dir / "config.json").read_text())
+    (tiny_dir / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "sliding_window": 64}))
+    turns = "".join(f"turn {i}\n" for i in range(12))
+    result = cli("--checkpoint", str(tiny_dir), "--interactive", "--no-chat", "--cache-budget", "48", "--window", "8",
+                 "--max-new-tokens", "8", stdin=turns)
+    assert_user_error(result, "sliding window of 64", progress=True)
+    assert 0 < result.stdout.count("[cache: ") < 12

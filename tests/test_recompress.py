@@ -10,13 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chunkkv
-import registry
 from chunkkv import CompressionConfig, CompressionError
-from cli import next_turn_text
 from conftest import cli, masked_reference, reference_select, tiny_model
 from generate import Recompression, compile_decode, extend, extend_all, generate, prefill_and_compress
 from model import Transformer
-from tokenizer import CHATML, ChatFormat, chat_format
 
 torch.set_grad_enabled(False)
 
@@ -238,43 +235,6 @@ def test_compiled_decode_is_one_graph_across_recompressions():
 
 # ---------------------------------------------------------------------------------------
 # Interactive chat
-
-def replies_through_templates(chat: ChatFormat, replies: list[str]):
-    """Run a conversation the way chat_session does, text only: each turn appends what the whole
-    rendered conversation adds to what the cache holds (the replies, without their stop token).
-    Returns (appended texts, final rendering)."""
-    messages, in_cache, appended = [], "", []
-    for i, reply in enumerate(replies):
-        messages.append({"role": "user", "content": f"question {i}?"})
-        rendered = chat.render(messages)
-        appended.append(next_turn_text(in_cache, rendered))
-        messages.append({"role": "assistant", "content": reply})
-        in_cache = rendered + reply
-        appended.append(reply)
-    return appended, chat.render(messages + [{"role": "user", "content": "last"}])
-
-
-REPLIES = ["Paris.", " It is  large.\n", "ok"]
-
-
-def test_chat_turns_append_exactly_the_rendered_conversation():
-    chat = ChatFormat(CHATML)
-    appended, whole = replies_through_templates(chat, REPLIES)
-    assert whole.startswith("".join(appended)) and whole.endswith("<|im_start|>user\nlast<|im_end|>\n<|im_start|>assistant\n")
-    assert appended[2] == "<|im_end|>\n<|im_start|>user\nquestion 1?<|im_end|>\n<|im_start|>assistant\n"
-    trimming = ChatFormat("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | trim }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}[assistant] {% endif %}")
-    with pytest.raises(Exception, match="rewrites earlier turns"):
-        replies_through_templates(trimming, REPLIES)
-
-
-@pytest.mark.model
-@pytest.mark.parametrize("name", registry.CHECKPOINTS)
-def test_real_chat_templates_append_exactly_the_rendered_conversation(name):
-    # the converted folder under $CHUNKKV_HOME, fetched first where it is missing: never a skip
-    appended, whole = replies_through_templates(chat_format(registry.resolve(name)), REPLIES)
-    assert whole.startswith("".join(appended))
-
 
 def test_interactive_cli_from_a_pipe_keeps_the_cache_bounded(tiny_dir):
     (tiny_dir / "chat_template.jinja").write_text(
