@@ -14,17 +14,12 @@ cache that already holds what came before.
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
-from functools import cache
 from pathlib import Path
 
-import jinja2
-import jinja2.ext
-from jinja2.exceptions import SecurityError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from model import PromptError
+from templates import bounded_render, compile_template
 
 
 class CheckpointError(RuntimeError):
@@ -155,8 +150,9 @@ class ChatFormat:
         specials = {name: token for name, token in (("bos_token", self.bos_token), ("eos_token", self.eos_token))
                     if token is not None}
         try:
-            return compile_template(self.template).render(messages=messages, tools=None, documents=None,
-                                                          add_generation_prompt=add_generation_prompt, **specials)
+            n_content = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+            return bounded_render(compile_template(self.template), n_content, messages=messages, tools=None,
+                                  documents=None, add_generation_prompt=add_generation_prompt, **specials)
         except Exception as e:  # untrusted code: any failure (syntax, sandbox, the template's own) is the checkpoint's
             reason = (str(e).strip().splitlines() or [""])[0]
             raise CheckpointError(f"the chat template of {self.source} failed ({type(e).__name__}: {reason}): "
@@ -303,43 +299,6 @@ def check_text(text: str):
     except UnicodeEncodeError as e:
         raise PromptError(f"text holds {text[e.start]!r} at character {e.start}, which is not a character "
                           "(a lone surrogate): fix the text's encoding") from None
-
-
-def raise_exception(message: str):
-    raise jinja2.TemplateError(message)
-
-
-def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # jinja's own tojson escapes HTML characters; templates expect plain JSON
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-class Sandbox(ImmutableSandboxedEnvironment):
-    """jinja2's sandbox (no private attributes, no mutation, no unsafe calls), failing at the
-    first unsafe attribute instead of rendering it as an empty string."""
-
-    def unsafe_undefined(self, obj, attribute):
-        raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
-
-
-class Generation(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (marks what the assistant wrote, for training
-    masks in transformers): rendered as its body."""
-    tags = {"generation"}
-
-    def parse(self, parser):
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-
-TEMPLATES = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", Generation])
-TEMPLATES.filters["tojson"] = tojson
-TEMPLATES.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-
-
-@cache
-def compile_template(source: str) -> jinja2.Template:
-    return TEMPLATES.from_string(source)
 
 
 def chat_format(path: str | Path) -> ChatFormat:

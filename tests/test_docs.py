@@ -15,7 +15,7 @@ import cli
 from conftest import ROOT
 
 DOCUMENTS = ["README.md", "docs/results.md", "docs/engines.md"]
-MODULES = ["chunkkv", "model", "tokenizer", "checkpoint", "registry", "cli", "generate"]  # the import order
+MODULES = ["chunkkv", "model", "templates", "tokenizer", "checkpoint", "registry", "cli", "generate"]  # the import order
 CITABLE = MODULES + ["bench", "benchmarks"]
 
 

@@ -3,6 +3,7 @@ checkpoints. Oracles: transformers' own GGUF tokenizer and `apply_chat_template`
 plain-Python tokenizer written from llama.cpp's split rules (src/llama-vocab.cpp)."""
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -18,7 +19,7 @@ import checkpoint
 import cli as cli_module
 import registry
 from conftest import cli as run_cli
-from conftest import write_tiny_dir
+from conftest import assert_user_error, write_tiny_dir
 from model import ModelArgs, PromptError, Transformer
 from tokenizer import (CHATML, ChatFormat, CheckpointError, adds, chat_format, encode_text, gguf_tokenizer,
                        read_gguf_fields)
@@ -716,3 +717,47 @@ def test_interactive_holds_five_turns_with_each_official_template(tmp_path, name
                      "--max-new-tokens", "12", "--seed", "1", "--temperature", "1.0", stdin=turns)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("[cache: ") == 5, result.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile templates end in one line, within bounds (each run in a subprocess under a memory cap)
+
+HOSTILE = {
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}": "ran past",
+    "{% set a = range(100000)|list %}{% for i in a %}{% for j in a %}{% endfor %}{% endfor %}": "ran past",
+    "{{ 'x' * 10**10 }}": "builds a value past", "{{ 'a' * 100000000 }}": "builds a value past",
+    "{{ '%0999999999d' % 1 }}": "builds a value past", "{{ '{:>999999999}'.format(1) }}": "calls format",
+    "{{ 'x'|center(1000000000) }}": "calls do_center",
+    "{% set ns = namespace(x='x') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}": "grew the process",
+    "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxxxx{% endfor %}{% endfor %}": "wrote over",
+}
+RENDER_UNDER_A_CAP = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+import templates
+from tokenizer import CheckpointError, chat_format
+templates.TEMPLATE_SECONDS = 1.0  # the mechanism, faster than the shipped bound
+for path in sys.argv[1:]:
+    try:
+        chat_format(path).render([{"role": "user", "content": "hi"}])
+        print("rendered")
+    except CheckpointError as e:
+        print(e)
+"""
+
+
+def test_hostile_templates_end_in_one_line_within_bounds(tmp_path, vocab):
+    paths = [str(write_gguf(tmp_path / f"evil{i}.gguf", vocab, "qwen2", **{"tokenizer.chat_template": template}))
+             for i, template in enumerate(HOSTILE)]
+    result = subprocess.run([sys.executable, "-c", RENDER_UNDER_A_CAP, *paths], capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).parent.parent)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == len(HOSTILE), result.stderr[-2000:]
+    for line, path, reason in zip(lines, paths, HOSTILE.values()):
+        assert path in line and "SecurityError" in line and reason in line, line
+
+
+def test_a_hanging_template_is_refused_by_the_cli(tiny_dir):
+    (tiny_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": next(iter(HOSTILE))}))
+    result = run_cli("--checkpoint", str(tiny_dir), "--prompt", "hi", "--chat", process=True)
+    assert_user_error(result, "ran past 5 s", str(tiny_dir))
