@@ -105,11 +105,22 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
         fail(f"--cache-budget re-compresses one growing cache, for a single prompt or --interactive; "
              f"{'a batch of prompts' if kind == 'batch' else 'questions about one compressed context'} cannot "
              "use it: drop --cache-budget")
-    if kind == "interactive":
-        args.cache_budget = args.cache_budget or 1024
+    args.default_cache_budget = kind == "interactive" and args.cache_budget is None
+    if args.default_cache_budget:
+        args.cache_budget = 1024
     if args.cache_budget is not None and args.keep is not None:
         fail("--keep is a fraction of the prompt; a re-compressed cache needs an absolute --budget (or none)")
     return args
+
+
+def fit_cache_budget(args: argparse.Namespace, context: int):
+    """--cache-budget against the model's `context`: --interactive's default (1024) shrinks to it;
+    a budget given past it is refused, before any output."""
+    if args.cache_budget is not None and args.cache_budget > context:
+        if not args.default_cache_budget:
+            raise PromptError(f"--cache-budget {args.cache_budget} exceeds the model's context of {context} "
+                              f"tokens: pass at most {context}")
+        args.cache_budget = context
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:

@@ -391,9 +391,10 @@ def run_questions(model, tokenizer, config, args, context: str, questions: list[
     if not context.strip():
         raise PromptError("the context is empty: put some text in --context-file")
     encoded, asks = cli.split_prompt(tokenizer, context, questions, chat)
-    asks = [torch.tensor([ids]) for ids in asks]
-    max_new_tokens = args.max_new_tokens or (16 if key is not None else 64)
+    asks, max_new_tokens = [torch.tensor([ids]) for ids in asks], args.max_new_tokens or (16 if key else 64)
     room = max(ids.shape[1] for ids in asks) + max_new_tokens  # slots each question + answer needs
+    model.check_room(len(encoded.ids) + room, f"the context of {len(encoded.ids)} tokens + the longest question of "
+                     f"{room - max_new_tokens} + {max_new_tokens} new tokens", "shorten them or lower --max-new-tokens")
     check_prompt(model, len(encoded.ids), config, room)  # fail before printing anything
     what = f"the pass-key demo's context (key {key})" if key is not None else f"context from {args.context_file}"
     print(f"Compressing {what}, {len(encoded.ids)} tokens{', chat template' if chat else ''}, once, "
@@ -406,8 +407,8 @@ def run_questions(model, tokenizer, config, args, context: str, questions: list[
         records.append(answer(model, compressed, ids, max_new_tokens, args.temperature, args.top_k, args.stop_ids,
                               on_token=stream, decode=decode))
         stream.flush()
-        print()
         answers.append(stream.printed)
+        print()
     print("---\n" + cli.questions_summary(compressed.prefill, records, asks, config, model.args.n_layers))
     if key is not None:
         print(cli.passkey_report(model, config, encoded, key, answers))
@@ -466,12 +467,14 @@ def main(argv=None) -> int:
                                    chunk_size=args.chunk, reuse=args.reuse, per_head=args.per_head,
                                    recovery=args.recovery)
         if args.cache_budget is not None:  # refuse an unsupported method or budget before loading
-            config = Recompression(config, args.cache_budget).config
+            Recompression(config, args.cache_budget)
         text, key, questions, batch = cli.read_inputs(args, kind)
         device = cli.parse_device(args.device)
         dtype = cli.auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
         checkpoint_path = resolve(args.checkpoint)
         model, tokenizer = load(checkpoint_path, device=device, dtype=dtype)
+        cli.fit_cache_budget(args, model.args.max_seq_len)
+        config = Recompression(config, args.cache_budget).config if args.cache_budget is not None else config
         if config.method == "fastgen":
             special, punctuation = cli.fastgen_token_ids(tokenizer)
             config = replace(config, special_ids=special, punctuation_ids=punctuation)

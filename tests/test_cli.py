@@ -251,3 +251,20 @@ def test_bench_quick_runs(bench, bench_checkpoint, tmp_path):
         assert {r["mode"] for r in rows if r["metric"] == "decode_tokens_per_s" and "mode" in r} == {"eager", "compiled"}
         assert any(r.get("method") == "transformers" for r in rows)  # the test extra installs it
         assert "of roofline" in result.stdout and "of GEMM peak" in result.stdout
+
+
+def test_a_cache_budget_past_the_context_is_refused_before_any_output(tiny_dir):
+    """It was reported as a prompt past the context, after `--- answer ---` was printed."""
+    result = cli("--checkpoint", str(tiny_dir), "--prompt", "hi", "--cache-budget", "300", "--max-new-tokens", "100")
+    assert_user_error(result, "--cache-budget 300 exceeds the model's context of 256")
+    assert result.stdout == ""
+    chat = cli("--checkpoint", str(tiny_dir), "--interactive", "--no-chat", "--window", "8", "--max-new-tokens", "4",
+               stdin="hi\n")  # the default cap (1024) shrinks to the 256-token context
+    assert chat.returncode == 0 and "at most 256 KV entries" in chat.stdout, chat.stderr
+
+
+def test_a_question_longer_than_the_context_is_named(tiny_dir, tmp_path):
+    context = tmp_path / "context.txt"
+    context.write_text("some context. " * 5)
+    result = cli("--checkpoint", str(tiny_dir), "--context-file", str(context), "--question", "why " * 80)
+    assert_user_error(result, "the longest question of", "exceeds the model's context of 256")
