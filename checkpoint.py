@@ -37,6 +37,8 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
 REQUIRED_GGUF_KEYS = ("block_count", "context_length", "embedding_length", "feed_forward_length",
                       "attention.head_count", "attention.layer_norm_rms_epsilon")
 ROPE_TYPES = ("default", "linear", "llama3")
+GGUF_KINDS = {"attention.layer_norm_rms_epsilon": "number", "rope.freq_base": "number", "rope.scaling.factor": "number",
+              "rope.scale_linear": "number", "rope.scaling.type": "str"}  # `checked` kinds; other keys are sizes
 # transformers' config defaults for the keys a config.json may leave out
 FAMILY_CONTEXT = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
 
@@ -50,48 +52,84 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face checkpoint directory or a .gguf file")
     if path.is_file() and path.suffix == ".gguf":
-        config, tensors, tokenizer, _ = open_gguf(path)
+        config, tensors, tokenizer, _, shapes = open_gguf(path)
     elif path.is_dir():
-        config, tensors, tokenizer = read_hf_dir(path)
+        config, tensors, tokenizer, shapes = read_hf_dir(path)
     else:
         raise CheckpointError(f"checkpoint {path} is neither a directory nor a .gguf file")
-    return build_model(config, tensors, device, dtype, path), tokenizer
+    return build_model(config, tensors, shapes, device, dtype, path), tokenizer
+
+
+REQUIRED = object()
+MAX_SIZE = 2 ** 31 - 1  # sizes and positions: the cache's positions are int32
+KINDS = {"size": f"a whole number from 1 to {MAX_SIZE}", "count": f"a whole number from 0 to {MAX_SIZE}",
+         "number": "a positive finite number", "bool": "true or false", "str": "a string",
+         "dict": "an object", "list": "a list"}
+
+
+def checked(value, kind: str, key: str, source):
+    """`value` of config key `key` if it is of `kind` (see KINDS; bools are no numbers), else a
+    one-line CheckpointError naming the key, the value and what it must be."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    whole = number and isinstance(value, (int, np.integer))
+    ok = {"size": whole and 1 <= value <= MAX_SIZE, "count": whole and 0 <= value <= MAX_SIZE,
+          "number": number and math.isfinite(value) and value > 0, "bool": isinstance(value, bool),
+          "str": isinstance(value, str), "dict": isinstance(value, dict), "list": isinstance(value, list)}[kind]
+    if not ok:
+        raise CheckpointError(f"{source}: {key} is {shown(value)}, expected "
+                              f"{KINDS[kind]}: the config is corrupt; re-create it from the original checkpoint")
+    return int(value) if whole else float(value) if number else value
+
+
+def shown(value) -> str:
+    """repr(value), cut to 40 characters: a message names a value, it does not print a 10 MB list."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def field(config: dict, key: str, kind: str, source, default=REQUIRED):
+    """config[key] checked as `kind`; `default` when it is absent or null (REQUIRED: refused)."""
+    value = config.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise CheckpointError(f"{source}: config.json lacks {key!r}: is it a {config.get('model_type')} config?")
+        return default
+    return checked(value, kind, key, source)
 
 
 def model_args(config, source: Path) -> ModelArgs:
-    """ModelArgs from a Hugging Face config.json (transformers 4 or 5 layout); anything chunkkv
-    would run differently from transformers is refused with a CheckpointError."""
+    """ModelArgs from a Hugging Face config.json (transformers 4 or 5 layout), every field used
+    checked for type and range first; anything chunkkv would run differently from transformers is
+    refused with a CheckpointError."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{source}: config.json holds {json.dumps(config)[:40]}, not a JSON object: "
                               "re-create it from the original checkpoint")
+    get = lambda key, kind, default=REQUIRED: field(config, key, kind, source, default)  # noqa: E731
     family = config.get("model_type")
     if family not in FAMILIES:
-        raise CheckpointError(f"{source}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)}): "
-                              "use a checkpoint of one of these families")
-    refused = {"hidden_act": config.get("hidden_act", "silu") != "silu", "mlp_bias": config.get("mlp_bias", False)}
+        raise CheckpointError(f"{source}: model_type {shown(family)} is not supported "
+                              f"(supported: {', '.join(FAMILIES)}): use a checkpoint of one of these families")
+    refused = {"hidden_act": get("hidden_act", "str", "silu") != "silu", "mlp_bias": get("mlp_bias", "bool", False)}
     for key, bad in refused.items():
         if bad:
             raise CheckpointError(f"{source}: {key} {config[key]!r} is not supported (chunkkv runs SiLU MLPs without "
                                   "biases): use a Llama, Mistral or Qwen2 checkpoint")
-    try:
-        n_heads, n_layers = config["num_attention_heads"], config["num_hidden_layers"]
-        n_kv_heads = config.get("num_key_value_heads") or n_heads
-        if n_heads % n_kv_heads:
-            raise CheckpointError(f"{source}: num_key_value_heads {n_kv_heads} does not divide num_attention_heads "
-                                  f"{n_heads}: the config is corrupt")
-        bias = config.get("attention_bias", False)
-        args = ModelArgs(
-            dim=config["hidden_size"], n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-            ffn_dim=config["intermediate_size"], vocab_size=config["vocab_size"],
-            norm_eps=config.get("rms_norm_eps", 1e-6),
-            max_seq_len=config.get("max_position_embeddings", FAMILY_CONTEXT[family]),
-            tie_embeddings=config.get("tie_word_embeddings", False), head_dim=config.get("head_dim"),
-            **rope_args(config, source), qkv_bias=bias or family == "qwen2", o_bias=bias,
-            sliding_window=sliding_window(config, family, n_layers))
-    except KeyError as e:
-        raise CheckpointError(f"{source}: config.json lacks {e}: is it a {family} config?") from None
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{source}: config.json has an invalid value ({e}): re-create it") from None
+    n_heads, n_layers, dim = get("num_attention_heads", "size"), get("num_hidden_layers", "size"), get("hidden_size", "size")
+    n_kv_heads, head_dim = get("num_key_value_heads", "size", n_heads), get("head_dim", "size", None)
+    if n_heads % n_kv_heads:
+        raise CheckpointError(f"{source}: num_key_value_heads {n_kv_heads} does not divide num_attention_heads "
+                              f"{n_heads}: the config is corrupt")
+    if head_dim is None and dim < n_heads:  # heads of dim // n_heads = 0 dimensions
+        raise CheckpointError(f"{source}: num_attention_heads {n_heads} exceeds hidden_size {dim}: the config is corrupt")
+    bias = get("attention_bias", "bool", False)
+    args = ModelArgs(
+        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        ffn_dim=get("intermediate_size", "size"), vocab_size=get("vocab_size", "size"),
+        norm_eps=get("rms_norm_eps", "number", 1e-6),
+        max_seq_len=get("max_position_embeddings", "size", FAMILY_CONTEXT[family]),
+        tie_embeddings=get("tie_word_embeddings", "bool", False), head_dim=head_dim,
+        **rope_args(config, source), qkv_bias=bias or family == "qwen2", o_bias=bias,
+        sliding_window=sliding_window(config, family, n_layers, source))
     if args.rope_freqs is not None and len(args.rope_freqs) != args.head_dim // 2:
         raise CheckpointError(f"{source}: rope_freqs has {len(args.rope_freqs)} values for head_dim {args.head_dim} "
                               "(expected head_dim / 2): the file is corrupt")
@@ -101,47 +139,56 @@ def model_args(config, source: Path) -> ModelArgs:
 def rope_args(config: dict, source: Path) -> dict:
     """The ModelArgs RoPE fields. transformers 5 writes `rope_parameters` (rope_theta, rope_type,
     scaling keys); earlier versions `rope_theta` and `rope_scaling` (whose type may be `type`)."""
-    params = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    params = {**field(config, "rope_scaling", "dict", source, {}), **field(config, "rope_parameters", "dict", source, {})}
     if any(isinstance(value, dict) for value in params.values()):
         raise CheckpointError(f"{source}: per-layer-type RoPE parameters are not supported: use a checkpoint with one "
                               "RoPE setting for all layers")
-    kind = params.get("rope_type", params.get("type", "default"))
+    get = lambda key, kind, default=REQUIRED: field(params, key, kind, source, default)  # noqa: E731
+    kind = get("rope_type", "str", get("type", "str", "default"))
     if kind not in ROPE_TYPES:
         raise CheckpointError(f"{source}: RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}): "
                               "chunkkv would run it with wrong positions; use a checkpoint without it")
-    if params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
+    if get("partial_rotary_factor", "number", field(config, "partial_rotary_factor", "number", source, 1.0)) != 1.0:
         raise CheckpointError(f"{source}: partial_rotary_factor is not supported (chunkkv rotates whole heads): "
                               "use a Llama, Mistral or Qwen2 checkpoint")
-    args = {"rope_theta": params.get("rope_theta", config.get("rope_theta", 10000.0))}
+    args = {"rope_theta": get("rope_theta", "number", field(config, "rope_theta", "number", source, 10000.0))}
     if config.get("rope_freqs") is not None:  # from a GGUF file: per-frequency divisors
-        args["rope_freqs"] = tuple(float(x) for x in config["rope_freqs"])
+        freqs = field(config, "rope_freqs", "list", source)
+        args["rope_freqs"] = tuple(checked(x, "number", "rope_freqs", source) for x in freqs)
     if kind == "linear":
-        args.update(rope_scaling="linear", rope_factor=params["factor"])
+        args.update(rope_scaling="linear", rope_factor=get("factor", "number"))
     elif kind == "llama3":
-        original = config.get("original_max_position_embeddings", config.get("max_position_embeddings"))
-        args.update(rope_scaling="llama3", rope_factor=params["factor"], rope_low_freq_factor=params["low_freq_factor"],
-                    rope_high_freq_factor=params["high_freq_factor"],
-                    rope_original_context=params.get("original_max_position_embeddings", original))
+        original = field(config, "original_max_position_embeddings", "number", source,
+                         field(config, "max_position_embeddings", "number", source, 8192))
+        args.update(rope_scaling="llama3", rope_factor=get("factor", "number"),
+                    rope_low_freq_factor=get("low_freq_factor", "number"),
+                    rope_high_freq_factor=get("high_freq_factor", "number"),
+                    rope_original_context=get("original_max_position_embeddings", "number", original))
     return args
 
 
-def sliding_window(config: dict, family: str, n_layers: int) -> int | None:
+def sliding_window(config: dict, family: str, n_layers: int, source) -> int | None:
     """The attention window if any layer slides (as transformers reads these configs), else None."""
+    window = None if config.get("sliding_window", 4096) is None else field(config, "sliding_window", "size", source, 4096)
     if family == "mistral":
-        return config.get("sliding_window", 4096)
-    if family == "qwen2" and config.get("use_sliding_window"):  # layers from max_window_layers on slide
-        layer_types = config.get("layer_types") or [
-            "sliding_attention" if i >= config.get("max_window_layers", 28) else "full_attention" for i in range(n_layers)]
+        return window  # null: no layer slides
+    if family == "qwen2" and field(config, "use_sliding_window", "bool", source, False):
+        # layers from max_window_layers on slide
+        first = field(config, "max_window_layers", "count", source, 28)
+        layer_types = field(config, "layer_types", "list", source, None) or [
+            "sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
         if "sliding_attention" in layer_types:
-            return config.get("sliding_window", 4096)
+            return window
     return None
 
 
-def build_model(config: dict, tensors, device, dtype, source: Path) -> Transformer:
-    """The model for `config`, built on the meta device (no memory, no random init) and filled from
-    `tensors`, an iterable of (Hugging Face name, tensor) read one at a time, each moved to `device`
-    and `dtype` before the next is read."""
+def build_model(config: dict, tensors, shapes: dict, device, dtype, source: Path) -> Transformer:
+    """The model for `config`, checked against the `shapes` the file holds (Hugging Face name ->
+    shape) before anything is built, then built on the meta device (no memory, no random init) and
+    filled from `tensors`, an iterable of (Hugging Face name, tensor) read one at a time, each
+    moved to `device` and `dtype` before the next is read."""
     args = model_args(config, source)
+    check_shapes(args, shapes, source)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: p.shape for name, p in model.state_dict().items()}
@@ -170,9 +217,31 @@ def build_model(config: dict, tensors, device, dtype, source: Path) -> Transform
     return model.eval()
 
 
-def read_hf_dir(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tokenizer]:
-    """config, weights (read lazily, one tensor at a time) and tokenizer of a Hugging Face checkpoint
-    directory."""
+def check_shapes(args: ModelArgs, shapes: dict, source: Path):
+    """Refuses a config that does not describe the tensors the file holds (`shapes`: Hugging Face
+    name -> shape), before anything is allocated: the layer count against the highest `layers.N`
+    present, every size against the embedding's and the first layer's shapes. Sizes then come
+    from the file, not from a config that may claim 10^9 layers."""
+    shapes = {name.removeprefix("model."): tuple(shape) for name, shape in shapes.items()}
+    layers = {int(name.split(".")[1]) for name in shapes if name.startswith("layers.") and name.split(".")[1].isdigit()}
+    if max(layers, default=-1) + 1 != args.n_layers:
+        raise CheckpointError(f"{source}: the config has {args.n_layers} layers, the weights hold "
+                              f"{max(layers, default=-1) + 1}: the config does not fit the weights; re-create it")
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    expected = {"embed_tokens.weight": (args.vocab_size, args.dim), "layers.0.self_attn.q_proj.weight": (q, args.dim),
+                "layers.0.self_attn.k_proj.weight": (kv, args.dim), "layers.0.self_attn.o_proj.weight": (args.dim, q),
+                "layers.0.mlp.gate_proj.weight": (args.ffn_dim, args.dim)}
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise CheckpointError(f"{source} has no {name} tensor: the checkpoint is incomplete; re-download it")
+        if shapes[name] != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {shapes[name]}, the config implies {shape}: "
+                                  "the weights do not fit the config")
+
+
+def read_hf_dir(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tokenizer, dict]:
+    """config, weights (read lazily, one tensor at a time), tokenizer and tensor shapes (from the
+    safetensors headers) of a Hugging Face checkpoint directory."""
     for name in ("config.json", "tokenizer.json"):
         if not (path / name).is_file():
             raise CheckpointError(f"{path} has no {name}: pass a complete Hugging Face checkpoint directory")
@@ -188,7 +257,7 @@ def read_hf_dir(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], T
     else:
         raise CheckpointError(f"{path} has no model.safetensors (or sharded index): "
                               "convert the weights to safetensors; pickled .bin files are never loaded")
-    return config, safetensors_tensors(shards), tokenizer
+    return config, safetensors_tensors(shards), tokenizer, safetensors_shapes(shards)
 
 
 def safetensors_index(index: Path) -> list[str]:
@@ -202,6 +271,30 @@ def safetensors_index(index: Path) -> list[str]:
         raise CheckpointError(f"{index} is not a valid shard index ({type(e).__name__}: {e}): "
                               "re-download it with the checkpoint") from None
     return shards
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # weights chunkkv converts as they are; integers would need scales
+
+
+def safetensors_shapes(shards: list[Path]) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor of the shards, from their headers (no tensor is read).
+    Raises CheckpointError for a tensor that is no float weight (int8, fp8: quantized)."""
+    shapes = {}
+    for shard in shards:
+        try:
+            with safe_open(shard, framework="pt") as f:
+                for name in f.keys():
+                    header = f.get_slice(name)
+                    if header.get_dtype() not in FLOAT_DTYPES:
+                        raise CheckpointError(f"{shard}: tensor {name} is {header.get_dtype()}, not float weights "
+                                              f"({', '.join(FLOAT_DTYPES)}): quantized safetensors are not supported; "
+                                              "use the unquantized checkpoint or a GGUF file")
+                    shapes[name] = tuple(header.get_shape())
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{shard} is missing or corrupt ({e}): re-download or re-convert it") from None
+    return shapes
 
 
 def safetensors_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -235,7 +328,8 @@ def convert_gguf(path: Path, out_dir: Path):
     """A llama or qwen2 GGUF file written as a Hugging Face checkpoint directory that transformers
     reads as it is (its architecture, its RoPE scaling, its tokenizer and chat format); the file's
     metadata is read once. Raises CheckpointError for a file transformers would misread."""
-    config, tensors, tokenizer, fields = open_gguf(path)
+    config, tensors, tokenizer, fields, shapes = open_gguf(path)
+    check_shapes(model_args(config, path), shapes, path)  # before any tensor is dequantized
     config = {**config, "architectures": [ARCHITECTURES[config["model_type"]]]}
     if "rope_freqs" in config:  # llama.cpp's divisors: transformers reads only rope_parameters
         config["rope_parameters"] = llama3_parameters(config, path)
@@ -267,9 +361,10 @@ def llama3_parameters(config: dict, source: Path) -> dict:
     return params
 
 
-def open_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tokenizer, dict]:
+def open_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tokenizer, dict, dict]:
     """config (Hugging Face keys), weights (dequantized lazily, one tensor at a time, float32),
-    tokenizer and metadata fields of a llama or qwen2 GGUF file, as llama.cpp reads it."""
+    tokenizer, metadata fields and tensor shapes (Hugging Face names) of a llama or qwen2 GGUF
+    file, as llama.cpp reads it."""
     from gguf import GGUFReader
 
     try:
@@ -285,16 +380,25 @@ def open_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tok
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path} has no token_embd.weight tensor: the file is incomplete; re-download it")
     config = gguf_config(path, fields, family, tensors)
-    return config, gguf_tensors(path, reader, config), gguf_tokenizer(fields), fields
+    shapes = {hf_name(path, name, family): tuple(int(n) for n in reversed(tensor.shape))
+              for name, tensor in tensors.items() if not name.startswith("rope_freqs")}
+    return config, gguf_tensors(path, reader, config), gguf_tokenizer(fields), fields, shapes
 
 
 def gguf_config(path: Path, fields: dict, family: str, tensors: dict) -> dict:
     """A Hugging Face config dict from a GGUF file's `{arch}.*` keys and tensor shapes."""
-    arch = lambda key, default=None: fields.get(f"{family}.{key}", default)  # noqa: E731
     for key in REQUIRED_GGUF_KEYS:  # llama.cpp refuses a file without them, and so does chunkkv
         if f"{family}.{key}" not in fields:
             raise CheckpointError(f"{path} lacks {family}.{key}: the file is incomplete; re-convert it with llama.cpp")
+
+    def arch(key, default=None):  # a `{family}.*` value, checked by its GGUF name before any use
+        value = fields.get(f"{family}.{key}")
+        return default if value is None else checked(value, GGUF_KINDS.get(key, "size"), f"{family}.{key}", path)
+
     n_heads, dim = arch("attention.head_count"), arch("embedding_length")
+    if dim < n_heads and arch("attention.key_length") is None:
+        raise CheckpointError(f"{path}: {family}.attention.head_count {n_heads} exceeds {family}.embedding_length "
+                              f"{dim}: the file is corrupt")
     head_dim = arch("attention.key_length") or dim // n_heads
     if arch("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: RoPE over {arch('rope.dimension_count')} of {head_dim} head dimensions "
@@ -345,19 +449,27 @@ def gguf_tensors(path: Path, reader, config: dict) -> Iterator[tuple[str, torch.
     for i, tensor in enumerate(reader.tensors):
         if i % 20 == 0 or i == len(reader.tensors) - 1:
             log(f"  dequantizing tensor {i + 1}/{len(reader.tensors)}")
-        parts = tensor.name.split(".")  # "blk.3.attn_q.weight", "blk.3.attn_q.bias" or "token_embd.weight"
-        if parts[0] == "rope_freqs":
+        if tensor.name.startswith("rope_freqs"):
             continue  # read into the config
-        kind = parts[2] if parts[0] == "blk" and len(parts) == 4 else parts[0]
-        if kind not in GGUF_NAMES:
-            raise CheckpointError(f"{path}: unexpected tensor {tensor.name!r}: not a plain {config['model_type']} model; "
-                                  "use a llama or qwen2 GGUF file")
+        name = hf_name(path, tensor.name, config["model_type"])
         w = dequantize_tensor(tensor)
-        if interleaved and kind in ("attn_q", "attn_k"):  # GGUF's interleaved RoPE rows -> rotate-half rows
-            w = unpermute_rope(w, n_heads if kind == "attn_q" else n_kv_heads)
-        prefix = f"model.layers.{parts[1]}." if parts[0] == "blk" else ""
+        if interleaved and name.endswith(("q_proj.weight", "q_proj.bias")):  # interleaved RoPE rows -> rotate-half
+            w = unpermute_rope(w, n_heads)
+        elif interleaved and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = unpermute_rope(w, n_kv_heads)
         w = np.require(w, np.float32, ("C_CONTIGUOUS", "OWNDATA"))  # a copy of a float32 tensor, not the file's memmap
-        yield f"{prefix}{GGUF_NAMES[kind]}.{parts[-1]}", torch.from_numpy(w)
+        yield name, torch.from_numpy(w)
+
+
+def hf_name(path: Path, name: str, family: str) -> str:
+    """The Hugging Face name of a GGUF tensor: "blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight"."""
+    parts = name.split(".")  # "blk.3.attn_q.weight", "blk.3.attn_q.bias" or "token_embd.weight"
+    kind = parts[2] if parts[0] == "blk" and len(parts) == 4 and parts[1].isdigit() else parts[0]
+    if kind not in GGUF_NAMES or len(parts) not in (2, 4) or parts[-1] not in ("weight", "bias"):
+        raise CheckpointError(f"{path}: unexpected tensor {name!r}: not a plain {family} model; "
+                              "use a llama or qwen2 GGUF file")
+    prefix = f"model.layers.{parts[1]}." if parts[0] == "blk" else ""
+    return f"{prefix}{GGUF_NAMES[kind]}.{parts[-1]}"
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:

