@@ -736,8 +736,8 @@ import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
 import templates
 from tokenizer import CheckpointError, chat_format
-templates.TEMPLATE_SECONDS = 1.0  # the mechanism, faster than the shipped bound
-for path in sys.argv[1:]:
+for seconds, path in zip(sys.argv[1::2], sys.argv[2::2]):
+    templates.TEMPLATE_SECONDS = float(seconds)  # 1 s for the loops: the mechanism, faster than the shipped bound
     try:
         chat_format(path).render([{"role": "user", "content": "hi"}])
         print("rendered")
@@ -749,8 +749,10 @@ for path in sys.argv[1:]:
 def test_hostile_templates_end_in_one_line_within_bounds(tmp_path, vocab):
     paths = [str(write_gguf(tmp_path / f"evil{i}.gguf", vocab, "qwen2", **{"tokenizer.chat_template": template}))
              for i, template in enumerate(HOSTILE)]
-    result = subprocess.run([sys.executable, "-c", RENDER_UNDER_A_CAP, *paths], capture_output=True, text=True,
-                            timeout=300, cwd=Path(__file__).parent.parent)
+    seconds = ["1" if reason == "ran past" else "120" for reason in HOSTILE.values()]  # the others, on a loaded machine
+    arguments = [x for pair in zip(seconds, paths) for x in pair]
+    result = subprocess.run([sys.executable, "-c", RENDER_UNDER_A_CAP, *arguments], capture_output=True, text=True,
+                            timeout=600, cwd=Path(__file__).parent.parent)
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and len(lines) == len(HOSTILE), result.stderr[-2000:]
     for line, path, reason in zip(lines, paths, HOSTILE.values()):
