@@ -192,6 +192,9 @@ def fastgen_token_ids(tokenizer: Tokenizer) -> tuple[tuple[int, ...], tuple[int,
 
 def read_inputs(args: argparse.Namespace, kind: str) -> tuple[str, str | None, list[str] | None, list | None]:
     """(prompt or context text, the demo's pass key or None, questions, batch) for a `session` kind."""
+    for flag in ("prompt", "question", "context_file"):
+        for value in ([getattr(args, flag)] if isinstance(getattr(args, flag), str) else getattr(args, flag) or []):
+            check_text(value, f"--{flag.replace('_', '-')}")
     questions = read_questions(args.question, args.questions_file)
     batch = read_batch(args.prompt_file, args.prompts_jsonl) if kind == "batch" else None
     if kind == "single" and (args.prompt is not None or args.prompt_file):
@@ -217,6 +220,28 @@ def read_file(path: str, what: str = "prompt file") -> str:
         raise PromptError(f"{what} {path} is not UTF-8 (byte {e.start}): convert it, e.g. iconv -t UTF-8 {path}") from None
 
 
+def check_text(text: str, what: str) -> str:
+    """`text`, or a PromptError when it holds lone surrogates (what Python makes of bytes that are
+    not UTF-8 in argv or a C-locale stdin: the tokenizer would raise a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"{what} is not valid UTF-8 text (a lone surrogate at character {e.start}): "
+                          "pass UTF-8 text") from None
+    return text
+
+
+def text_lines(stream, what: str = "stdin"):
+    """The lines of a text stream (the --interactive turns), each checked with `check_text`;
+    bytes that are not UTF-8 end the stream with a PromptError instead of a UnicodeDecodeError."""
+    number = 0
+    try:
+        for number, line in enumerate(stream, start=1):
+            yield check_text(line, f"{what} line {number}")
+    except UnicodeDecodeError:
+        raise PromptError(f"{what} after line {number} is not UTF-8: send UTF-8 text, e.g. through iconv -t UTF-8") from None
+
+
 def read_questions(questions: list[str] | None, questions_file: str | None) -> list[str] | None:
     """The questions of --question (repeated) or --questions-file (one per line), or None."""
     if questions_file is not None:
@@ -239,13 +264,16 @@ def read_batch(prompt_files: list[str] | None, prompts_jsonl: str | None) -> lis
                 continue
             try:
                 item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptError(f"{prompts_jsonl} line {number} is not JSON ({e.msg}): write one JSON string "
+            except (ValueError, RecursionError) as e:  # ValueError: also integers past 4,300 digits
+                reason = e.msg if isinstance(e, json.JSONDecodeError) else \
+                    "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+                raise PromptError(f"{prompts_jsonl} line {number} is not JSON ({reason}): write one JSON string "
                                   'or {"prompt": "..."} per line') from None
             text = item.get("prompt") if isinstance(item, dict) else item
             if not isinstance(text, str):
                 raise PromptError(f'{prompts_jsonl} line {number} has no prompt: write a JSON string or '
                                   '{"prompt": "..."}')
+            check_text(text, f"{prompts_jsonl} line {number}")  # a "\ud800" escape is JSON, but no text
             batch.append((f"line {number}", text))
         if not batch:
             raise PromptError(f"{prompts_jsonl} holds no prompts: write one per line")

@@ -486,7 +486,7 @@ def main(argv=None) -> int:
         if args.compile_prefill:
             model.prefill = torch.compile(model.prefill, dynamic=True)
         if kind == "interactive":
-            return run_chat(model, tokenizer, config, args, chat, decode, sys.stdin)
+            return run_chat(model, tokenizer, config, args, chat, decode, cli.text_lines(sys.stdin))
         if kind == "batch":
             return run_batch(model, tokenizer, config, args, batch, chat, decode)
         if kind == "questions":

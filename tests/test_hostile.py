@@ -2,14 +2,17 @@
 wrong ends in one line naming the problem (CLI: `error:` and exit status 2), never a traceback, a
 hang or a machine out of memory. Cases that could hang or exhaust memory run in a subprocess
 under a memory cap and a time limit (conftest.cli_bounded)."""
+import io
 import json
+import subprocess
 
 import pytest
 import torch
 
 import checkpoint
+import generate
 from checkpoint import CheckpointError
-from conftest import assert_user_error, cli_bounded, write_tiny_dir, write_tiny_gguf
+from conftest import assert_user_error, cli, cli_bounded, write_tiny_dir, write_tiny_gguf
 
 torch.set_grad_enabled(False)
 
@@ -69,3 +72,36 @@ def test_sizes_the_file_does_not_hold_are_refused_at_once(tmp_path, case):
         path, fragment = huge(tmp_path / "huge", hidden_size=10 ** 12), "hidden_size is 1000000000000, expected"
     assert_user_error(cli_bounded("--checkpoint", str(path), "--prompt", "hi", "--max-new-tokens", "1",
                                   "--device", "cpu"), fragment)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad text: one line naming the file and line, or the flag
+
+JSONL = {"lone surrogate": ('"ok"\n"\\ud800"\n', "line 2 is not valid UTF-8 text"),
+         "deep nesting": ('"ok"\n' + "[" * 100_000 + "]" * 100_000 + "\n", "line 2 is not JSON"),
+         "5,000-digit integer": ('{"prompt": "x", "n": ' + "7" * 5000 + "}\n", "line 1 is not JSON")}
+
+
+@pytest.mark.parametrize("case", JSONL)
+def test_bad_jsonl_lines_are_one_line_naming_the_line(tiny_dir, tmp_path, case):
+    text, fragment = JSONL[case]
+    (tmp_path / "p.jsonl").write_text(text)
+    assert_user_error(cli("--checkpoint", str(tiny_dir), "--prompts-jsonl", str(tmp_path / "p.jsonl")),
+                      f"{tmp_path / 'p.jsonl'} {fragment}")
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--question"])
+def test_a_flag_with_undecodable_bytes_is_one_line(tiny_dir, flag):
+    argv = ["--prompt", "caf\udce9"] if flag == "--prompt" else ["--question", "caf\udce9?"]  # argv's surrogateescape
+    assert_user_error(cli("--checkpoint", str(tiny_dir), "--max-new-tokens", "2", *argv), f"{flag} is not valid UTF-8")
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])  # a UTF-8 locale's stdin, and a C locale's
+def test_interactive_stdin_that_is_not_utf8_is_one_line(tiny_dir, monkeypatch, capsys, errors):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8", errors=errors))
+    try:
+        code = generate.main(["--checkpoint", str(tiny_dir), "--interactive", "--max-new-tokens", "2"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert_user_error(subprocess.CompletedProcess([], code, "", err), "stdin", "UTF-8")

