@@ -733,7 +733,7 @@ HOSTILE = {
 }
 RENDER_UNDER_A_CAP = """
 import resource, sys
-resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))  # torch alone maps ~2 GiB
 import templates
 from tokenizer import CheckpointError, chat_format
 for seconds, path in zip(sys.argv[1::2], sys.argv[2::2]):
