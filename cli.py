@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from chunkkv import METHODS, RECOMPRESSIBLE, CompressionConfig
 from model import PromptError
 from registry import CHECKPOINTS, DEFAULT, describe
-from tokenizer import Encoded, encode_text, split_text
+from tokenizer import Encoded, check_text, encode_text, split_text
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -218,17 +218,6 @@ def read_file(path: str, what: str = "prompt file") -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PromptError(f"{what} {path} is not UTF-8 (byte {e.start}): convert it, e.g. iconv -t UTF-8 {path}") from None
-
-
-def check_text(text: str, what: str) -> str:
-    """`text`, or a PromptError when it holds lone surrogates (what Python makes of bytes that are
-    not UTF-8 in argv or a C-locale stdin: the tokenizer would raise a TypeError)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise PromptError(f"{what} is not valid UTF-8 text (a lone surrogate at character {e.start}): "
-                          "pass UTF-8 text") from None
-    return text
 
 
 def text_lines(stream, what: str = "stdin"):

@@ -395,7 +395,7 @@ def run_questions(model, tokenizer, config, args, context: str, questions: list[
     room = max(ids.shape[1] for ids in asks) + max_new_tokens  # slots each question + answer needs
     model.check_room(len(encoded.ids) + room, f"the context of {len(encoded.ids)} tokens + the longest question of "
                      f"{room - max_new_tokens} + {max_new_tokens} new tokens", "shorten them or lower --max-new-tokens")
-    check_prompt(model, len(encoded.ids), config, room)  # fail before printing anything
+    config.layer_budgets(len(encoded.ids), model.args.n_layers)  # an impossible budget: fail before printing
     what = f"the pass-key demo's context (key {key})" if key is not None else f"context from {args.context_file}"
     print(f"Compressing {what}, {len(encoded.ids)} tokens{', chat template' if chat else ''}, once, "
           f"without the questions; then {len(questions)} question{'s' if len(questions) > 1 else ''}.")

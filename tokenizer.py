@@ -218,12 +218,11 @@ class Hidden:
         self.tokenizer, self.pieces = tokenizer, []
         self.specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         longest_first = sorted(self.specials, key=len, reverse=True)
-        self.special = re.compile("|".join(map(re.escape, longest_first))) if self.specials else None
+        self.special = re.compile(f"({'|'.join(map(re.escape, longest_first))})") if self.specials else None
         self.unsafe = re.compile("|".join([*map(re.escape, longest_first), "[\ufdd0-\ufdd3]"]))
 
     def hide(self, text: str) -> str:
-        check_text(text)
-        return self.unsafe.sub(self.placeholder, text)
+        return self.unsafe.sub(self.placeholder, text)  # encode_text checks what reaches the tokenizer
 
     def placeholder(self, match: re.Match) -> str:
         self.pieces.append(match.group())
@@ -239,13 +238,10 @@ class Hidden:
     def encode(self, rendered: str) -> "Encoded":
         """A rendered prompt as ids: the special tokens it spells are the template's, the rest
         (hidden pieces restored) is text."""
-        pieces = self.special.split(rendered) if self.special else [rendered]
-        specials = self.special.findall(rendered) if self.special else []
         encoded = Encoded([], [], "")
-        for i, piece in enumerate(pieces):
-            encoded += encode_text(self.tokenizer, self.restore(piece))
-            if i < len(specials):
-                encoded += Encoded([self.specials[specials[i]]], [len(specials[i])], specials[i])
+        for i, piece in enumerate(self.special.split(rendered) if self.special else [rendered]):  # text, special, text, ...
+            encoded += (Encoded([self.specials[piece]], [len(piece)], piece) if i % 2 else
+                        encode_text(self.tokenizer, self.restore(piece)))
         return encoded
 
 
@@ -293,12 +289,15 @@ def shared_prefix(prompts: list[tuple[Encoded, int]]) -> tuple[Encoded, list[lis
     return context, [p.ids[n:] for p, _ in prompts]
 
 
-def check_text(text: str):
+def check_text(text: str, what: str = "the text") -> str:
+    """`text`, or a PromptError when it holds lone surrogates (what Python makes of bytes that are
+    not UTF-8 in argv or a C-locale stdin, and of a JSON "\\ud800": the tokenizer would raise a TypeError)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise PromptError(f"text holds {text[e.start]!r} at character {e.start}, which is not a character "
-                          "(a lone surrogate): fix the text's encoding") from None
+        raise PromptError(f"{what} is not valid UTF-8 text (a lone surrogate at character {e.start}): "
+                          "pass UTF-8 text") from None
+    return text
 
 
 def chat_format(path: str | Path) -> ChatFormat:
