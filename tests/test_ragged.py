@@ -26,7 +26,7 @@ def random_rows(lengths, seed: int = 0, vocab: int = 256) -> list[list[int]]:
 
 def compress(model, prompt, config: CompressionConfig, room: int, lengths=None):
     """prefill_and_compress a batch as generate takes it: (last logits, the record, each layer's kept positions)."""
-    prompt, lengths = batch_prompts(prompt, lengths, torch.device("cpu"))
+    prompt, lengths = batch_prompts(prompt, lengths, model)
     logits, prefilled = prefill_and_compress(model, prompt, lengths, config, room)
     return logits, prefilled, model.kept_positions(lengths)
 

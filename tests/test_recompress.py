@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import chunkkv
 from chunkkv import CompressionConfig, CompressionError
 from conftest import cli, masked_reference, reference_select, tiny_model
-from generate import Recompression, compile_decode, extend, extend_all, generate, prefill_and_compress
+from generate import Recompression, compile_decode, extend_all, generate, prefill_and_compress
 from model import Transformer
 
 torch.set_grad_enabled(False)
@@ -200,7 +200,7 @@ def test_extend_longer_than_the_free_slots_goes_in_pieces():
     recompression = Recompression(CompressionConfig(window=4, budget=20), 32)
     prefill_and_compress(model, torch.randint(0, 256, (1, 16)), [16], recompression.config, 100,
                          recompression=recompression)
-    extend(model, torch.randint(0, 256, (1, 100)), recompression)
+    extend_all(model, torch.randint(0, 256, (1, 100)), recompression)
     assert recompression.count == 7  # 16 free slots first, then 12 after each re-compression: 16 + 7 * 12 = 100
     assert int(model.caches()[0].length[0]) == 116 and int(model.caches()[0].used[0]) <= 32
 

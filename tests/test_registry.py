@@ -269,6 +269,43 @@ def test_an_unusable_cache_folder_is_reported_before_any_download(fake_default, 
         assert capfd.readouterr().err == ""  # no download was tried
 
 
+def test_an_empty_chunkkv_home_means_the_default_not_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHUNKKV_HOME", "")
+    assert registry.chunkkv_home() == tmp_path / ".cache" / "chunkkv"
+    monkeypatch.delenv("CHUNKKV_HOME")
+    assert registry.chunkkv_home() == tmp_path / ".cache" / "chunkkv"
+
+
+def test_a_planted_lock_symlink_is_refused_and_its_target_untouched(fake_default, tmp_path):
+    home, target = tmp_path / "home", tmp_path / "victim"
+    home.mkdir()
+    (home / f".{DEFAULT_FOLDER}.lock").symlink_to(target)  # dangling: O_CREAT would create the target
+    with pytest.raises(CheckpointError) as error:
+        registry.load()
+    assert str(error.value) == (f"the lock file {home / f'.{DEFAULT_FOLDER}.lock'} is a symbolic link, not a file "
+                                "chunkkv made: remove it, or set CHUNKKV_HOME to a folder only you can write")
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(checkpoint=12345), "checkpoint 12345 (int) is neither a name nor a path: pass a name (smollm2-135m, qwen2.5-coder-0.5b), "
+                             "a Hugging Face directory or a .gguf file"),
+    (dict(device="gpu"), "unknown device 'gpu': use cpu, cuda or cuda:N"),
+    (dict(device=3.5), "unknown device 3.5: use cpu, cuda or cuda:N"),
+    (dict(device="meta"), "device meta holds no data, so no model can run on it: use cpu"),
+    (dict(dtype="float32"), "dtype 'float32' is not one chunkkv runs in: pass torch.float32, torch.bfloat16 "
+                            "or torch.float16"),
+    (dict(dtype=torch.int8), "dtype torch.int8 is not one chunkkv runs in: pass torch.float32, torch.bfloat16 "
+                             "or torch.float16"),
+])
+def test_load_refuses_bad_arguments_with_a_checkpoint_error(kwargs, message, tiny_dir):
+    with pytest.raises(CheckpointError) as error:
+        registry.load(**{"checkpoint": tiny_dir, **kwargs})
+    assert str(error.value) == message
+
+
 # A first run in its own process that pauses inside the conversion, with the weights written
 # to the scratch folder, until the file argv[3] exists: another run or a signal meets it there.
 DRIVER = """

@@ -13,13 +13,13 @@ import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 import checkpoint
 import cli as cli_module
 import registry
 from conftest import cli as run_cli
-from conftest import assert_user_error, write_tiny_dir
+from conftest import assert_user_error, byte_tokenizer, write_tiny_dir
 from model import ModelArgs, PromptError, Transformer
 from tokenizer import (CHATML, ChatFormat, CheckpointError, adds, chat_format, encode_text, gguf_tokenizer,
                        read_gguf_fields)
@@ -525,6 +525,19 @@ def test_any_text_tokenizes_as_transformers_and_llama_cpp_do(tokenizers_per_pre,
         if theirs is not None and not any(t in text for t in NOT_IN_TRANSFORMERS_GGUF):
             assert ids == theirs(text, add_special_tokens=False)["input_ids"], pre
             assert plain.ids == theirs(text, add_special_tokens=False, split_special_tokens=True)["input_ids"], pre
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=UNICODE.map(lambda text: text + "\U0001d400\u1100\u1161\u11a8\uff21"))  # NFKC's and NFC's shrinkers
+def test_no_text_holds_more_bytes_than_max_text_bytes_allows_its_tokens(tokenizers_per_pre, text):
+    """cli.max_text_bytes refuses a prompt before tokenizing it; it must never refuse one that fits:
+    bytes <= max_text_bytes(tokens), for every pre-tokenizer and for NFC and NFKC normalizers."""
+    byte_level = byte_tokenizer()
+    normalized = [byte_tokenizer(), byte_tokenizer()]
+    normalized[0].normalizer, normalized[1].normalizer = normalizers.NFC(), normalizers.NFKC()
+    for tokenizer in [ours for ours, _, _ in tokenizers_per_pre.values()] + [byte_level, *normalized]:
+        n_tokens = len(encode_text(tokenizer, text).ids)
+        assert len(text.encode()) <= cli_module.max_text_bytes(tokenizer, n_tokens)
 
 
 def test_a_lone_surrogate_is_refused_in_one_line(tokenizers_per_pre):
