@@ -27,6 +27,20 @@ def test_the_readme_is_short():
     assert len(text("README.md").splitlines()) <= 400
 
 
+def test_the_security_section_states_the_bounds_the_code_enforces():
+    import checkpoint
+    import templates
+    section = text("README.md").split("## Security")[1].split("\n## ")[0].replace("\n  ", " ")
+    for bound in (f"{templates.TEMPLATE_SECONDS:g} s", f"{templates.TEMPLATE_GROWTH_MB} MiB",
+                  f"{templates.TEMPLATE_CHARS:,} characters", f"past 10^{len(str(templates.MAX_ARGUMENT)) - 1}",
+                  f"2^{checkpoint.MAX_SIZE.bit_length()}-1"):
+        assert bound in section, bound
+    assert templates.MAX_ARGUMENT == 10 ** (len(str(templates.MAX_ARGUMENT)) - 1)
+    assert checkpoint.MAX_SIZE == 2 ** checkpoint.MAX_SIZE.bit_length() - 1
+    from conftest import byte_tokenizer  # its longest entries, such as "Ā", are 2 bytes
+    assert "4 × the longest vocabulary entry × the context" in section and cli.max_text_bytes(byte_tokenizer(), 10) == 80
+
+
 def cited_names() -> set[str]:
     """`module.name...` in backticks (a call's arguments cut off), and `Class.name` of project classes."""
     names = set()
