@@ -2,7 +2,8 @@
 
     python bench.py quality   [--quick] [--checkpoint NAME] [--setting aware|agnostic|both] [--lengths N ...]
                               [--prompts N] [--out results/quality.json] [--plot accuracy.png]
-    python bench.py speed     [--quick] [--checkpoint NAME] [--dtype auto] [--lengths N ...] [--no-compare] [--out results/speed.json]
+    python bench.py speed     [--quick] [--checkpoint NAME] [--device cpu] [--dtype auto] [--lengths N ...] [--no-compare]
+                              [--out results/speed.json]
     python bench.py throughput [--quick] [--memory-gib 1] [--lengths 8000 4096] [--out results/throughput.json]
     python bench.py pages     [--quick] [--lengths 1024] [--out results/pages.json]
     python bench.py questions [--quick] [--checkpoint NAME] [--lengths N ...] [--questions 16] [--out results/questions.json]
@@ -54,7 +55,7 @@ from checkpoint import CheckpointError
 from chunkkv import CompressionConfig, CompressionError
 from cli import auto_dtype
 from generate import Recompression
-from registry import load, resolve
+from registry import check_device, load, resolve
 
 
 LENGTHS = {  # default --lengths per named checkpoint and bench: up to the model's context
@@ -97,9 +98,11 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-gib", type=float, default=1.0, help="throughput: KV-cache memory (default 1)")
     parser.add_argument("--keeps", type=float, nargs="+", help="quality: kept fractions")
     parser.add_argument("--tasks", nargs="+", choices=["single", "multikey", "multivalue"], help="quality: retrieval tasks")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="weights and activations (default auto: as generate.py, bfloat16 on CPUs with native "
-                             "bfloat16, else float32)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="weights and activations (default auto: as generate.py on --device)")
+    parser.add_argument("--device", default="cpu", help="where the model and every tensor of the bench live (cpu, "
+                        "cuda, cuda:N; default cpu); timers synchronize with it, and the speed bench's bandwidth and "
+                        "matmul peak are the device's")
     parser.add_argument("--out", help="JSON rows (default results/<bench>.json)")
     parser.add_argument("--checkpoint", help="a checkpoint name (see generate.py --help), Hugging Face "
                         "directory or .gguf file (default: smollm2-135m)")
@@ -140,8 +143,11 @@ def main(argv=None) -> int:
             print(f"{command}\n{date.today()}, {machine()}, torch {torch.__version__}\n{TABLES[args.bench](rows)}")
             write_json(args.out or f"results/{args.bench}.json", rows, command)
             return 0
-        dtype = auto_dtype(torch.device("cpu")) if args.dtype == "auto" else getattr(torch, args.dtype)
-        model, tokenizer = load(args.checkpoint, dtype=dtype)
+        device = check_device(args.device)
+        dtype = auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+        model, tokenizer = load(args.checkpoint, device=device, dtype=dtype)
+        if device.type != "cpu":  # the benches' own tensors (prompts, probes) go where the model is
+            torch.set_default_device(device)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -164,13 +164,15 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
 
 
 def machine() -> str:
-    """The CPU's model name where Linux tells it, else the architecture."""
+    """The CPU's model name where Linux tells it, else the architecture; and the GPU the bench runs on."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.machine()
-    return f"{name}, {torch.get_num_threads()} threads"
+    device = torch.get_default_device()
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return f"{name}, {torch.get_num_threads()} threads{gpu}"
 
 
 def write_json(path: str | Path, rows: list[dict], command: str, dtype: torch.dtype | None = None,

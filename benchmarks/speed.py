@@ -18,6 +18,7 @@ from benchmarks.common import (KEYS, Progress, compress, decode_step_seconds, ke
                                stdlib_paragraphs, table, take_prose)
 from chunkkv import CompressionConfig
 from generate import answer, compile_decode, compress_context, generate
+from model import synchronize
 from registry import resolve
 
 
@@ -25,25 +26,29 @@ from registry import resolve
 # speed
 
 def median_seconds(fn, repeats: int) -> tuple[float, float]:
-    """(median, spread = max - min) of fn's wall time over `repeats` runs."""
-    times = []
+    """(median, spread = max - min) of fn's wall time over `repeats` runs, on the default device
+    (bench.py --device): synchronized before and after, so queued work is billed to the run that queued it."""
+    times, device = [], torch.get_default_device()
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), max(times) - min(times)
 
 
 def memory_bandwidth() -> float:
-    """Bytes per second of a large copy (read + write), the decode step's limit."""
+    """Bytes per second of a large copy (read + write) on the default device, the decode step's limit."""
     src = torch.ones(256 * 2**20)  # 1 GiB of float32
     dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: the pages are mapped before the timed copies
     seconds, _ = median_seconds(lambda: dst.copy_(src), 5)
     return 2 * src.numel() * src.element_size() / seconds
 
 
 def gemm_peak(dtype: torch.dtype, n: int = 2048) -> float:
-    """FLOP/s of a large square matmul in `dtype`: the ceiling of a prefill."""
+    """FLOP/s of a large square matmul in `dtype` on the default device: the ceiling of a prefill."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up: the BLAS picks and packs its kernels
     seconds, _ = median_seconds(lambda: a @ b, 5)
@@ -73,7 +78,8 @@ def load_transformers(checkpoint: str | None, dtype: torch.dtype):
         import transformers
     except ImportError:
         return None
-    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve(checkpoint), dtype=dtype).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve(checkpoint), dtype=dtype)
+    hf = hf.to(torch.get_default_device()).eval()
     eos = hf.generation_config.eos_token_id
     hf.generation_config.pad_token_id = eos[0] if isinstance(eos, list) else eos  # silences its warning
     return hf
@@ -97,7 +103,8 @@ def compile_start_seconds(checkpoint: str | None, dtype: torch.dtype) -> dict:
     cache, then again with that cache (the cached start), and without --compile."""
     def wall(args, cache_dir):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
-        command = [*args, "--dtype", str(dtype).removeprefix("torch."), *(["--checkpoint", checkpoint] if checkpoint else [])]
+        command = [*args, "--dtype", str(dtype).removeprefix("torch."), "--device", str(torch.get_default_device()),
+                   *(["--checkpoint", checkpoint] if checkpoint else [])]
         start = time.perf_counter()
         subprocess.run(command, env=env, check=True, capture_output=True, cwd=Path(__file__).parent.parent)
         return time.perf_counter() - start
@@ -261,11 +268,11 @@ def run_throughput(model, tokenizer, quick: bool, memory_gib: float = 1.0, lengt
         progress.step(f"{tokens.shape[1]} tokens, {label}, batch {n_batch}")
 
     # (i) equal memory: each method's largest batch, from the cache size of one row
-    tokens = prompt(long)
-    start = time.perf_counter()
-    _, captured = model.capture(tokens)
+    tokens, captures = prompt(long), []
+    prefill_s, _ = median_seconds(lambda: captures.append(model.capture(tokens)[1]), 1)
+    captured = captures.pop()
     rows.append({"bench": "throughput", "prompt_tokens": long, "metric": "prefill_seconds",
-                 "value": time.perf_counter() - start, "load_average_1min": os.getloadavg()[0]})
+                 "value": prefill_s, "load_average_1min": os.getloadavg()[0]})
     progress.step(f"prefill {long}")
     fits = {}
     for label, config in THROUGHPUT_CONFIGS.items():

@@ -5,9 +5,10 @@ import json
 import statistics
 
 import pytest
+import torch
 
 import bench
-from benchmarks import common, quality
+from benchmarks import common, quality, speed
 from conftest import ROOT, write_tiny_gguf
 
 
@@ -76,6 +77,21 @@ def test_bench_refuses_lengths_beyond_the_context_and_bad_counts(tmp_path, capsy
     assert capsys.readouterr().err == ("error: --caps 40: re-compression keeps 30 entries in a cache of 40: it needs "
                                        "the observation window (32) < budget < cache budget; raise the cache budget or lower the budget\n")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_bench_refuses_a_device_it_cannot_run_on(capsys):
+    cases = [("meta", "device meta holds no data"), ("gpu", "unknown device 'gpu'")]
+    cases += [("cuda", "device cuda, but this torch sees no cuda device")] if not torch.cuda.is_available() else []
+    for device, message in cases:
+        assert bench.main(["speed", "--quick", "--device", device]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_bench_timers_synchronize_with_the_device_before_and_after(monkeypatch):
+    events = []
+    monkeypatch.setattr(speed, "synchronize", lambda device: events.append(("sync", device.type)))
+    speed.median_seconds(lambda: events.append("run"), 2)
+    assert events == [("sync", "cpu"), "run", ("sync", "cpu")] * 2
 
 
 # ---------------------------------------------------------------------------------------
