@@ -3,7 +3,7 @@
     python bench.py quality   [--quick] [--checkpoint NAME] [--setting aware|agnostic|both] [--lengths N ...]
                               [--prompts N] [--out results/quality.json] [--plot accuracy.png]
     python bench.py speed     [--quick] [--checkpoint NAME] [--device cpu] [--dtype auto] [--lengths N ...] [--no-compare]
-                              [--out results/speed.json]
+                              [--llama-bench PATH] [--out results/speed.json]
     python bench.py throughput [--quick] [--memory-gib 1] [--lengths 8000 4096] [--out results/throughput.json]
     python bench.py pages     [--quick] [--lengths 1024] [--out results/pages.json]
     python bench.py questions [--quick] [--checkpoint NAME] [--lengths N ...] [--questions 16] [--out results/questions.json]
@@ -40,6 +40,7 @@ Every run writes its rows to --out when it ends (atomically); the quality bench 
 it has after every prompt, to <out>.partial, so a killed run never replaces a complete file.
 """
 import argparse
+import os
 import sys
 import time
 from datetime import date
@@ -94,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                         help="speed: also time transformers' generate on the same prompt (when installed) and the "
                              "start of a compiled run in a fresh process (default on)")
+    parser.add_argument("--llama-bench", default=os.environ.get("CHUNKKV_LLAMA_BENCH"),
+                        help="speed: a llama.cpp llama-bench binary (default $CHUNKKV_LLAMA_BENCH): llama.cpp on "
+                             "the same weights, written as GGUF, beside chunkkv (docs/results.md, Speed: how to build it)")
     parser.add_argument("--questions", type=positive, help="questions: questions asked per document (default 16)")
     parser.add_argument("--memory-gib", type=float, default=1.0, help="throughput: KV-cache memory (default 1)")
     parser.add_argument("--keeps", type=float, nargs="+", help="quality: kept fractions")
@@ -130,6 +134,10 @@ def main(argv=None) -> int:
         except ImportError:
             print("error: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
             return 2
+    if args.llama_bench is not None and not os.access(args.llama_bench, os.X_OK):
+        print(f"error: --llama-bench {args.llama_bench} is not an executable file: pass the path of a built "
+              "llama-bench (docs/results.md, Speed), or leave it out", file=sys.stderr)
+        return 2
     try:
         for cap in args.caps or ():  # Recompression's own check, before anything is loaded
             Recompression(CompressionConfig(), cap)
@@ -179,7 +187,7 @@ def run(args: argparse.Namespace, model, tokenizer, lengths, command: str, dtype
                            on_case=lambda rows: write_json(out, rows, command, dtype, partial=True))
     if args.bench == "speed":
         return run_speed(model, tokenizer, args.quick, lengths, args.methods, args.batches, args.compile,
-                         args.checkpoint, args.compare)
+                         args.checkpoint, args.compare, args.llama_bench)
     if args.bench == "throughput":
         return run_throughput(model, tokenizer, args.quick, args.memory_gib, args.lengths)
     if args.bench == "pages":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import llama_cpp
 from benchmarks.common import (KEYS, Progress, compress, decode_step_seconds, kept_per_layer, replicated,
                                stdlib_paragraphs, table, take_prose)
 from chunkkv import CompressionConfig
@@ -121,10 +122,19 @@ SPEED_CONFIGS = {"full": CompressionConfig(method="full"), "chunkkv": Compressio
 
 
 def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches=None, compiled=True,
-              checkpoint: str | None = None, compare: bool = True) -> list[dict]:
+              checkpoint: str | None = None, compare: bool = True, llama_bench: str | None = None) -> list[dict]:
     """Prefill (against the GEMM peak), compression, and eager / compiled decode (against the
     bandwidth roofline) per length, method and batch; with `compare`, transformers' `generate` on
-    the same prompt (full cache, batch 1) and the start time of a compiled run in a fresh process."""
+    the same prompt (full cache, batch 1) and the start time of a compiled run in a fresh process;
+    with a `llama_bench` binary, llama.cpp on the same weights after each length's chunkkv runs."""
+    with tempfile.TemporaryDirectory() as folder:
+        llama_files = llama_cpp.write_files(model, tokenizer, Path(folder)) if llama_bench else {}
+        return speed_rows(model, tokenizer, quick, lengths, methods, batches, compiled, checkpoint, compare,
+                          llama_bench, llama_files)
+
+
+def speed_rows(model, tokenizer, quick, lengths, methods, batches, compiled, checkpoint, compare, llama_bench,
+               llama_files) -> list[dict]:
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache size; many sizes in one run
     torch._dynamo.config.automatic_dynamic_shapes = False  # static shapes per size, as a one-prompt CLI run has
     lengths = lengths or ([512] if quick else [1024, 2048, 4096, 8000])
@@ -177,6 +187,10 @@ def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches
                 rows.append({**common, "batch": n_batch, "metric": "peak_rss_mib_so_far",
                              "value": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
                 progress.step(f"{n_tokens} tokens, {label}, batch {n_batch}")
+        for precision, path in llama_files.items():  # the same depth, new tokens and threads, right after chunkkv's
+            rows.append({"bench": "speed", "method": "llama.cpp", "precision": precision, "prompt_tokens": n_tokens,
+                         "batch": 1, "metric": "llama_cpp",
+                         **llama_cpp.llama_bench(llama_bench, path, n_tokens, n_steps, torch.get_num_threads())})
     if compare and compiled and not quick:  # two more compiles in fresh processes: minutes
         start = compile_start_seconds(checkpoint, dtype)
         rows.append({"bench": "speed", "metric": "start_seconds", "value": start["cached_start_s"], **start})
@@ -223,6 +237,8 @@ def speed_tables(rows: list[dict]) -> str:
                      "transformers = its generate, full cache, same prompt, dtype and threads)",
                      ["prompt", "method", "batch", "eager tok/s", "compiled tok/s", "transformers tok/s",
                       "best / transformers", "KV MiB", "roofline ms", "step ms (compiled if run)", "of roofline"], decode))
+    if any(r.get("method") == "llama.cpp" for r in rows):
+        out.append(llama_cpp_table(rows))
     compiled = [r for r in rows if r.get("mode") == "compiled"]
     if compiled:
         out.append(f"\ncompiling a decode graph (first step): {min(r['first_step_s'] for r in compiled):.0f}-"
@@ -235,6 +251,26 @@ def speed_tables(rows: list[dict]) -> str:
     peak_rss = max(r["value"] for r in rows if r["metric"] == "peak_rss_mib_so_far")
     out.append(f"\npeak process memory (RSS) over the whole run: {peak_rss:.0f} MiB")
     return "\n".join(out)
+
+
+def llama_cpp_table(rows: list[dict]) -> str:
+    """chunkkv's full-cache batch-1 decode (compiled where it ran) and prefill beside llama-bench's."""
+    find = lambda **m: next((r for r in rows if all(r.get(k) == v for k, v in m.items())), None)  # noqa: E731
+    lines = []
+    for r in (r for r in rows if r.get("method") == "llama.cpp"):
+        n = r["prompt_tokens"]
+        ours = find(prompt_tokens=n, method="full", batch=1, mode="compiled") or \
+            find(prompt_tokens=n, method="full", batch=1, mode="eager")
+        prefill = n / find(prompt_tokens=n, metric="prefill_seconds")["value"]
+        lines.append([n, r["precision"], f"{ours['value']:.1f} {ours['mode']}" if ours else "-",
+                      f"{r['decode_tokens_per_s']:.1f} ± {r['decode_stddev']:.1f}",
+                      f"{ours['value'] / r['decode_tokens_per_s']:.2f}x" if ours else "-", f"{prefill:.0f}",
+                      f"{r['prefill_tokens_per_s']:.0f} ± {r['prefill_stddev']:.0f}",
+                      f"{prefill / r['prefill_tokens_per_s']:.2f}x"])
+    return table("chunkkv beside llama.cpp (llama-bench on the same weights written as GGUF, run right after "
+                 "chunkkv at each length: batch 1, full cache, the same context depth, new tokens and threads)",
+                 ["prompt", "llama.cpp weights", "chunkkv decode tok/s", "llama.cpp decode tok/s", "chunkkv / llama.cpp",
+                  "chunkkv prefill tok/s", "llama.cpp prefill tok/s", "chunkkv / llama.cpp"], lines)
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 paired tables, results written atomically, the refusals of bench.py, and the documents' tables
 generated from the committed results."""
 import json
+import re
 import statistics
 
 import pytest
@@ -136,3 +137,77 @@ def test_a_figure_typed_over_in_a_generated_block_is_found():
     figure = text[start:].split("| full ")[1].split("|")[3]  # the full cache's max batch, as generated
     tampered = text[:start] + text[start:].replace(figure, " 999 ", 1)
     assert tampered != text and rebuilt(tampered) == text
+
+
+# ---------------------------------------------------------------------------------------
+# The GGUF files the llama.cpp comparison writes: the measured model, in each precision
+
+@pytest.mark.parametrize("precision", ["F32", "BF16", "Q8_0"])
+def test_the_gguf_written_for_llama_cpp_is_the_model(tiny_dir, tmp_path, precision):
+    """Read back by chunkkv's GGUF loader (itself checked against transformers) and, in F32, by
+    transformers' own GGUF import: the logits of the model written, to the precision's round-off."""
+    import gguf
+    import transformers
+    from tokenizers import Tokenizer
+
+    import checkpoint
+    from benchmarks import llama_cpp
+    model, reference = checkpoint.load(tiny_dir)[0], checkpoint.load(tiny_dir)[0]
+    tokenizer = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    path = llama_cpp.write_gguf(model, tokenizer, tmp_path / f"m-{precision}.gguf", precision)
+    qtype = gguf.GGMLQuantizationType[precision]
+    for w in reference.parameters():  # a plain reference: each matrix rounded to the precision and back
+        if w.dim() == 2:
+            w.data = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype), qtype).copy())
+    tokens = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, written = reference(tokens), checkpoint.load(path)[0](tokens)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert kinds["blk.0.attn_q.weight"] == precision and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert torch.allclose(written, expected, atol=1e-5)
+    if precision == "F32":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+        with torch.no_grad():
+            assert torch.allclose(hf(tokens).logits, expected, atol=1e-4)
+
+
+FAKE_LLAMA_BENCH = """#!{python}
+import json, sys
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+open({log!r}, "a").write(json.dumps(args) + "\\n")
+assert open(value("-m"), "rb").read(4) == b"GGUF"
+n_prompt, n_gen = int(value("-p")), int(value("-n"))
+rate = 100.0 if n_gen else 1000.0
+print(json.dumps([{{"n_prompt": n_prompt, "n_gen": n_gen, "n_depth": int(value("-d")) if "-d" in args else 0,
+                    "avg_ts": rate, "stddev_ts": 1.0, "samples_ts": [rate]}}]))
+"""
+
+
+def test_the_speed_bench_runs_llama_bench_on_the_same_weights_and_prints_the_ratio(tiny_dir, tmp_path, capsys):
+    """A stand-in for llama-bench that prints llama-bench's JSON (a list of tests with n_prompt,
+    n_gen, n_depth, avg_ts, stddev_ts: tools/llama-bench/llama-bench.cpp's json_printer)."""
+    import sys
+    fake, log = tmp_path / "llama-bench", tmp_path / "calls.jsonl"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    out = tmp_path / "speed.json"
+    assert bench.main(["speed", "--checkpoint", str(tiny_dir), "--lengths", "64", "--methods", "full", "--batches", "1",
+                       "--no-compile", "--no-compare", "--dtype", "float32", "--llama-bench", str(fake),
+                       "--out", str(out)]) == 0
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(c[c.index("-p") + 1], c[c.index("-n") + 1], c[c.index("-m") + 1].rsplit("-", 1)[1]) for c in calls] == [
+        ("0", "16", "F32.gguf"), ("64", "0", "F32.gguf"), ("0", "16", "Q8_0.gguf"), ("64", "0", "Q8_0.gguf")]
+    assert all(c[c.index("-t") + 1] == str(torch.get_num_threads()) for c in calls)
+    assert [c[c.index("-d") + 1] for c in calls if "-d" in c] == ["64", "64"]  # decode after the same context
+    rows = [r for r in json.loads(out.read_text()) if r.get("method") == "llama.cpp"]
+    assert [(r["precision"], r["decode_tokens_per_s"], r["prefill_tokens_per_s"]) for r in rows] == [
+        ("F32", 100.0, 1000.0), ("Q8_0", 100.0, 1000.0)]
+    ours = next(r for r in json.loads(out.read_text()) if r.get("mode") == "eager")["value"]
+    assert re.search(rf"\| F32 +\| {ours:.1f} eager +\| 100\.0 ± 1\.0 +\| {ours / 100:.2f}x", capsys.readouterr().out)
+
+
+def test_without_llama_bench_there_is_no_llama_cpp_column(tmp_path):
+    rows = [{"metric": "memory_bandwidth_gb_s", "value": 1.0}, {"metric": "gemm_peak_gflop_s", "value": 1.0},
+            {"metric": "peak_rss_mib_so_far", "value": 1.0}]
+    assert "llama.cpp" not in speed.speed_tables(rows)
