@@ -75,6 +75,20 @@ def test_sizes_the_file_does_not_hold_are_refused_at_once(tmp_path, case):
                                   "--device", "cpu"), fragment)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_quantized_safetensors_are_refused_not_upcast(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+    path = write_tiny_dir(tmp_path / "tiny")
+    weights = load_file(path / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"] = weights["model.layers.0.mlp.up_proj.weight"].to(dtype)
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.load(path)
+    assert str(error.value) == (f"{path / 'model.safetensors'}: tensor model.layers.0.mlp.up_proj.weight is "
+                                f"{'I8' if dtype == torch.int8 else 'F8_E4M3'}, not float weights (F64, F32, F16, BF16): "
+                                "quantized safetensors are not supported; use the unquantized checkpoint or a GGUF file")
+
+
 # ---------------------------------------------------------------------------------------
 # Bad text: one line naming the file and line, or the flag
 
