@@ -24,7 +24,6 @@ from model import ModelArgs, Transformer, rope_inv_freq
 from tokenizer import CheckpointError, gguf_chat_format, gguf_tokenizer
 
 
-
 def log(message: str):
     print(message, file=sys.stderr, flush=True)
 
@@ -453,10 +452,8 @@ def gguf_tensors(path: Path, reader, config: dict) -> Iterator[tuple[str, torch.
             continue  # read into the config
         name = hf_name(path, tensor.name, config["model_type"])
         w = dequantize_tensor(tensor)
-        if interleaved and name.endswith(("q_proj.weight", "q_proj.bias")):  # interleaved RoPE rows -> rotate-half
-            w = unpermute_rope(w, n_heads)
-        elif interleaved and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute_rope(w, n_kv_heads)
+        if interleaved and name.split(".")[-2] in ("q_proj", "k_proj"):  # interleaved RoPE rows -> rotate-half
+            w = unpermute_rope(w, n_heads if ".q_proj." in name else n_kv_heads)
         w = np.require(w, np.float32, ("C_CONTIGUOUS", "OWNDATA"))  # a copy of a float32 tensor, not the file's memmap
         yield name, torch.from_numpy(w)
 
