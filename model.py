@@ -12,8 +12,8 @@ Ways to run it:
   model.recompress(config, budget)  full caches compressed again, in place, to `budget` entries
   model.snapshot(), model.restore() the caches' counters and positions, saved and put back (no K/V copy)
 
-Module names follow Hugging Face's Llama, so its state dicts load without renaming. Llama, Mistral
-and Qwen2 checkpoints all run on it: they differ only in ModelArgs fields.
+Module names follow Hugging Face's Llama, so its state dicts load without renaming. Llama, Mistral,
+Qwen2 and Qwen3 checkpoints all run on it: they differ only in ModelArgs fields.
 """
 import math
 import time
@@ -50,7 +50,7 @@ class ModelArgs:
     max_seq_len: int = 8192
     tie_embeddings: bool = True
     head_dim: int | None = None  # dim // n_heads unless a checkpoint says otherwise (Mistral Nemo, key_length in GGUF)
-    # What the families differ by (Llama 2/3.x, Mistral, Qwen2); the defaults are a plain Llama.
+    # What the families differ by (Llama 2/3.x, Mistral, Qwen2, Qwen3); the defaults are a plain Llama.
     rope_scaling: str | None = None  # "linear" (Llama 2 long-context fine-tunes) or "llama3" (Llama 3.1/3.2)
     rope_factor: float = 1.0  # both: how many times the pre-training context the frequencies are stretched to
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original context / this are divided by rope_factor
@@ -59,7 +59,8 @@ class ModelArgs:
     rope_freqs: tuple[float, ...] | None = None  # per-frequency divisors [head_dim/2] (a GGUF's rope_freqs tensor)
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2, Llama's attention_bias)
     o_bias: bool = False  # bias on the output projection (Llama's attention_bias)
-    sliding_window: int | None = None  # Mistral v0.1, some Qwen2: runs are exact only while they fit in it
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE (weights q_norm, k_norm [D])
+    sliding_window: int | None = None  # Mistral v0.1, some Qwen2/3: runs are exact only while they fit in it
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
@@ -232,6 +233,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()  # Identity: no weights
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
         self.cache = KVCache()
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -239,7 +242,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(n_batch, n_tokens, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
         k = self.k_proj(x).view(n_batch, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(n_batch, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin), v  # norms over D, per head
 
     def out(self, y: Tensor) -> Tensor:
         return self.o_proj(y.transpose(1, 2).flatten(2))  # [B, Hq, T, D] -> [B, T, Hq*D]

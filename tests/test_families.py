@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 import checkpoint
 from checkpoint import CheckpointError
@@ -32,6 +32,9 @@ FAMILIES = {  # name: (config class, overrides)
     "mistral": (MistralConfig, dict(sliding_window=256)),  # prompt + new tokens fit in the window
     "qwen2-biases": (Qwen2Config, dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                                        tie_word_embeddings=True)),
+    # q_norm / k_norm over head_dim, which is neither hidden / heads (16) nor Qwen3Config's default (128)
+    "qwen3-qk-norm": (Qwen3Config, dict(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                        tie_word_embeddings=True)),
     "head-dim-and-attention-bias": (LlamaConfig, dict(head_dim=32, attention_bias=True)),
     "untied-head": (LlamaConfig, dict(tie_word_embeddings=False, rope_parameters={"rope_theta": 100000.0})),
 }
@@ -127,10 +130,10 @@ def test_transformers_4_config_layout(tmp_path):
     assert max_logit_diff(model, reference, tokens) < 1e-5
 
 
-@pytest.mark.parametrize("config_class", [LlamaConfig, MistralConfig, Qwen2Config])
+@pytest.mark.parametrize("config_class", [LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config])
 def test_minimal_config_takes_transformers_defaults(tmp_path, config_class):
     """A config.json with only the required keys: every default (norm eps, tied head, RoPE base,
-    context, sliding window) is the one transformers takes."""
+    context, sliding window, Qwen3's head_dim of 128) is the one transformers takes."""
     path = save_hf(hf_model(config_class, rms_norm_eps=1e-6), tmp_path / "minimal")
     config = json.loads((path / "config.json").read_text())
     required = ["model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -140,6 +143,7 @@ def test_minimal_config_takes_transformers_defaults(tmp_path, config_class):
     model, _ = checkpoint.load(path)
     assert model.args.max_seq_len == reference.config.max_position_embeddings
     assert model.args.sliding_window == getattr(reference.config, "sliding_window", None)
+    assert model.args.head_dim == reference.model.layers[0].self_attn.head_dim
     assert max_logit_diff(model, reference, prompt()) < 1e-5
 
 
@@ -159,10 +163,11 @@ def test_mistral_sliding_window_beyond_the_run_is_refused(tmp_path):
             generate(model, tokens, CompressionConfig(method="full"), max_new_tokens=n_new) if n_new else model(tokens)
 
 
-def test_qwen2_sliding_window_only_where_layers_slide(tmp_path):
-    sliding = hf_model(Qwen2Config, use_sliding_window=True, sliding_window=64, max_window_layers=1)
+@pytest.mark.parametrize("config_class", [Qwen2Config, Qwen3Config])
+def test_qwen_sliding_window_only_where_layers_slide(tmp_path, config_class):
+    sliding = hf_model(config_class, use_sliding_window=True, sliding_window=64, max_window_layers=1)
     assert checkpoint.load(save_hf(sliding, tmp_path / "slides"))[0].args.sliding_window == 64
-    full = hf_model(Qwen2Config, use_sliding_window=True, sliding_window=64, max_window_layers=2)
+    full = hf_model(config_class, use_sliding_window=True, sliding_window=64, max_window_layers=2)
     model, _ = checkpoint.load(save_hf(full, tmp_path / "full"))
     assert model.args.sliding_window is None  # no layer slides: any length runs exactly
     assert max_logit_diff(model, full, prompt()) < 1e-5
@@ -249,7 +254,8 @@ def llama_cpp_rope_freqs(head_dim: int, params: dict) -> np.ndarray:
 
 GGUF_KINDS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
 def write_gguf(path, model, arch: str, rope_freqs=None, scaling=None, omit: tuple[str, ...] = ()):
@@ -308,19 +314,25 @@ def write_gguf(path, model, arch: str, rope_freqs=None, scaling=None, omit: tupl
 
 
 LLAMA_GGUF = dict(head_dim=32, vocab_size=320)  # key_length != dim / heads; more embedding rows than tokens
+QWEN_ROPE = dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+GGUF_SOURCES = {  # arch: (config class, overrides, head_dim)
+    "llama": (LlamaConfig, LLAMA_GGUF, 32),
+    "qwen2": (Qwen2Config, QWEN_ROPE, 16),
+    # transformers' GGUF import reads no qwen3 head_dim (key_length): it takes Qwen3Config's 128, as
+    # Qwen3-0.6B has; chunkkv reads key_length, here 128 != dim / heads
+    "qwen3": (Qwen3Config, QWEN_ROPE, 128),
+}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", GGUF_SOURCES)
 def test_gguf_matches_transformers_gguf_import(tmp_path, arch):
-    if arch == "llama":
-        source = hf_model(LlamaConfig, **LLAMA_GGUF)
-    else:
-        source = hf_model(Qwen2Config, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    config_class, overrides, head_dim = GGUF_SOURCES[arch]
+    source = hf_model(config_class, **overrides)
     path = write_gguf(tmp_path / f"tiny-{arch}.gguf", source, arch)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     model, _ = checkpoint.load(path)
     assert model.args.vocab_size == source.config.vocab_size
-    assert model.args.head_dim == (32 if arch == "llama" else 16)
+    assert model.args.head_dim == head_dim
     tokens = prompt(vocab=source.config.vocab_size)
     diff = max_logit_diff(model, reference, tokens)
     print(f"gguf {arch}: max |logit diff| vs transformers' GGUF import {diff:.2e}")
@@ -366,8 +378,8 @@ def test_gguf_without_a_required_key_is_refused_at_load(tmp_path, key):
 
 CONVERTED = {  # name: (source model, what write_gguf needs)
     "llama": lambda: (hf_model(LlamaConfig, **LLAMA_GGUF), dict(arch="llama")),
-    "qwen2": lambda: (hf_model(Qwen2Config, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
-                      dict(arch="qwen2")),
+    "qwen2": lambda: (hf_model(Qwen2Config, **QWEN_ROPE), dict(arch="qwen2")),
+    "qwen3": lambda: (hf_model(Qwen3Config, **QWEN_ROPE, head_dim=32), dict(arch="qwen3")),
     "llama3-rope_freqs": lambda: (hf_model(LlamaConfig, **LLAMA_GGUF, rope_parameters=LLAMA3),
                                   dict(arch="llama", rope_freqs=llama_cpp_rope_freqs(32, LLAMA3))),
 }
