@@ -266,8 +266,8 @@ def safetensors_index(index: Path) -> list[str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
-        if not shards or not all(isinstance(name, str) and Path(name).name == name for name in shards):
-            raise ValueError("no shard files listed")
+        if not shards or (outside := [name for name in shards if Path(name).name != name]):  # names: str, else TypeError
+            raise ValueError(f"shard {outside[0]} leaves the checkpoint folder" if shards else "no shard files listed")
     except Exception as e:
         raise CheckpointError(f"{index} is not a valid shard index ({type(e).__name__}: {e}): "
                               "re-download it with the checkpoint") from None

@@ -59,9 +59,9 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, path: Path, precision: 
     in F32 as llama.cpp's converter keeps them, and the byte-level BPE vocabulary of `tokenizer`
     (padded to the embedding's rows). Raises ValueError for what this writer does not lay out."""
     args = model.args
-    if args.rope_scaling is not None or args.sliding_window is not None or args.o_bias:
+    if args.rope_scaling is not None or args.sliding_window is not None or args.o_bias or args.qk_norm:
         raise ValueError("the llama.cpp comparison writes plain Llama and Qwen2 layouts only "
-                         "(no RoPE scaling, sliding window or output bias)")
+                         "(no RoPE scaling, sliding window, output bias or q/k norms)")
     arch = "qwen2" if args.qkv_bias else "llama"
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(args.n_layers)

@@ -220,9 +220,12 @@ def test_broken_shard_indexes_and_missing_tensors_are_refused(llama_dir):
     weights = load_file(llama_dir / "model.safetensors")
     (llama_dir / "model.safetensors").unlink()
     index = llama_dir / "model.safetensors.index.json"
-    for content in ["{not json", "{}", '{"weight_map": {}}', '{"weight_map": {"x": "../elsewhere.safetensors"}}']:
+    for content, reason in [("{not json", "JSONDecodeError"), ("{}", "KeyError"), ('{"weight_map": {}}', "no shard files"),
+                            ('{"weight_map": {"x": 7}}', "TypeError"),
+                            ('{"weight_map": {"x": "../elsewhere.safetensors"}}',
+                             "shard ../elsewhere.safetensors leaves the checkpoint folder")]:
         index.write_text(content)
-        assert_refused(llama_dir, "model.safetensors.index.json is not a valid shard index")
+        assert_refused(llama_dir, "model.safetensors.index.json is not a valid shard index", reason)
     index.write_text(json.dumps({"weight_map": {name: "model-1.safetensors" for name in weights}}))
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, llama_dir / "model-1.safetensors")
