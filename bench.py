@@ -152,6 +152,8 @@ def main(argv=None) -> int:
             write_json(args.out or f"results/{args.bench}.json", rows, command)
             return 0
         device = check_device(args.device)
+        if args.llama_bench and device.type != "cpu":
+            raise CheckpointError("--llama-bench runs llama.cpp on the CPU, its build here: compare with --device cpu")
         dtype = auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
         model, tokenizer = load(args.checkpoint, device=device, dtype=dtype)
         if device.type != "cpu":  # the benches' own tensors (prompts, probes) go where the model is

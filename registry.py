@@ -121,8 +121,8 @@ def check_device(name: str | torch.device) -> torch.device:
 def resolve(checkpoint: str | Path | None) -> Path:
     """The local path of a checkpoint name (fetched and converted on first use) or path; names win."""
     if not isinstance(checkpoint, (str, Path, type(None))):
-        raise CheckpointError(f"checkpoint {checkpoint!r} ({type(checkpoint).__name__}) is neither a name nor a path: pass a name "
-                              f"({', '.join(CHECKPOINTS)}), a Hugging Face directory or a .gguf file")
+        raise CheckpointError(f"checkpoint {checkpoint!r} ({type(checkpoint).__name__}) is neither a name nor a "
+                              f"path: pass a name ({', '.join(CHECKPOINTS)}), a Hugging Face directory or a .gguf file")
     if checkpoint is None or checkpoint in CHECKPOINTS:
         return named_checkpoint(checkpoint or DEFAULT)
     if not Path(checkpoint).exists():
