@@ -17,6 +17,7 @@ from torch import Tensor
 
 import cli
 from chunkkv import RECOMPRESSIBLE, CompressionConfig, CompressionError
+from contexts import CompressedContext, Prefilled, load_context, save_context
 from model import CacheRequest, PromptError, Transformer, synchronize
 from registry import check_device, load, resolve
 from tokenizer import CheckpointError, chat_format
@@ -70,18 +71,6 @@ def compile_decode(model: Transformer):
 
 # ---------------------------------------------------------------------------------------
 # Records: what a call did
-
-@dataclass
-class Prefilled:
-    """What the prefill and compression of a batch of prompts did."""
-    lengths: list[int]  # each row's prompt tokens
-    budgets: list[list[int]]  # [row][layer] prompt entries the method may keep
-    kept: list[list[float]]  # [row][layer] prompt entries kept (mean over KV heads), asked from the caches
-    prefill_seconds: float  # the whole prefill, compression included
-    compress_seconds: float  # scoring, selection and gather, all layers
-    kv_bytes: int  # the caches as allocated (K, V, positions; slots for new tokens included)
-    kv_bytes_full: int  # the same caches without compression
-
 
 @dataclass
 class Record:
@@ -289,16 +278,6 @@ def extend_all(model: Transformer, tokens: Tensor, recompression: Recompression)
 # ---------------------------------------------------------------------------------------
 # Compress once, ask many (query-agnostic)
 
-@dataclass
-class CompressedContext:
-    """A context compressed once, before any question: the caches' state right after, and what it cost.
-    The caches live in the model: a later prefill or compression on it invalidates this."""
-    n_tokens: int  # context tokens T
-    free_slots: int  # cache slots left for each question and its answer
-    snapshot: list  # model.snapshot() right after compression
-    prefill: Prefilled
-
-
 @torch.no_grad()
 def compress_context(model: Transformer, context: Tensor, compression: CompressionConfig = CompressionConfig(),
                      max_new_tokens: int = 256, n_slots: int | None = None) -> CompressedContext:
@@ -310,7 +289,7 @@ def compress_context(model: Transformer, context: Tensor, compression: Compressi
     prompt, lengths = batch_prompts(context, None, model)
     _, prefilled = prefill_and_compress(model, prompt, lengths, compression, max_new_tokens, n_slots)
     free = min(model.free_slots(), model.args.max_seq_len - prompt.shape[1])
-    return CompressedContext(prompt.shape[1], free, model.snapshot(), prefilled)
+    return CompressedContext(prompt.shape[1], free, model.snapshot(), prefilled, compression, prompt)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import cli
 from conftest import ROOT
 
 DOCUMENTS = ["README.md", "docs/results.md", "docs/engines.md"]
-MODULES = ["chunkkv", "model", "templates", "tokenizer", "checkpoint", "registry", "cli", "generate"]  # the import order
+MODULES = ["chunkkv", "model", "templates", "tokenizer", "checkpoint", "registry", "contexts", "cli", "generate"]  # the import order
 CITABLE = MODULES + ["bench", "benchmarks"]
 
 
@@ -136,7 +136,7 @@ def test_no_generic_module_is_installed(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["chunkkv.py", "model.py", "generate.py", "cli.py", "tokenizer.py", "checkpoint.py",
-                                  "registry.py", "bench.py"])
+                                  "registry.py", "contexts.py", "bench.py"])
 def test_no_library_file_passes_500_lines_nor_a_function_60(path):
     source = (ROOT / path).read_text()
     assert len(source.splitlines()) <= 500

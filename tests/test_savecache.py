@@ -1,0 +1,272 @@
+"""Compressed contexts saved to disk (contexts.py, --save-cache / --load-cache): a loaded cache answers
+bit for bit as the one it was saved from, for every method; the file holds the kept entries and little
+else; and a file that is missing, truncated, edited, forged or from another checkpoint, dtype or
+tokenizer is refused in one line before any cache is touched."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+import contexts
+from chunkkv import CompressionConfig
+from conftest import EVERY_METHOD, byte_tokenizer, greedy, tiny_model
+from generate import PromptError, answer, compress_context, load_context, save_context
+from tokenizer import CheckpointError
+
+torch.set_grad_enabled(False)
+
+
+def compressed(model, label="chunkkv", kwargs=None, rows=1, n_tokens=120, room=40, **config):
+    """A context of `n_tokens` random ids compressed on `model`, leaving `room` slots."""
+    kwargs = dict(method="chunkkv") if kwargs is None else kwargs
+    budget = {} if label in ("full", "fastgen") or "keep" in config else dict(budget=30)
+    config = CompressionConfig(window=8, recovery=0.5, **kwargs, **budget, **config)
+    return compress_context(model, torch.randint(3, 256, (rows, n_tokens)), config, room)
+
+
+def asked(model, context, question, n_steps=10):
+    """The question's logits [B, Tq, vocab], then greedy tokens and their logits, from `context`."""
+    model.restore(context.snapshot)
+    logits = model.extend(question)
+    return (logits, *greedy(model, logits[:, -1], n_steps))
+
+
+# ---------------------------------------------------------------------------------------
+# A loaded cache is the cache it was saved from
+
+@pytest.mark.parametrize("label, kwargs", EVERY_METHOD)
+def test_a_loaded_cache_answers_bit_for_bit_as_the_saved_one(label, kwargs, tmp_path):
+    """Saved, then loaded into a fresh model (another process, as far as the caches know): the same
+    kept positions, the same logits for the question and each greedy step, the same answer."""
+    model, tokenizer = tiny_model(n_layers=3), byte_tokenizer()
+    torch.manual_seed(1)
+    context, question = compressed(model, label, kwargs, rows=2), torch.randint(3, 256, (2, 7))
+    expected = asked(model, context, question)
+    record = answer(model, context, question, max_new_tokens=10)
+    kept = model.kept_positions([120, 120])
+    save_context(tmp_path / "c.kv", model, tokenizer, context)
+    fresh = tiny_model(n_layers=3)
+    loaded = load_context(tmp_path / "c.kv", fresh, tokenizer)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.kept_positions([120, 120]), kept))
+    assert all(torch.equal(a, b) for a, b in zip(asked(fresh, loaded, question), expected))  # bit for bit
+    assert torch.equal(answer(fresh, loaded, question, max_new_tokens=10).tokens, record.tokens)
+    assert (loaded.n_tokens, loaded.free_slots, loaded.config) == (context.n_tokens, context.free_slots, context.config)
+    assert loaded.prefill == context.prefill and torch.equal(loaded.tokens, context.tokens)
+    assert [c.k.shape for c in fresh.caches()] == [c.k.shape for c in model.caches()]  # the free room, again
+
+
+def test_a_saved_cache_keeps_what_compression_left_after_questions_were_asked(tmp_path):
+    """Saving restores the snapshot first: questions answered before saving leave nothing in the file,
+    and a loaded context answers question 2 after question 1 as question 2 alone."""
+    model, tokenizer = tiny_model(), byte_tokenizer()
+    context = compressed(model)
+    q1, q2 = torch.randint(3, 256, (1, 9)), torch.randint(3, 256, (1, 5))
+    alone = asked(model, context, q2)
+    asked(model, context, q1)  # appended to the caches, and left there
+    save_context(tmp_path / "c.kv", model, tokenizer, context)
+    fresh = tiny_model()
+    loaded = load_context(tmp_path / "c.kv", fresh, tokenizer)
+    asked(fresh, loaded, q1)
+    assert all(torch.equal(a, b) for a, b in zip(asked(fresh, loaded, q2), alone))
+
+
+def test_the_file_is_the_kept_kv_and_little_more(tmp_path):
+    """Within 5 % of the kept K/V bytes on a model with 64-dimensional heads at keep 0.25 (positions are
+    int32 beside 512 bytes of K and V per entry and head); the free slots are not stored."""
+    model, tokenizer = tiny_model(n_layers=4, dim=256), byte_tokenizer()  # 4 heads of 64, 2 KV heads
+    sizes = []
+    for room in (16, 400):
+        context = compressed(model, n_tokens=512, room=room, keep=0.25)
+        context.text = "x" * 512
+        sizes.append(save_context(tmp_path / f"{room}.kv", model, tokenizer, context))
+        assert sizes[-1] == (tmp_path / f"{room}.kv").stat().st_size
+    kept_kv = sum(layer["k"].nbytes + layer["v"].nbytes for layer in contexts.kept_kv(model))
+    assert kept_kv == 4 * 2 * 2 * 128 * 64 * 4  # layers, K and V, KV heads, kept entries, head dim, float32
+    assert sizes[1] / kept_kv <= 1.05, sizes[1] / kept_kv
+    assert abs(sizes[1] - sizes[0]) < 16  # 384 more free slots a layer: a few digits of metadata more
+
+
+def test_a_context_saved_with_its_text_gives_it_back(tmp_path):
+    model, tokenizer = tiny_model(), byte_tokenizer()
+    context = compressed(model)
+    context.text, context.chat = "ünïcode context\n", True
+    save_context(tmp_path / "c.kv", model, tokenizer, context)
+    loaded = load_context(tmp_path / "c.kv", tiny_model(), tokenizer)
+    assert (loaded.text, loaded.chat) == ("ünïcode context\n", True)
+    context.text = None
+    save_context(tmp_path / "c.kv", model, tokenizer, context)
+    assert load_context(tmp_path / "c.kv", tiny_model(), tokenizer).text is None
+
+
+# ---------------------------------------------------------------------------------------
+# Written atomically
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_write_leaves_no_file_and_no_temporary_file(failure, tmp_path, monkeypatch):
+    model, tokenizer = tiny_model(), byte_tokenizer()
+    context = compressed(model)
+    (tmp_path / "old.kv").write_bytes(b"the file saved before")
+
+    def fail(fd):
+        raise failure
+    monkeypatch.setattr(contexts.os, "fsync", fail)  # after the bytes were written, before the rename
+    for name in ("new.kv", "old.kv"):
+        with pytest.raises(PromptError if isinstance(failure, OSError) else KeyboardInterrupt) as error:
+            save_context(tmp_path / name, model, tokenizer, context)
+        if isinstance(failure, OSError):
+            assert "No space left on device" in str(error.value) and "\n" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.kv"]  # no new file, no temporary file
+    assert (tmp_path / "old.kv").read_bytes() == b"the file saved before"  # the old one untouched
+
+
+def test_a_cache_file_cannot_be_written_into_a_missing_folder(tmp_path):
+    model = tiny_model()
+    with pytest.raises(PromptError, match="cannot write cache file .*No such file or directory"):
+        save_context(tmp_path / "missing" / "c.kv", model, byte_tokenizer(), compressed(model))
+    with pytest.raises(PromptError, match="does not exist or is not writable"):
+        contexts.check_writable(tmp_path / "missing" / "c.kv")
+    with pytest.raises(PromptError, match="it is a folder"):
+        contexts.check_writable(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# Refused in one line, before any cache is touched
+
+@pytest.fixture
+def saved(tmp_path):
+    """(path, a fresh model that did not save it, the tokenizer) for a chunkkv context saved from tiny_model()."""
+    model, tokenizer = tiny_model(), byte_tokenizer()
+    context = compressed(model)
+    context.text = "the context\n"
+    save_context(tmp_path / "c.kv", model, tokenizer, context)
+    fresh = tiny_model()
+    compressed(fresh)  # caches a refused load must leave alone
+    return tmp_path / "c.kv", fresh, tokenizer
+
+
+def refused(path, model, tokenizer, error, *fragments):
+    """load_context raises `error` with one line holding `fragments`, and the caches are untouched."""
+    def state():
+        return [(c.fills, *(None if t is None else t.clone() for t in (c.k, c.v, c.pos, c.used))) for c in model.caches()]
+    before = state()
+    with pytest.raises(error) as raised:
+        load_context(path, model, tokenizer)
+    message = str(raised.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    for old, new in zip(before, state()):
+        assert old[0] == new[0] and all(x is y is None or torch.equal(x, y) for x, y in zip(old[1:], new[1:]))
+    return message
+
+
+@pytest.mark.parametrize("cut", [4, 20, -1, -100, "header"])
+def test_a_truncated_file_is_refused(cut, saved):
+    path, model, tokenizer = saved
+    data = path.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:header - 10] if cut == "header" else data[:cut])
+    refused(path, model, tokenizer, PromptError, "truncated" if cut not in (4,) else "not a chunkkv cache")
+
+
+@pytest.mark.parametrize("where", ["tensors", "last byte", "metadata"])
+def test_an_edited_byte_is_refused(where, saved):
+    path, model, tokenizer = saved
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    if where == "metadata":  # a digit of the stored free slots: still valid JSON of the right kinds
+        start = data.index(b'slots\\": [') + len(b'slots\\": [')
+        data[start] = ord("7") if data[start] != ord("7") else ord("6")
+    else:
+        data[header + 100 if where == "tensors" else -1] ^= 0x01
+    path.write_bytes(bytes(data))
+    refused(path, model, tokenizer, PromptError, "fails its checksum")
+
+
+def test_a_cache_of_another_checkpoint_dtype_or_tokenizer_is_refused(saved):
+    path, model, tokenizer = saved
+    refused(path, tiny_model(seed=1), tokenizer, CheckpointError, "another checkpoint (its weights differ)")
+    refused(path, tiny_model(n_layers=3), tokenizer, CheckpointError, "(its architecture differs)")
+    refused(path, tiny_model(max_seq_len=512), tokenizer, CheckpointError, "(its architecture differs)")
+    refused(path, tiny_model().to(torch.bfloat16), tokenizer, CheckpointError, "holds 'float32' K/V, the model runs "
+            "in bfloat16")
+    other = Tokenizer.from_str(tokenizer.to_str())
+    other.add_special_tokens(["<|end|>"])
+    refused(path, model, other, CheckpointError, "(its tokenizer differs)")
+
+
+def test_what_is_no_cache_file_is_refused(saved, tmp_path, tiny_dir):
+    path, model, tokenizer = saved
+    refused(tmp_path / "missing.kv", model, tokenizer, PromptError, "does not exist")
+    (tmp_path / "text.kv").write_text("a text file, long enough to have eight bytes of header length")
+    refused(tmp_path / "text.kv", model, tokenizer, PromptError, "not a chunkkv cache (no safetensors header)")
+    refused(tiny_dir / "model.safetensors", model, tokenizer, PromptError, "without chunkkv's metadata")
+    (tmp_path / "short.kv").write_bytes(b"\x02\x00")
+    refused(tmp_path / "short.kv", model, tokenizer, PromptError, "not a chunkkv cache")
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    (tmp_path / "notjson.kv").write_bytes(data[:8] + b"{" * n + data[8 + n:])
+    refused(tmp_path / "notjson.kv", model, tokenizer, PromptError, "its header is not JSON")
+    refused(tmp_path, model, tokenizer, PromptError, "cannot read cache file")
+
+
+def forge(path: Path, meta=None, tensors=None):
+    """Rewrite a saved file with its metadata and tensors edited and the checksum made to match: what
+    someone who read contexts.py could write. The loader must not trust it further than its checks."""
+    stored = json.loads(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")])["__metadata__"]
+    fields, weights = json.loads(stored["chunkkv"]), load_file(path)
+    (meta or (lambda f: None))(fields)
+    (tensors or (lambda t: None))(weights)
+    fields_json, weights = json.dumps(fields), {name: t.contiguous() for name, t in weights.items()}
+    save_file(weights, path, {"chunkkv": fields_json, "sha256": contexts.digest(fields_json, weights)})
+
+
+def test_a_forged_file_within_bounds_still_loads(saved):
+    path, model, tokenizer = saved
+    forge(path)
+    assert load_context(path, model, tokenizer).text == "the context\n"
+
+
+FORGERIES = {  # edit -> the refusal, each before any tensor reaches a cache
+    "huge free room": (lambda m: m.update(slots=[2 ** 30] * 2), None, "asks for 1073741824 cache slots"),
+    "free room past one context": (lambda m: m.update(slots=[n + 1032 for n in m["kept"]]), None, "cache slots"),
+    "a context past the model's": (lambda m: m.update(n_tokens=5000), None, "more than the model's 1024"),
+    "rows as a bool": (lambda m: m.update(rows=True), None, "holds rows True"),
+    "tokens as text": (lambda m: m.update(n_tokens="120"), None, "holds n_tokens '120'"),
+    "nan seconds": (lambda m: m.update(prefill_seconds=float("nan")), None, "holds prefill_seconds nan"),
+    "an unknown field": (lambda m: m.update(extra=1), None, "does not write (extra)"),
+    "a missing field": (lambda m: m.pop("chat"), None, "holds chat None"),
+    "another format": (lambda m: m.update(format="chunkkv-context-0"), None, "not in the format"),
+    "keep as text": (lambda m: m["config"].update(keep="0.1"), None, "setting keep '0.1'"),
+    "an id past the vocabulary": (lambda m: m["config"].update(special_ids=[256]), None, "setting special_ids [256]"),
+    "an unknown method": (lambda m: m["config"].update(method="magic"), None, "unknown method 'magic'"),
+    "a setting too many": (lambda m: m["config"].update(magic=1), None, "settings chunkkv does not write"),
+    "a fingerprint of numbers": (lambda m: m["fingerprint"].update(dtype=32), None, "fingerprint"),
+    "a layer too many": (lambda m: m.update(kept=m["kept"] * 2, slots=m["slots"] * 2), None, "holds 4 layers"),
+    "kept past the slots": (lambda m: m.update(kept=[s + 1 for s in m["slots"]]), None, "cache slots"),
+    "a tensor's shape": (None, lambda t: t.update({"layers.0.k": t["layers.0.k"][:, :, :-1]}), "holds layers.0.k as"),
+    "an extra tensor": (None, lambda t: t.update(extra=torch.zeros(1)), "does not list (['extra'])"),
+    "used past the kept": (None, lambda t: t["layers.1.used"].add_(1), "counters or positions of layer 1"),
+    "negative used": (None, lambda t: t["layers.0.used"].fill_(-5), "counters or positions of layer 0"),
+    "a position past the context": (None, lambda t: t["layers.0.pos"].fill_(120), "counters or positions"),
+    "a position below -1": (None, lambda t: t["layers.0.pos"][0, 0, 0].fill_(-2), "counters or positions"),
+    "another length": (None, lambda t: t["layers.1.length"].add_(1), "counters or positions of layer 1"),
+    "an id past the vocabulary ": (None, lambda t: t["tokens"].fill_(256), "outside the model's vocabulary"),
+    "text that is not UTF-8": (None, lambda t: t["text"].fill_(0xFF), "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_a_forged_file_out_of_bounds_is_refused(forgery, saved):
+    path, model, tokenizer = saved
+    meta, tensors, fragment = FORGERIES[forgery]
+    forge(path, meta, tensors)
+    refused(path, model, tokenizer, PromptError, fragment)
+
+
+def test_a_header_past_its_bound_is_refused_unread(saved, monkeypatch):
+    path, model, tokenizer = saved
+    data = path.read_bytes()
+    path.write_bytes((contexts.MAX_HEADER + 1).to_bytes(8, "little") + data[8:])
+    refused(path, model, tokenizer, PromptError, "no safetensors header")
