@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 import types
 from dataclasses import asdict, dataclass, fields
@@ -37,6 +38,7 @@ from tokenizer import CheckpointError
 FORMAT = "chunkkv-context-1"
 MAX_HEADER = 2 ** 23  # bytes of JSON a file's header may hold (8 MiB); chunkkv writes a few KiB
 SAMPLE = 4096  # values of each weight tensor the fingerprint reads
+A_CACHE_FILE = "pass a file that --save-cache or save_context wrote"  # the fix for what is none
 LAYER_TENSORS = ("k", "v", "pos", "used", "length")  # of KVCache.TENSORS: a compressed context keeps no queries
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I32": torch.int32,
           "I64": torch.int64, "U8": torch.uint8}  # safetensors' names of the dtypes a file may hold
@@ -209,27 +211,29 @@ def parse_json(path: Path, data: bytes | str):
     try:
         return json.loads(data)
     except (ValueError, RecursionError):  # also bytes that are not UTF-8, 5,000-digit numbers, deep nesting
-        raise refused(path, "is not a chunkkv cache (its header is not JSON)", "pass a file --save-cache wrote") from None
+        raise refused(path, "is not a chunkkv cache (its header is not JSON)", A_CACHE_FILE) from None
 
 
 def read_header(path: Path) -> tuple[dict, int]:
     """(the safetensors header, the bytes after it), reading at most 8 + MAX_HEADER bytes."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            n = int.from_bytes(f.read(8), "little")
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # non-blocking: a FIFO must not hang
+            mode, size = os.fstat(f.fileno())[stat.ST_MODE], os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little") if stat.S_ISREG(mode) else 0
             data = f.read(n) if 2 <= n <= MAX_HEADER else b""
     except FileNotFoundError:
         raise PromptError(f"cache file {path} does not exist: pass the file --save-cache wrote") from None
     except OSError as e:
         raise PromptError(f"cannot read cache file {path} ({e.strerror}): check the path") from None
+    if not stat.S_ISREG(mode):
+        raise refused(path, "is not a file", A_CACHE_FILE)
     if size < 8 or not 2 <= n <= MAX_HEADER:
-        raise refused(path, "is not a chunkkv cache (no safetensors header)", "pass a file --save-cache wrote")
+        raise refused(path, "is not a chunkkv cache (no safetensors header)", A_CACHE_FILE)
     if len(data) < n:
         raise refused(path, f"is truncated ({size} bytes, its header alone {n + 8})")
     header = parse_json(path, data)
     if type(header) is not dict:
-        raise refused(path, "is not a chunkkv cache (its header is no JSON object)", "pass a file --save-cache wrote")
+        raise refused(path, "is not a chunkkv cache (its header is no JSON object)", A_CACHE_FILE)
     return header, size - 8 - n
 
 
@@ -248,7 +252,7 @@ def metadata(path: Path, header: dict) -> tuple[str, dict]:
     stored = header.get("__metadata__")
     if type(stored) is not dict or not all(type(stored.get(key)) is str for key in ("chunkkv", "sha256")):
         raise refused(path, "is not a chunkkv cache (a safetensors file without chunkkv's metadata)",
-                      "pass a file --save-cache wrote")
+                      A_CACHE_FILE)
     meta = parse_json(path, stored["chunkkv"])
     if type(meta) is not dict or meta.get("format") != FORMAT:
         raise refused(path, f"is not in the format this chunkkv reads ({FORMAT}, it says "
@@ -266,8 +270,9 @@ def check_fingerprint(path: Path, saved: dict, own: dict[str, str]):
     if set(saved) != set(own) or not all(type(value) is str for value in saved.values()):
         raise refused(path, "holds a fingerprint chunkkv does not write")
     if saved["dtype"] != own["dtype"]:
-        raise CheckpointError(f"cache file {path} holds {shown(saved['dtype'])} K/V, the model runs in {own['dtype']}: "
-                              f"load the model in the dtype the file was saved in (--dtype), or compress the context again")
+        raise CheckpointError(f"cache file {path} holds {shown(saved['dtype'])} K/V, the model runs in "
+                              f"{own['dtype']}: load the model in the dtype the file was saved in (--dtype), or "
+                              "compress the context again")
     for key, differs in (("architecture", "its architecture differs"), ("tokenizer", "its tokenizer differs"),
                          ("weights", "its weights differ")):
         if saved[key] != own[key]:
@@ -293,7 +298,8 @@ def settings(path: Path, saved: dict, vocab_size: int) -> CompressionConfig:
         raise refused(path, "holds compression settings chunkkv does not write")
     for name, value in saved.items():
         if not any(fits(value, kind) for kind in declared[name]):
-            raise refused(path, f"holds the setting {name} {shown(value)}, not a {' or '.join(map(str, declared[name]))}")
+            kinds = " or ".join(kind.__name__ for kind in declared[name])
+            raise refused(path, f"holds the setting {name} {shown(value)}, not {kinds}")
     try:
         return CompressionConfig(**{name: tuple(v) if type(v) is list else v for name, v in saved.items()})
     except CompressionError as e:
@@ -318,9 +324,9 @@ def layout(path: Path, meta: dict, model: Transformer) -> dict[str, tuple[torch.
     if meta["text_bytes"] is not None:
         expected["text"] = (torch.uint8, (meta["text_bytes"],))
     for i, n in enumerate(kept):
-        expected.update({f"layers.{i}.k": (dtype, (*shape, n, args.head_dim)), f"layers.{i}.v": (dtype, (*shape, n, args.head_dim)),
-                         f"layers.{i}.pos": (torch.int32, (*shape, n)), f"layers.{i}.used": (torch.int64, (rows,)),
-                         f"layers.{i}.length": (torch.int64, (rows,))})
+        kv = (dtype, (*shape, n, args.head_dim))
+        expected.update({f"layers.{i}.k": kv, f"layers.{i}.v": kv, f"layers.{i}.pos": (torch.int32, (*shape, n)),
+                         f"layers.{i}.used": (torch.int64, (rows,)), f"layers.{i}.length": (torch.int64, (rows,))})
     return expected
 
 
@@ -336,8 +342,8 @@ def check_table(path: Path, header: dict, expected: dict, payload: int):
         raise refused(path, f"holds tensors its metadata does not list ({shown(sorted(set(table) - set(expected)))})")
     n_bytes = sum(math.prod(shape) * dtype.itemsize for dtype, shape in expected.values())
     if payload != n_bytes:
-        raise refused(path, f"is truncated ({payload} bytes of tensors, its header lists {n_bytes})" if payload < n_bytes
-                      else f"holds {payload - n_bytes} bytes more than its header lists")
+        raise refused(path, f"is truncated ({payload} bytes of tensors, its header lists {n_bytes})"
+                      if payload < n_bytes else f"holds {payload - n_bytes} bytes more than its header lists")
 
 
 
@@ -388,5 +394,5 @@ def restored(model: Transformer, tensors: dict[str, Tensor], meta: dict, config:
     prefill = Prefilled(lengths, [budgets] * rows, kept.T.tolist(), meta["prefill_seconds"], meta["compress_seconds"],
                         model.cache_bytes(), meta["kv_bytes_full"])
     free = min(model.free_slots(), model.args.max_seq_len - n_tokens)
-    return CompressedContext(n_tokens, free, model.snapshot(), prefill, config, tensors["tokens"].to(device, torch.long),
-                             text, meta["chat"])
+    tokens = tensors["tokens"].to(device, torch.long)
+    return CompressedContext(n_tokens, free, model.snapshot(), prefill, config, tokens, text, meta["chat"])

@@ -3,16 +3,18 @@ bit for bit as the one it was saved from, for every method; the file holds the k
 else; and a file that is missing, truncated, edited, forged or from another checkpoint, dtype or
 tokenizer is refused in one line before any cache is touched."""
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models
 
 import contexts
 from chunkkv import CompressionConfig
-from conftest import EVERY_METHOD, byte_tokenizer, greedy, tiny_model
+from cli import PASSKEY_QUESTION, passkey_prompt
+from conftest import EVERY_METHOD, assert_user_error, byte_tokenizer, cli, greedy, tiny_model, write_tiny_dir
 from generate import PromptError, answer, compress_context, load_context, save_context
 from tokenizer import CheckpointError
 
@@ -208,7 +210,13 @@ def test_what_is_no_cache_file_is_refused(saved, tmp_path, tiny_dir):
     n = int.from_bytes(data[:8], "little")
     (tmp_path / "notjson.kv").write_bytes(data[:8] + b"{" * n + data[8 + n:])
     refused(tmp_path / "notjson.kv", model, tokenizer, PromptError, "its header is not JSON")
-    refused(tmp_path, model, tokenizer, PromptError, "cannot read cache file")
+    refused(tmp_path, model, tokenizer, PromptError, "cannot read cache file", "Is a directory")
+    os.mkfifo(tmp_path / "fifo.kv")
+    refused(tmp_path / "fifo.kv", model, tokenizer, PromptError, "is not a file")  # and no wait for a writer
+    (tmp_path / "locked.kv").write_bytes(path.read_bytes())
+    (tmp_path / "locked.kv").chmod(0)
+    if os.geteuid() != 0:  # root reads it anyway
+        refused(tmp_path / "locked.kv", model, tokenizer, PromptError, "cannot read cache file", "Permission denied")
 
 
 def forge(path: Path, meta=None, tensors=None):
@@ -270,3 +278,152 @@ def test_a_header_past_its_bound_is_refused_unread(saved, monkeypatch):
     data = path.read_bytes()
     path.write_bytes((contexts.MAX_HEADER + 1).to_bytes(8, "little") + data[8:])
     refused(path, model, tokenizer, PromptError, "no safetensors header")
+
+
+# ---------------------------------------------------------------------------------------
+# The command line: save in one process, load and answer in another
+
+def answers(stdout: str) -> list[str]:
+    """The text of each answer a questions session printed."""
+    return [part.split("\n", 1)[1].split("\n---\n")[0].rstrip("\n") for part in stdout.split("--- question ")[1:]]
+
+
+CONTEXT = "The quick brown fox jumps over the lazy dog. It was a sunny day in the old town of Ur.\n" * 2
+
+
+def test_cli_save_then_load_in_other_processes_answers_as_one_process(tiny_dir, tmp_path):
+    (tmp_path / "context.txt").write_text(CONTEXT)
+    tiny = ("--checkpoint", str(tiny_dir), "--max-new-tokens", "8")
+    questions = ("--question", "Who jumps?", "--question", "What day was it?")
+    one = cli(*tiny, "--window", "8", "--context-file", str(tmp_path / "context.txt"), *questions)
+    assert one.returncode == 0, one.stderr
+    saving = cli(*tiny, "--window", "8", "--context-file", str(tmp_path / "context.txt"), "--save-cache",
+                 str(tmp_path / "c.kv"), process=True)
+    assert saving.returncode == 0, saving.stderr
+    assert f"Saved the compressed context to {tmp_path / 'c.kv'}" in saving.stdout and "--- question" not in saving.stdout
+    loading = cli(*tiny, "--load-cache", str(tmp_path / "c.kv"), *questions, process=True)
+    assert loading.returncode == 0, loading.stderr
+    assert f"Loaded the context compressed in {tmp_path / 'c.kv'}" in loading.stdout
+    assert len(answers(one.stdout)) == 2 and answers(loading.stdout) == answers(one.stdout)
+    assert "KV kept per layer 17 of 174" in loading.stdout and "KV kept per layer 17 of 174" in one.stdout
+    assert "in the run that saved" in loading.stdout and "2 questions answered from it" in loading.stdout
+
+
+def chat_dir(tiny_dir: Path) -> Path:
+    """The tiny checkpoint with a plain-text chat template (its tokenizer has no special tokens)."""
+    template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    (tiny_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return tiny_dir
+
+
+def test_cli_a_chat_context_is_asked_in_its_chat_format(tiny_dir, tmp_path):
+    checkpoint = str(chat_dir(tiny_dir))
+    (tmp_path / "context.txt").write_text(CONTEXT)
+    tiny = ("--checkpoint", checkpoint, "--max-new-tokens", "6")
+    one = cli(*tiny, "--window", "8", "--context-file", str(tmp_path / "context.txt"), "--question", "Who?")
+    assert one.returncode == 0 and ", chat template" in one.stdout, one.stderr
+    saving = cli(*tiny, "--window", "8", "--context-file", str(tmp_path / "context.txt"), "--question", "Who?",
+                 "--save-cache", str(tmp_path / "c.kv"))
+    assert saving.returncode == 0 and answers(saving.stdout) == answers(one.stdout), saving.stderr
+    loading = cli(*tiny, "--load-cache", str(tmp_path / "c.kv"), "--question", "Who?")
+    assert loading.returncode == 0 and ", chat template" in loading.stdout, loading.stderr
+    assert answers(loading.stdout) == answers(one.stdout)
+    assert_user_error(cli(*tiny, "--load-cache", str(tmp_path / "c.kv"), "--question", "Who?", "--no-chat"),
+                      "was compressed with the chat template: drop --no-chat")
+
+
+def merging_dir(path: Path) -> Path:
+    """A tiny checkpoint whose tokenizer merges "\\n\\n" into one token (id 255 instead of byte ÿ)."""
+    write_tiny_dir(path)
+    tokenizer = byte_tokenizer()
+    vocab = {token: i for token, i in tokenizer.get_vocab().items() if i != 255} | {"ĊĊ": 255}
+    merging = Tokenizer(models.BPE(vocab, [("Ċ", "Ċ")]))
+    merging.pre_tokenizer, merging.decoder = tokenizer.pre_tokenizer, tokenizer.decoder
+    merging.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_cli_a_question_that_joins_the_saved_contexts_last_token_is_refused(tmp_path):
+    checkpoint = str(merging_dir(tmp_path / "tiny"))
+    (tmp_path / "context.txt").write_text(CONTEXT)
+    saving = cli("--checkpoint", checkpoint, "--window", "8", "--max-new-tokens", "8", "--context-file",
+                 str(tmp_path / "context.txt"), "--save-cache", str(tmp_path / "c.kv"))
+    assert saving.returncode == 0, saving.stderr
+    load = ("--checkpoint", checkpoint, "--load-cache", str(tmp_path / "c.kv"), "--max-new-tokens", "4")
+    assert cli(*load, "--question", "Who?").returncode == 0
+    # the context ends in "\n": before "\n\nWho?" its newline and the question's first make one "\n\n" token
+    assert_user_error(cli(*load, "--question", "\n\nWho?"), "is tokenized otherwise than when it was saved")
+
+
+def other_weights(tiny_dir: Path, path: Path) -> Path:
+    """The tiny checkpoint with one weight tensor changed a little."""
+    write_tiny_dir(path)
+    weights = load_file(path / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01
+    save_file(weights, path / "model.safetensors")
+    return path
+
+
+def test_cli_refuses_what_it_cannot_load_in_one_line(tiny_dir, tmp_path):
+    (tmp_path / "context.txt").write_text(CONTEXT)
+    file = str(tmp_path / "c.kv")
+    assert cli("--checkpoint", str(tiny_dir), "--window", "8", "--max-new-tokens", "8", "--dtype", "float32",
+               "--context-file", str(tmp_path / "context.txt"), "--save-cache", file).returncode == 0
+    load = ("--load-cache", file, "--question", "Who?", "--dtype", "float32")
+    tiny = ("--checkpoint", str(tiny_dir))
+    assert_user_error(cli(*tiny, "--load-cache", str(tmp_path / "none.kv"), "--question", "Who?"), "does not exist")
+    assert_user_error(cli(*tiny, "--load-cache", str(tiny_dir / "config.json"), "--question", "Who?"),
+                      "is not a chunkkv cache")
+    assert_user_error(cli(*tiny, *load[:-1], "bfloat16"), "holds 'float32' K/V, the model runs in bfloat16")
+    assert_user_error(cli("--checkpoint", str(other_weights(tiny_dir, tmp_path / "other")), *load),
+                      "another checkpoint (its weights differ)")
+    tokenizer = json.loads((tiny_dir / "tokenizer.json").read_text())
+    tokenizer["added_tokens"] = [{"id": 0, "content": "<s>", "single_word": False, "lstrip": False, "rstrip": False,
+                                  "normalized": False, "special": True}]
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (tmp_path / "other" / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    assert_user_error(cli("--checkpoint", str(tmp_path / "other"), *load), "another checkpoint (its tokenizer differs)")
+    assert_user_error(cli(*tiny, *load, "--max-new-tokens", "200"), "cache slots", "left 79 free")  # 96 slots beside 17 kept
+    data = Path(file).read_bytes()
+    Path(file).write_bytes(data[:-3])
+    assert_user_error(cli(*tiny, *load), "is truncated")
+    Path(file).write_bytes(data[:-3] + bytes([data[-3] ^ 1]) + data[-2:])
+    assert_user_error(cli(*tiny, *load), "fails its checksum")
+
+
+def test_cli_flags_that_cannot_reach_a_loaded_cache_are_refused_before_loading(tmp_path, capsys):
+    import cli as cli_module
+    cases = [(["--load-cache", "c.kv"], "--load-cache needs questions"),
+             (["--load-cache", "c.kv", "--question", "Q", "--keep", "0.2"], "drop --keep"),
+             (["--load-cache", "c.kv", "--question", "Q", "--method", "snapkv", "--per-head"], "drop --method, --per-head"),
+             (["--load-cache", "c.kv", "--question", "Q", "--window", "8"], "drop --window"),
+             (["--load-cache", "c.kv", "--question", "Q", "--save-cache", "d.kv"], "drop --save-cache"),
+             (["--load-cache", "c.kv", "--question", "Q", "--compile-prefill"], "drop --compile-prefill"),
+             (["--load-cache", "c.kv", "--question", "Q", "--cache-budget", "64"], "--cache-budget re-compresses"),
+             (["--load-cache", "c.kv", "--context-file", "x.txt", "--question", "Q"], "not allowed with argument"),
+             (["--load-cache", "c.kv", "--prompt", "hi"], "not allowed with argument"),
+             (["--save-cache", "c.kv", "--prompt", "hi"], "--save-cache saves a context compressed before"),
+             (["--save-cache", "c.kv", "--interactive"], "--save-cache saves a context compressed before")]
+    for argv, fragment in cases:
+        with pytest.raises(SystemExit) as exit_:
+            cli_module.parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and fragment in err[0], (argv, err)
+    assert cli_module.session(cli_module.parse_args(["--save-cache", "c.kv"])) == "questions"  # the demo's context
+    assert_user_error(cli("--save-cache", str(tmp_path / "missing" / "c.kv"), "--checkpoint", "/nonexistent"),
+                      "does not exist or is not writable")  # before the checkpoint is even looked for
+
+
+# ---------------------------------------------------------------------------------------
+# The real default model, end to end
+
+@pytest.mark.model
+def test_cli_the_pass_key_demo_from_a_cache_saved_by_another_process(tmp_path):
+    file = str(tmp_path / "demo.kv")
+    saving = cli("--save-cache", file, "--keep", "0.3", process=True)
+    assert saving.returncode == 0, saving.stderr
+    loading = cli("--load-cache", file, "--question", PASSKEY_QUESTION, process=True)
+    assert loading.returncode == 0, loading.stderr
+    _, key = passkey_prompt(seed=0)
+    assert key in answers(loading.stdout)[0] and "(30.0 %), 30 layers" in loading.stdout
+    assert os.path.getsize(file) < 1.05 * 2 * 30 * 3 * 64 * 4 * round(0.3 * 1985)  # float32 K/V of 3 KV heads of 64
