@@ -169,7 +169,7 @@ def test_a_truncated_file_is_refused(cut, saved):
     data = path.read_bytes()
     header = 8 + int.from_bytes(data[:8], "little")
     path.write_bytes(data[:header - 10] if cut == "header" else data[:cut])
-    refused(path, model, tokenizer, PromptError, "truncated" if cut not in (4,) else "not a chunkkv cache")
+    refused(path, model, tokenizer, PromptError, "is truncated (" if cut != 4 else "is not a chunkkv cache")
 
 
 @pytest.mark.parametrize("where", ["tensors", "last byte", "metadata"])
@@ -384,6 +384,10 @@ def test_cli_refuses_what_it_cannot_load_in_one_line(tiny_dir, tmp_path):
     (tmp_path / "other" / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
     assert_user_error(cli("--checkpoint", str(tmp_path / "other"), *load), "another checkpoint (its tokenizer differs)")
     assert_user_error(cli(*tiny, *load, "--max-new-tokens", "200"), "cache slots", "left 79 free")  # 96 slots beside 17 kept
+    forge(Path(file), lambda m: m.update(text_bytes=3000), lambda t: t.update(text=torch.full((3000,), 120, dtype=torch.uint8)))
+    assert_user_error(cli(*tiny, *load), "is 3,000 bytes, more than the model's context can hold")  # before tokenizing
+    assert cli("--checkpoint", str(tiny_dir), "--window", "8", "--max-new-tokens", "8", "--dtype", "float32",
+               "--context-file", str(tmp_path / "context.txt"), "--save-cache", file).returncode == 0
     data = Path(file).read_bytes()
     Path(file).write_bytes(data[:-3])
     assert_user_error(cli(*tiny, *load), "is truncated")
