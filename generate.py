@@ -17,7 +17,7 @@ from torch import Tensor
 
 import cli
 from chunkkv import RECOMPRESSIBLE, CompressionConfig, CompressionError
-from contexts import CompressedContext, Prefilled, load_context, save_context
+from contexts import CompressedContext, Prefilled, load_context, save_context  # load_context: for the API
 from model import CacheRequest, PromptError, Transformer, synchronize
 from registry import check_device, load, resolve
 from tokenizer import CheckpointError, chat_format

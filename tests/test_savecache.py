@@ -4,6 +4,7 @@ else; and a file that is missing, truncated, edited, forged or from another chec
 tokenizer is refused in one line before any cache is touched."""
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,9 @@ def test_a_saved_cache_keeps_what_compression_left_after_questions_were_asked(tm
     loaded = load_context(tmp_path / "c.kv", fresh, tokenizer)
     asked(fresh, loaded, q1)
     assert all(torch.equal(a, b) for a, b in zip(asked(fresh, loaded, q2), alone))
+    compressed(model)  # the caches move on: the first context is gone
+    with pytest.raises(PromptError, match="compress the context again"):
+        save_context(tmp_path / "c.kv", model, tokenizer, context)
 
 
 def test_the_file_is_the_kept_kv_and_little_more(tmp_path):
@@ -152,7 +156,8 @@ def saved(tmp_path):
 def refused(path, model, tokenizer, error, *fragments):
     """load_context raises `error` with one line holding `fragments`, and the caches are untouched."""
     def state():
-        return [(c.fills, *(None if t is None else t.clone() for t in (c.k, c.v, c.pos, c.used))) for c in model.caches()]
+        tensors = lambda c: (c.k, c.v, c.pos, c.used)  # noqa: E731
+        return [(c.fills, *(None if t is None else t.clone() for t in tensors(c))) for c in model.caches()]
     before = state()
     with pytest.raises(error) as raised:
         load_context(path, model, tokenizer)
@@ -300,7 +305,8 @@ def test_cli_save_then_load_in_other_processes_answers_as_one_process(tiny_dir, 
     saving = cli(*tiny, "--window", "8", "--context-file", str(tmp_path / "context.txt"), "--save-cache",
                  str(tmp_path / "c.kv"), process=True)
     assert saving.returncode == 0, saving.stderr
-    assert f"Saved the compressed context to {tmp_path / 'c.kv'}" in saving.stdout and "--- question" not in saving.stdout
+    assert f"Saved the compressed context to {tmp_path / 'c.kv'}" in saving.stdout
+    assert "--- question" not in saving.stdout
     loading = cli(*tiny, "--load-cache", str(tmp_path / "c.kv"), *questions, process=True)
     assert loading.returncode == 0, loading.stderr
     assert f"Loaded the context compressed in {tmp_path / 'c.kv'}" in loading.stdout
@@ -383,8 +389,9 @@ def test_cli_refuses_what_it_cannot_load_in_one_line(tiny_dir, tmp_path):
     (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(tokenizer))
     (tmp_path / "other" / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
     assert_user_error(cli("--checkpoint", str(tmp_path / "other"), *load), "another checkpoint (its tokenizer differs)")
-    assert_user_error(cli(*tiny, *load, "--max-new-tokens", "200"), "cache slots", "left 79 free")  # 96 slots beside 17 kept
-    forge(Path(file), lambda m: m.update(text_bytes=3000), lambda t: t.update(text=torch.full((3000,), 120, dtype=torch.uint8)))
+    assert_user_error(cli(*tiny, *load, "--max-new-tokens", "200"), "left 79 free")  # 96 slots beside 17 kept
+    forge(Path(file), lambda m: m.update(text_bytes=3000),
+          lambda t: t.update(text=torch.full((3000,), ord("x"), dtype=torch.uint8)))
     assert_user_error(cli(*tiny, *load), "is 3,000 bytes, more than the model's context can hold")  # before tokenizing
     assert cli("--checkpoint", str(tiny_dir), "--window", "8", "--max-new-tokens", "8", "--dtype", "float32",
                "--context-file", str(tmp_path / "context.txt"), "--save-cache", file).returncode == 0
@@ -399,7 +406,8 @@ def test_cli_flags_that_cannot_reach_a_loaded_cache_are_refused_before_loading(t
     import cli as cli_module
     cases = [(["--load-cache", "c.kv"], "--load-cache needs questions"),
              (["--load-cache", "c.kv", "--question", "Q", "--keep", "0.2"], "drop --keep"),
-             (["--load-cache", "c.kv", "--question", "Q", "--method", "snapkv", "--per-head"], "drop --method, --per-head"),
+             (["--load-cache", "c.kv", "--question", "Q", "--method", "snapkv", "--per-head"],
+              "drop --method, --per-head"),
              (["--load-cache", "c.kv", "--question", "Q", "--window", "8"], "drop --window"),
              (["--load-cache", "c.kv", "--question", "Q", "--save-cache", "d.kv"], "drop --save-cache"),
              (["--load-cache", "c.kv", "--question", "Q", "--compile-prefill"], "drop --compile-prefill"),
@@ -423,11 +431,13 @@ def test_cli_flags_that_cannot_reach_a_loaded_cache_are_refused_before_loading(t
 
 @pytest.mark.model
 def test_cli_the_pass_key_demo_from_a_cache_saved_by_another_process(tmp_path):
-    file = str(tmp_path / "demo.kv")
-    saving = cli("--save-cache", file, "--keep", "0.3", process=True)
-    assert saving.returncode == 0, saving.stderr
-    loading = cli("--load-cache", file, "--question", PASSKEY_QUESTION, process=True)
+    """The default model: the demo's context compressed and asked in one process, saved, loaded and asked
+    again in another; the same answer, with the key, from a file within 5 % of the kept float32 K/V."""
+    file, ask = tmp_path / "demo.kv", ("--question", PASSKEY_QUESTION, "--max-new-tokens", "16", "--dtype", "float32")
+    saving = cli("--save-cache", str(file), "--keep", "0.3", *ask, process=True)
+    assert saving.returncode == 0 and "found in the answer to question 1" in saving.stdout, saving.stderr
+    loading = cli("--load-cache", str(file), *ask, process=True)
     assert loading.returncode == 0, loading.stderr
-    _, key = passkey_prompt(seed=0)
-    assert key in answers(loading.stdout)[0] and "(30.0 %), 30 layers" in loading.stdout
-    assert os.path.getsize(file) < 1.05 * 2 * 30 * 3 * 64 * 4 * round(0.3 * 1985)  # float32 K/V of 3 KV heads of 64
+    assert answers(loading.stdout) == answers(saving.stdout) and passkey_prompt(seed=0)[1] in answers(loading.stdout)[0]
+    kept = int(re.search(r"KV kept per layer (\d+) of", loading.stdout)[1])
+    assert file.stat().st_size <= 1.05 * kept * 30 * 3 * 64 * 2 * 4  # layers, KV heads, head dim, K and V, float32
