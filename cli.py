@@ -6,12 +6,14 @@ import json
 import random
 import string
 import sys
+import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
 from chunkkv import METHODS, RECOMPRESSIBLE, CompressionConfig
+from contexts import CompressedContext, check_writable, load_context
 from model import PromptError
 from registry import CHECKPOINTS, DEFAULT, describe
 from tokenizer import Encoded, check_text, encode_text, split_text
@@ -46,12 +48,16 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     source.add_argument("--prompts-jsonl", help="a batch of prompts, one per line: a JSON string or {\"prompt\": ...}")
     source.add_argument("--context-file", help="questions about one context (query-agnostic: compressed once, before "
                                                "any question), a UTF-8 file; default: the pass-key demo's context")
+    source.add_argument("--load-cache", help="questions about a context compressed earlier and saved with "
+                                             "--save-cache: the context, its compression and --chat come from the file")
     source.add_argument("--interactive", action="store_true",
                         help="chat: one user turn per line of stdin (works from a pipe), one cache for the whole "
                              "conversation kept within --cache-budget (default 256 new tokens a reply)")
     prompt.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="wrap prompts in the checkpoint's chat template (default: on when the checkpoint has one "
                              "or ChatML tokens, off for the demo)")
+    prompt.add_argument("--save-cache", help="save the compressed --context-file (or the demo's context) to this file, "
+                                             "for --load-cache; questions are then optional")
     asked = parser.add_argument_group("questions about --context-file or the demo's context, answered from one "
                                       "compression").add_mutually_exclusive_group()
     asked.add_argument("--question", action="append", help="a question about the context; repeat for more")
@@ -81,7 +87,8 @@ def session(args: argparse.Namespace) -> str:
     """Which session the arguments ask for: single, batch, questions or interactive."""
     if args.interactive:
         return "interactive"
-    if args.question is not None or args.questions_file is not None or args.context_file is not None:
+    if any(x is not None for x in (args.question, args.questions_file, args.context_file, args.load_cache,
+                                   args.save_cache)):
         return "questions"
     return "batch" if args.prompts_jsonl is not None or len(args.prompt_file or []) > 1 else "single"
 
@@ -99,8 +106,14 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                                                                             args.prompts_jsonl):
         fail("questions are asked about --context-file (or the pass-key demo's context), not about "
              "--prompt/--prompt-file/--prompts-jsonl: use --context-file")
-    if args.context_file is not None and args.question is None and args.questions_file is None:
-        fail("--context-file needs questions: add --question Q (repeatable) or --questions-file F")
+    asked = args.question is not None or args.questions_file is not None
+    if args.context_file is not None and not asked and args.save_cache is None:
+        fail("--context-file needs questions: add --question Q (repeatable) or --questions-file F, or --save-cache F")
+    if args.load_cache is not None:
+        check_load_flags(args, asked)
+    if args.save_cache is not None and (args.prompt or args.prompt_file or args.prompts_jsonl or args.interactive):
+        fail("--save-cache saves a context compressed before its questions: use --context-file (or no source: the "
+             "demo's context)")
     if args.cache_budget is not None and kind in ("batch", "questions"):
         fail(f"--cache-budget re-compresses one growing cache, for a single prompt or --interactive; "
              f"{'a batch of prompts' if kind == 'batch' else 'questions about one compressed context'} cannot "
@@ -111,6 +124,19 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     if args.cache_budget is not None and args.keep is not None:
         fail("--keep is a fraction of the prompt; a re-compressed cache needs an absolute --budget (or none)")
     return args
+
+
+UNLOADED = {"method": "chunkkv", "keep": None, "budget": None, "chunk": 10, "window": 32, "reuse": 1, "per_head": False,
+            "recovery": 0.9, "save_cache": None, "compile_prefill": False}  # their defaults: what --load-cache refuses
+
+
+def check_load_flags(args: argparse.Namespace, asked: bool):
+    """--load-cache answers questions from the compression the file holds, without a prefill: it needs
+    questions, and the flags that would compress, prefill or save are refused, never ignored."""
+    if not asked:
+        fail("--load-cache needs questions: add --question Q (repeatable) or --questions-file F")
+    if given := [f"--{name.replace('_', '-')}" for name, default in UNLOADED.items() if getattr(args, name) != default]:
+        fail(f"--load-cache answers from the compression saved in {args.load_cache}: drop {', '.join(given)}")
 
 
 def fit_cache_budget(args: argparse.Namespace, context: int):
@@ -140,10 +166,11 @@ def fail(message: str):
     sys.exit(2)
 
 
-
 # ---------------------------------------------------------------------------------------
 # Prompts
 
+SAVED_QUESTION = 64  # --save-cache: cache slots kept for a later question at least, beside --max-new-tokens
+STAND_IN = "Question"  # --save-cache without questions: the context is cut as before a question starting with a word
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
@@ -177,6 +204,12 @@ def read_inputs(args: argparse.Namespace, kind: str) -> tuple[str, str | None, l
             check_text(value, f"--{flag.replace('_', '-')}")
     questions = read_questions(args.question, args.questions_file)
     batch = read_batch(args.prompt_file, args.prompts_jsonl) if kind == "batch" else None
+    if args.save_cache is not None:
+        check_writable(args.save_cache)
+    if args.load_cache is not None:  # the context comes from the file, once the model is loaded
+        if not Path(args.load_cache).is_file():
+            raise PromptError(f"cache file {args.load_cache} does not exist: pass the file --save-cache wrote")
+        return "", None, questions, None
     if kind == "single" and (args.prompt is not None or args.prompt_file):
         text = args.prompt if args.prompt is not None else read_file(args.prompt_file[0])
         if not text.strip():  # before any chat template wraps it into something non-empty
@@ -187,6 +220,39 @@ def read_inputs(args: argparse.Namespace, kind: str) -> tuple[str, str | None, l
     if kind in ("single", "questions"):
         return (*passkey_prompt(seed=args.seed, question=kind == "single"), questions, None)
     return "", None, None, batch
+
+
+def load_cache(args: argparse.Namespace, model, tokenizer: Tokenizer) -> CompressedContext:
+    """--load-cache: the saved context (contexts.load_context), its text within what the model's context
+    holds, saved with the chat setting --chat/--no-chat asks for, if given; prints how long it took."""
+    start = time.perf_counter()
+    loaded = load_context(args.load_cache, model, tokenizer)
+    seconds = time.perf_counter() - start
+    if loaded.text is None or loaded.tokens.shape[0] != 1:
+        raise PromptError(f"cache file {args.load_cache} holds {loaded.tokens.shape[0]} contexts"
+                          f"{' without their text' if loaded.text is None else ''} (save_context's): the command line "
+                          "answers from one context saved with its text (--save-cache); use the Python API")
+    if args.chat is not None and args.chat != loaded.chat:
+        raise PromptError(f"cache file {args.load_cache} was compressed {'with' if loaded.chat else 'without'} the "
+                          f"chat template: drop --{'' if args.chat else 'no-'}chat")
+    check_size(loaded.text, max_text_bytes(tokenizer, model.args.max_seq_len), args.load_cache)
+    print(f"Loaded the context compressed in {args.load_cache} in {seconds:.2f} s: {loaded.n_tokens} tokens"
+          f"{', chat template' if loaded.chat else ''}, compressed once, without the questions; "
+          f"{loaded.free_slots} cache slots free for each question and its answer.", flush=True)
+    return loaded
+
+
+def check_loaded(path: str, loaded: CompressedContext, ids: list[int], room: int, max_new_tokens: int):
+    """The questions cut the loaded context's text where the saving run did (so each gets the ids it
+    would get in one process), and each with its answer fits in the slots the file left free."""
+    if ids != loaded.tokens[0].tolist():
+        raise PromptError(f"with these questions the context of {path} is tokenized otherwise than when it was saved "
+                          "(a question starting with a space or a newline joins its last tokens): start each "
+                          "question with a word, or compress the context again with them (--context-file)")
+    if room > loaded.free_slots:
+        raise PromptError(f"the longest question of {room - max_new_tokens} tokens + {max_new_tokens} new tokens need "
+                          f"{room} cache slots, {path} left {loaded.free_slots} free: lower --max-new-tokens, or save "
+                          "the cache again with a larger --max-new-tokens")
 
 
 def read_file(path: str, what: str = "prompt file") -> str:
@@ -395,12 +461,15 @@ def record_summary(record, config: CompressionConfig, n_layers: int, cache_budge
     return "\n".join(lines)
 
 
-def questions_summary(prefill, records: list, asks: list, config: CompressionConfig, n_layers: int) -> str:
-    """The one compression, then per question its tokens, extend time and decode speed."""
+def questions_summary(prefill, records: list, asks: list, config: CompressionConfig, n_layers: int,
+                      loaded: str | None = None) -> str:
+    """The one compression (that of the `loaded` file, if one), then per question its tokens, extend
+    time and decode speed."""
     steps = [s for record in records for s in record.step_seconds]
+    where = f" (in the run that saved {loaded})" if loaded is not None else ""
     lines = [summary(config, n_layers, prefill, sum(r.tokens.shape[1] for r in records), steps),
-             f"setting           query-agnostic: the context was prefilled and compressed once, "
-             f"{len(records)} question{'s' if len(records) > 1 else ''} answered from it"]
+             f"setting           query-agnostic: the context was prefilled and compressed once{where}, "
+             f"{len(records)} question{'s' if len(records) != 1 else ''} answered from it"]
     for i, (record, ask) in enumerate(zip(records, asks), start=1):
         steps = record.step_seconds if i > 1 else [0.0] + record.step_seconds[1:]  # only the first may compile
         lines.append(f"question {i:<8} {ask.shape[1]} tokens, extend {record.extend_seconds:.3f} s; "

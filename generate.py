@@ -17,6 +17,7 @@ from torch import Tensor
 
 import cli
 from chunkkv import RECOMPRESSIBLE, CompressionConfig, CompressionError
+from contexts import CompressedContext, Prefilled, load_context, save_context  # load_context: for the API
 from model import CacheRequest, PromptError, Transformer, synchronize
 from registry import check_device, load, resolve
 from tokenizer import CheckpointError, chat_format
@@ -70,18 +71,6 @@ def compile_decode(model: Transformer):
 
 # ---------------------------------------------------------------------------------------
 # Records: what a call did
-
-@dataclass
-class Prefilled:
-    """What the prefill and compression of a batch of prompts did."""
-    lengths: list[int]  # each row's prompt tokens
-    budgets: list[list[int]]  # [row][layer] prompt entries the method may keep
-    kept: list[list[float]]  # [row][layer] prompt entries kept (mean over KV heads), asked from the caches
-    prefill_seconds: float  # the whole prefill, compression included
-    compress_seconds: float  # scoring, selection and gather, all layers
-    kv_bytes: int  # the caches as allocated (K, V, positions; slots for new tokens included)
-    kv_bytes_full: int  # the same caches without compression
-
 
 @dataclass
 class Record:
@@ -289,16 +278,6 @@ def extend_all(model: Transformer, tokens: Tensor, recompression: Recompression)
 # ---------------------------------------------------------------------------------------
 # Compress once, ask many (query-agnostic)
 
-@dataclass
-class CompressedContext:
-    """A context compressed once, before any question: the caches' state right after, and what it cost.
-    The caches live in the model: a later prefill or compression on it invalidates this."""
-    n_tokens: int  # context tokens T
-    free_slots: int  # cache slots left for each question and its answer
-    snapshot: list  # model.snapshot() right after compression
-    prefill: Prefilled
-
-
 @torch.no_grad()
 def compress_context(model: Transformer, context: Tensor, compression: CompressionConfig = CompressionConfig(),
                      max_new_tokens: int = 256, n_slots: int | None = None) -> CompressedContext:
@@ -310,7 +289,7 @@ def compress_context(model: Transformer, context: Tensor, compression: Compressi
     prompt, lengths = batch_prompts(context, None, model)
     _, prefilled = prefill_and_compress(model, prompt, lengths, compression, max_new_tokens, n_slots)
     free = min(model.free_slots(), model.args.max_seq_len - prompt.shape[1])
-    return CompressedContext(prompt.shape[1], free, model.snapshot(), prefilled)
+    return CompressedContext(prompt.shape[1], free, model.snapshot(), prefilled, compression, prompt)
 
 
 @torch.no_grad()
@@ -384,23 +363,38 @@ def run_batch(model, tokenizer, config, args, batch: list[tuple[str, str]], chat
     return 0
 
 
-def run_questions(model, tokenizer, config, args, context: str, questions: list[str], key: str | None, chat,
-                  decode) -> int:
-    """Query-agnostic: compress the context once, answer each question from it."""
+def run_questions(model, tokenizer, config, args, context: str, questions: list[str] | None, key: str | None, chat,
+                  decode, loaded: CompressedContext | None = None) -> int:
+    """Query-agnostic: compress the context once (or take the one --load-cache `loaded`), save it
+    (--save-cache), answer each question from it."""
+    context, config = (loaded.text, loaded.config) if loaded is not None else (context, config)
     if not context.strip():
         raise PromptError("the context is empty: put some text in --context-file")
-    encoded, asks = cli.split_prompt(tokenizer, context, questions, chat)
+    encoded, asks = cli.split_prompt(tokenizer, context, questions or [cli.STAND_IN], chat)
     asks, max_new_tokens = [torch.tensor([ids]) for ids in asks], args.max_new_tokens or (16 if key else 64)
     room = max(ids.shape[1] for ids in asks) + max_new_tokens  # slots each question + answer needs
-    model.check_room(len(encoded.ids) + room, f"the context of {len(encoded.ids)} tokens + the longest question of "
-                     f"{room - max_new_tokens} + {max_new_tokens} new tokens", "shorten them or lower --max-new-tokens")
-    config.layer_budgets(len(encoded.ids), model.args.n_layers)  # an impossible budget: fail before printing
-    what = f"the pass-key demo's context (key {key})" if key is not None else f"context from {args.context_file}"
-    print(f"Compressing {what}, {len(encoded.ids)} tokens{', chat template' if chat else ''}, once, "
-          f"without the questions; then {len(questions)} question{'s' if len(questions) > 1 else ''}.")
-    compressed = compress_context(model, torch.tensor([encoded.ids]), config, room)
+    compressed = loaded
+    if compressed is not None:
+        cli.check_loaded(args.load_cache, compressed, encoded.ids, room, max_new_tokens)
+    else:
+        if args.save_cache is not None:  # room for the questions of later runs too
+            room = max(room, cli.SAVED_QUESTION + max_new_tokens)
+        model.check_room(len(encoded.ids) + room, f"the context of {len(encoded.ids)} tokens + the longest question "
+                         f"of {room - max_new_tokens} + {max_new_tokens} new tokens",
+                         "shorten them or lower --max-new-tokens")
+        config.layer_budgets(len(encoded.ids), model.args.n_layers)  # an impossible budget: fail before printing
+        what = f"the pass-key demo's context (key {key})" if key is not None else f"context from {args.context_file}"
+        then = f"; then {len(questions)} question{'s' if len(questions) > 1 else ''}" if questions else ""
+        print(f"Compressing {what}, {len(encoded.ids)} tokens{', chat template' if chat else ''}, once, "
+              f"without the questions{then}.")
+        compressed = replace(compress_context(model, torch.tensor([encoded.ids]), config, room), text=context,
+                             chat=chat is not None)
+        if args.save_cache is not None:
+            n_bytes = save_context(args.save_cache, model, tokenizer, compressed)
+            print(f"Saved the compressed context to {args.save_cache} ({n_bytes / 2 ** 20:.2f} MiB); ask it questions "
+                  f"with --load-cache {args.save_cache}", flush=True)
     answers, records = [], []
-    for i, (question, ids) in enumerate(zip(questions, asks), start=1):
+    for i, (question, ids) in enumerate(zip(questions or [], asks), start=1):
         print(f"--- question {i}: {question.strip()} ---")
         stream = cli.TextStream(tokenizer)
         records.append(answer(model, compressed, ids, max_new_tokens, args.temperature, args.top_k, args.stop_ids,
@@ -408,8 +402,9 @@ def run_questions(model, tokenizer, config, args, context: str, questions: list[
         stream.flush()
         answers.append(stream.printed)
         print()
-    print("---\n" + cli.questions_summary(compressed.prefill, records, asks, config, model.args.n_layers))
-    if key is not None:
+    print("---\n" + cli.questions_summary(compressed.prefill, records, asks, config, model.args.n_layers,
+                                        args.load_cache))
+    if key is not None and questions:
         print(cli.passkey_report(model, config, encoded, key, answers))
     return 0
 
@@ -479,7 +474,9 @@ def main(argv=None) -> int:
             special, punctuation = cli.fastgen_token_ids(tokenizer)
             config = replace(config, special_ids=special, punctuation_ids=punctuation)
         chat_form = chat_format(checkpoint_path)
-        chat = chat_form if (args.chat if args.chat is not None else key is None and chat_form.template) else None
+        loaded = cli.load_cache(args, model, tokenizer) if args.load_cache is not None else None  # its --chat wins
+        wrap = args.chat if args.chat is not None else key is None and chat_form.template
+        chat = chat_form if (loaded.chat if loaded else wrap) else None
         args.stop_ids = chat_form.stop_ids
         torch.manual_seed(args.seed)
         decode = compile_decode(model) if args.compile else None
@@ -490,7 +487,7 @@ def main(argv=None) -> int:
         if kind == "batch":
             return run_batch(model, tokenizer, config, args, batch, chat, decode)
         if kind == "questions":
-            return run_questions(model, tokenizer, config, args, text, questions, key, chat, decode)
+            return run_questions(model, tokenizer, config, args, text, questions, key, chat, decode, loaded)
         return run_one(model, tokenizer, config, args, text, key, chat, decode)
     except (CompressionError, CheckpointError, PromptError) as e:
         cli.fail(str(e))

@@ -14,8 +14,8 @@ import bench
 import cli
 from conftest import ROOT
 
-DOCUMENTS = ["README.md", "docs/results.md", "docs/engines.md"]
-MODULES = ["chunkkv", "model", "templates", "tokenizer", "checkpoint", "registry", "cli", "generate"]  # the import order
+DOCUMENTS = ["README.md", "docs/results.md", "docs/engines.md", "docs/saved-caches.md"]
+MODULES = ["chunkkv", "model", "templates", "tokenizer", "checkpoint", "registry", "contexts", "cli", "generate"]  # the import order
 CITABLE = MODULES + ["bench", "benchmarks"]
 
 
@@ -29,11 +29,12 @@ def test_the_readme_is_short():
 
 def test_the_security_section_states_the_bounds_the_code_enforces():
     import checkpoint
+    import contexts
     import templates
     section = text("README.md").split("## Security")[1].split("\n## ")[0].replace("\n  ", " ")
     for bound in (f"{templates.TEMPLATE_SECONDS:g} s", f"{templates.TEMPLATE_GROWTH_MB} MiB",
                   f"{templates.TEMPLATE_CHARS:,} characters", f"past 10^{len(str(templates.MAX_ARGUMENT)) - 1}",
-                  f"2^{checkpoint.MAX_SIZE.bit_length()}-1"):
+                  f"2^{checkpoint.MAX_SIZE.bit_length()}-1", f"at most {contexts.MAX_HEADER // 2 ** 20} MiB"):
         assert bound in section, bound
     assert templates.MAX_ARGUMENT == 10 ** (len(str(templates.MAX_ARGUMENT)) - 1)
     assert checkpoint.MAX_SIZE == 2 ** checkpoint.MAX_SIZE.bit_length() - 1
@@ -136,7 +137,7 @@ def test_no_generic_module_is_installed(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["chunkkv.py", "model.py", "generate.py", "cli.py", "tokenizer.py", "checkpoint.py",
-                                  "registry.py", "bench.py"])
+                                  "registry.py", "contexts.py", "bench.py"])
 def test_no_library_file_passes_500_lines_nor_a_function_60(path):
     source = (ROOT / path).read_text()
     assert len(source.splitlines()) <= 500
