@@ -30,6 +30,11 @@ class CompressionError(ValueError):
 
 @dataclass(frozen=True)
 class CompressionConfig:
+    """What each layer keeps of a prompt. chunkkv's own runs refuse a budget with no room beside the
+    window (or the sinks). A host such as kvpress asks any ratio of any length: with host=True nothing
+    is refused and the host rule applies instead: a budget of `window` or less keeps the last `budget`
+    tokens (streaming: of `n_sinks` or less, the first), a prompt within the window is compressed
+    like any other, and full and fastgen ignore keep/budget (they choose their own counts)."""
     method: str = "chunkkv"  # a key of METHODS
     keep: float | None = None  # fraction of the prompt's KV entries kept per layer (default 0.1: keeps 10 %)
     budget: int | None = None  # or an absolute count of prompt entries per layer, window included
@@ -43,12 +48,13 @@ class CompressionConfig:
     recovery: float = 0.9  # fastgen: attention mass each head's policy must recover
     special_ids: tuple[int, ...] = ()  # fastgen: special-token ids of the tokenizer
     punctuation_ids: tuple[int, ...] = ()  # fastgen: punctuation-token ids of the tokenizer
+    host: bool = False  # the host rule (above) instead of refusals: for hosts that ask any budget (kvpress)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise CompressionError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         row = METHODS[self.method]
-        if not row.budgeted and (self.keep is not None or self.budget is not None):
+        if not row.budgeted and (self.keep is not None or self.budget is not None) and not self.host:
             raise CompressionError(f"{self.method} " + ("keeps every entry: drop keep/budget" if row.score is None else
                                                         "chooses each head's budget itself: drop keep/budget, tune recovery"))
         if self.keep is not None and self.budget is not None:
@@ -69,7 +75,7 @@ class CompressionConfig:
         if not 1 <= self.pyramid_beta < math.inf:  # also refuses nan
             raise CompressionError(f"pyramid_beta must be a finite number of at least 1, got {self.pyramid_beta}: "
                                    f"below 1 the budgets would rise with depth; PyramidKV uses 20")
-        if self.budget is not None and self.budget < self.min_budget:
+        if self.budget is not None and self.budget < self.min_budget and not self.host:
             raise CompressionError(f"budget {self.budget} leaves no room beside {self.protected}: "
                                    f"use a budget of at least {self.min_budget}")
 
@@ -95,10 +101,12 @@ class CompressionConfig:
     def prompt_budget(self, n_prompt: int) -> int:
         """KV entries kept per layer for a prompt of `n_prompt` tokens, window included
         (for pyramidkv the mean over layers; full and fastgen: the prompt, fastgen's upper bound)."""
-        if not self.row.budgeted or (self.row.windowed and n_prompt <= self.window):
+        if not self.row.budgeted or (self.row.windowed and n_prompt <= self.window and not self.host):
             return n_prompt  # nothing to drop, or the whole prompt is the window
         keep = 0.1 if self.keep is None else self.keep
         budget = self.budget if self.budget is not None else round(keep * n_prompt)
+        if self.host:
+            return max(0, min(budget, n_prompt))
         if budget < self.min_budget:
             raise CompressionError(
                 f"keep {keep} of a {n_prompt}-token prompt is {budget} KV entries, fewer than {self.protected} "
@@ -106,9 +114,9 @@ class CompressionConfig:
         return min(budget, n_prompt)
 
     def layer_budgets(self, n_prompt: int, n_layers: int) -> list[int]:
-        """Prompt KV entries kept by each layer."""
+        """Prompt KV entries kept by each layer (pyramidkv: flat when the budget leaves no prefix)."""
         budget = self.prompt_budget(n_prompt)
-        if not self.row.pyramid or budget >= n_prompt:
+        if not self.row.pyramid or budget >= n_prompt or budget <= self.window:
             return [budget] * n_layers
         return pyramid_budgets(budget, self.window, n_layers, self.pyramid_beta, n_prompt)
 
@@ -140,8 +148,8 @@ def pyramid_budgets(budget: int, window: int, n_layers: int, beta: float, n_prom
 def window_attention(q_win: Tensor, k: Tensor) -> Tensor:
     """Softmax attention of the last W prompt queries over all T keys, in float32.
 
-    q_win [B, Hq, W, D], k [B, Hkv, T, D] -> [B, Hkv, G, W, T]. Window query i sits at
-    position T - W + i and sees keys up to its own position (causal inside the window).
+    q_win [B, Hq, W, D] (any W <= T), k [B, Hkv, T, D] -> [B, Hkv, G, W, T]. Window query i
+    sits at position T - W + i and sees keys up to its own position (causal inside the window).
     """
     n_kv_heads, n_prompt, head_dim = k.shape[1], k.shape[2], k.shape[3]
     n_window = q_win.shape[2]
@@ -170,25 +178,30 @@ def snapkv_scores(q_win: Tensor, k: Tensor, kernel: int) -> Tensor:
     token rank high too, [B, Hkv, T]. Window positions are left unpooled (always kept)."""
     scores = head_window_scores(q_win, k)
     prefix = scores[..., :k.shape[2] - q_win.shape[2]]
+    if prefix.shape[-1] == 0:  # the queries cover the whole prompt: nothing to pool (max_pool1d refuses it)
+        return scores
     pooled = F.max_pool1d(prefix, kernel_size=kernel, stride=1, padding=kernel // 2)
     return torch.cat([pooled[..., :prefix.shape[-1]], scores[..., prefix.shape[-1]:]], dim=-1)
 
 
 def h2o_scores(q: Tensor, k: Tensor, block: int = 512) -> Tensor:
-    """H2O (prefill form): attention every prompt query pays each key, summed over queries and
-    averaged over each group's query heads, [B, Hkv, T]. Queries run in blocks of `block`,
-    so no T x T matrix is ever held."""
+    """H2O (prefill form): attention the prompt queries pay each key, summed over queries and
+    averaged over each group's query heads, [B, Hkv, T]. q [B, Hq, n, D] holds the last n <= T
+    queries (all T: H2O proper; fewer: a host that projected only those). Queries run in blocks of
+    `block`, so no T x T matrix is ever held."""
     n_kv_heads, n_prompt, head_dim = k.shape[1], k.shape[2], k.shape[3]
+    first = n_prompt - q.shape[2]  # position of the first query
     scores = k.new_zeros(k.shape[0], n_kv_heads, n_prompt, dtype=torch.float32)
     keys = torch.arange(n_prompt, device=k.device)
-    for start in range(0, n_prompt, block):
-        end = min(start + block, n_prompt)  # queries [start, end) see keys [0, end)
+    for start in range(0, q.shape[2], block):
+        end = min(start + block, q.shape[2])
+        seen = first + end  # queries [start, end) sit at first + start.. and see keys [0, seen)
         q_block = rearrange(q[:, :, start:end].float(), "b (h g) t d -> b h (g t) d", h=n_kv_heads)
-        logits = q_block @ k[:, :, :end].float().transpose(-1, -2) / math.sqrt(head_dim)  # [B, Hkv, G*t, end]
+        logits = q_block @ k[:, :, :seen].float().transpose(-1, -2) / math.sqrt(head_dim)  # [B, Hkv, G*t, seen]
         logits = rearrange(logits, "b h (g t) s -> b h g t s", t=end - start)
-        visible = keys[:end] <= torch.arange(start, end, device=k.device)[:, None]  # [t, end]
+        visible = keys[:seen] <= torch.arange(first + start, seen, device=k.device)[:, None]  # [t, seen]
         probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-        scores[..., :end] += probs.sum(dim=3).mean(dim=2)
+        scores[..., :seen] += probs.sum(dim=3).mean(dim=2)
     return scores
 
 
@@ -203,67 +216,90 @@ def chunk_scores(token_scores: Tensor, chunk_size: int) -> Tensor:
     return rearrange(padded, "... (n c) -> ... n c", c=chunk_size).sum(-1)
 
 
+def top_positions(priority: Tensor, budget: int) -> Tensor:
+    """The `budget` highest-priority positions of priority [..., T], sorted: [..., min(budget, T)]."""
+    return priority.topk(min(budget, priority.shape[-1]), dim=-1).indices.sort(dim=-1).values
+
+
+def with_window(prefix_order: Tensor, n_prompt: int) -> Tensor:
+    """Priorities [..., T] from the keep order of the prefix tokens [..., P] (unique, 0 kept first):
+    the window [P, T) above every prefix token, the latest highest. float32: exact below 2^24 tokens."""
+    *lead, n_prefix = prefix_order.shape
+    window = torch.arange(n_prompt - n_prefix, device=prefix_order.device).expand(*lead, -1)
+    return torch.cat([-1 - prefix_order, window], dim=-1).float()
+
+
+def chunk_priority(token_scores: Tensor, window: int, chunk_size: int) -> Tensor:
+    """ChunkKV as a per-token keep priority [..., T] from token scores [..., T], unique per row:
+    for every budget, the top-`budget` positions are exactly what select_chunks keeps, so a host
+    that keeps the top-k of any score (kvpress's ScorerPress) runs ChunkKV. The window (cut to the
+    prompt) ranks first, latest first; then the prefix [0, T - window) in ChunkKV's fill order:
+    chunks by descending score (ties: earlier chunk first), each from its first token on."""
+    n_prompt = token_scores.shape[-1]
+    n_prefix = n_prompt - min(window, n_prompt)
+    scores = chunk_scores(token_scores[..., :n_prefix], chunk_size)
+    chunk_order = scores.sort(dim=-1, descending=True, stable=True).indices  # stable: ties by position
+    chunk_rank = chunk_order.argsort(dim=-1)
+    # every prefix token gets its place in the fill order: its chunk's rank, then its offset, so the
+    # first budget - window places are whole chunks and then the first tokens of the next one
+    pos = torch.arange(n_prefix, device=token_scores.device)
+    token_chunk_rank = chunk_rank.gather(-1, (pos // chunk_size).expand(*scores.shape[:-1], n_prefix))
+    return with_window(token_chunk_rank * chunk_size + pos % chunk_size, n_prompt)
+
+
+def token_priority(token_scores: Tensor, window: int) -> Tensor:
+    """Token-level methods' keep priority [..., T]: the window first (latest first), then the prefix
+    tokens by descending score (ties: earlier first). Its top-k is select_tokens for every budget."""
+    n_prompt = token_scores.shape[-1]
+    n_prefix = n_prompt - min(window, n_prompt)
+    order = token_scores[..., :n_prefix].sort(dim=-1, descending=True, stable=True).indices
+    return with_window(order.argsort(dim=-1), n_prompt)
+
+
+def streaming_priority(n_prompt: int, n_sinks: int, device=None) -> Tensor:
+    """StreamingLLM's keep priority [T]: the sinks first (earliest first), then the latest tokens."""
+    pos = torch.arange(n_prompt, device=device)
+    return torch.where(pos < n_sinks, n_prompt + n_sinks - pos, pos).float()  # sinks above every other token
+
+
 def select_chunks(token_scores: Tensor, budget: int, window: int, chunk_size: int) -> Tensor:
     """Kept prompt positions [..., budget], sorted, from token scores [..., T].
 
     Chunks of the prefix [0, T - window) are taken in descending score order (ties: earlier
     chunk first) while they fit into budget - window; the first one that does not fit gives
     its first tokens so that exactly budget - window prefix tokens are kept. The window
-    [T - window, T) is always kept. With T <= budget every position is kept.
+    [T - window, T) is always kept. With T <= budget every position is kept; with budget <= window
+    (the host rule: CompressionConfig.host) the last `budget` tokens.
     """
-    *lead, n_prompt = token_scores.shape
-    device = token_scores.device
-    if n_prompt <= budget:
-        return torch.arange(n_prompt, device=device).expand(*lead, n_prompt)
-    n_prefix = n_prompt - window
-    scores = chunk_scores(token_scores[..., :n_prefix], chunk_size)
-    chunk_order = scores.sort(dim=-1, descending=True, stable=True).indices  # stable: ties by position
-    chunk_rank = chunk_order.argsort(dim=-1)
-    # every prefix token gets its place in the fill order: its chunk's rank, then its offset
-    pos = torch.arange(n_prefix, device=device)
-    token_chunk_rank = chunk_rank.gather(-1, (pos // chunk_size).expand(*lead, n_prefix))
-    fill_order = token_chunk_rank * chunk_size + pos % chunk_size  # [..., n_prefix], unique
-    prefix = fill_order.topk(budget - window, dim=-1, largest=False).indices
-    window_pos = torch.arange(n_prefix, n_prompt, device=device).expand(*lead, window)
-    return torch.cat([prefix, window_pos], dim=-1).sort(dim=-1).values
+    return top_positions(chunk_priority(token_scores, window, chunk_size), budget)
 
 
 def select_tokens(token_scores: Tensor, budget: int, window: int) -> Tensor:
     """Token-level selection (H2O, SnapKV, PyramidKV): the budget - window best prefix tokens
     (ties: earlier first) plus the window, [..., budget] sorted, from scores [..., T]."""
-    *lead, n_prompt = token_scores.shape
-    device = token_scores.device
-    if n_prompt <= budget:
-        return torch.arange(n_prompt, device=device).expand(*lead, n_prompt)
-    n_prefix = n_prompt - window
-    order = token_scores[..., :n_prefix].sort(dim=-1, descending=True, stable=True).indices
-    window_pos = torch.arange(n_prefix, n_prompt, device=device).expand(*lead, window)
-    return torch.cat([order[..., :budget - window], window_pos], dim=-1).sort(dim=-1).values
+    return top_positions(token_priority(token_scores, window), budget)
 
 
 def streaming_positions(n_batch: int, n_prompt: int, budget: int, n_sinks: int, device=None) -> Tensor:
     """StreamingLLM: the first n_sinks tokens (attention sinks) and the last budget - n_sinks, [B, budget]."""
-    if n_prompt <= budget:
-        return torch.arange(n_prompt, device=device).expand(n_batch, n_prompt)
-    sinks = torch.arange(n_sinks, device=device)
-    recent = torch.arange(n_prompt - budget + n_sinks, n_prompt, device=device)
-    return torch.cat([sinks, recent]).expand(n_batch, budget)
+    kept = top_positions(streaming_priority(n_prompt, n_sinks, device), budget)
+    return kept.expand(n_batch, kept.shape[-1])
 
 
-def fastgen_positions(scores: Tensor, tokens: Tensor, config: CompressionConfig) -> Tensor:
+def fastgen_mask(scores: Tensor, tokens: Tensor | None, config: CompressionConfig) -> Tensor:
     """FastGen (prefill form): each KV head takes the cheapest policy of special tokens ->
     + punctuation -> + frequent (heavy hitters) -> + local -> full whose kept set recovers at
     least `config.recovery` of its window attention mass; the window is always kept.
 
-    scores [B, Hkv, T] (window attention), tokens [B, T] -> positions [B, Hkv, N]. Heads keep
-    different counts: positions are sorted, padded with -1 to the largest head's count N.
+    scores [B, Hkv, T] (window attention), tokens [B, T] (None when config names no special or
+    punctuation ids) -> keep [B, Hkv, T] bool, True = kept: heads keep different counts, so a host
+    without per-head cache lengths masks the rest (kvpress: masked_key_indices).
     """
-    n_prompt = tokens.shape[-1]
-    device = tokens.device
+    n_prompt, device = scores.shape[-1], scores.device
     pos = torch.arange(n_prompt, device=device)
     window = (pos >= n_prompt - config.window).expand_as(scores)
-    special = window | torch.isin(tokens, torch.tensor(config.special_ids, device=device, dtype=tokens.dtype))[:, None]
-    punctuation = special | torch.isin(tokens, torch.tensor(config.punctuation_ids, device=device, dtype=tokens.dtype))[:, None]
+    special = window | token_among(tokens, config.special_ids, n_prompt, device)
+    punctuation = special | token_among(tokens, config.punctuation_ids, n_prompt, device)
     top = scores.topk(max(1, round(0.3 * n_prompt)), dim=-1).indices  # the 30 % heaviest hitters
     frequent = punctuation | torch.zeros_like(punctuation).scatter_(-1, top, True)
     local = frequent | (pos >= n_prompt - round(0.3 * n_prompt))  # and the last 30 %
@@ -272,17 +308,35 @@ def fastgen_positions(scores: Tensor, tokens: Tensor, config: CompressionConfig)
     enough = (recovered >= config.recovery) & (config.recovery < 1)  # 1.0 means: keep everything
     enough[-1] = True
     policy = enough.int().argmax(dim=0)  # the first (cheapest) policy that is enough
-    keep = masks.gather(0, policy[None, ..., None].expand(1, *scores.shape))[0]  # [B, Hkv, T]
+    return masks.gather(0, policy[None, ..., None].expand(1, *scores.shape))[0]  # [B, Hkv, T]
+
+
+def token_among(tokens: Tensor | None, ids: tuple[int, ...], n_prompt: int, device) -> Tensor:
+    """Whether each prompt token is one of `ids`, [B, 1, T] ([1, 1, T] of False when there are no ids)."""
+    if not ids:
+        return torch.zeros(1, 1, n_prompt, dtype=torch.bool, device=device)
+    if tokens is None:
+        raise CompressionError("fastgen reads the prompt's token ids (special tokens, punctuation): pass tokens")
+    return torch.isin(tokens, torch.tensor(ids, device=tokens.device, dtype=tokens.dtype))[:, None]
+
+
+def fastgen_positions(scores: Tensor, tokens: Tensor | None, config: CompressionConfig) -> Tensor:
+    """fastgen_mask as positions [B, Hkv, N]: each head's kept positions sorted, padded with -1 to
+    the largest head's count N."""
+    keep = fastgen_mask(scores, tokens, config)
+    n_prompt = keep.shape[-1]
     n_kept = int(keep.sum(-1).max())  # prefill is eager: a data-dependent size is fine here
     # kept positions first, in order; the rest sort past them and become -1 padding
+    pos = torch.arange(n_prompt, device=keep.device)
     order = torch.where(keep, pos, n_prompt + pos).sort(dim=-1).values[..., :n_kept]
     return torch.where(order < n_prompt, order, -1)
 
 
 # ---------------------------------------------------------------------------------------
 # The method table: one row per method, a scorer and a selector each.
-# A scorer is (config, q [B, Hq, T, D], k [B, Hkv, T, D]) -> scores [B, T] or [B, Hkv, T];
-# a selector is (config, scores, budget, k, tokens) -> sorted positions [B, N] or [B, Hkv, N].
+# A scorer is (config, q [B, Hq, n, D], k [B, Hkv, T, D]) -> scores [B, T] or [B, Hkv, T], for the last
+# n <= T queries (any n: it reads the last `window`, or all n for all_queries);
+# a selector is (config, scores, budget, k, tokens=None) -> sorted positions [B, N] or [B, Hkv, N].
 
 @dataclass(frozen=True)
 class Method:
@@ -294,6 +348,7 @@ class Method:
     budgeted: bool = True  # keeps `keep`/`budget` entries; False: chooses its own count (full, fastgen)
     pyramid: bool = False  # per-layer budgets fall linearly with depth (PyramidKV)
     recompressible: bool = False  # can compress a full cache again at decode time (recompress_slots)
+    all_queries: bool = False  # the scorer reads every prompt query (h2o); the others only the last `window`
 
 
 def window_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
@@ -305,27 +360,33 @@ def pooled_window_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tens
     return snapkv_scores(q[:, :, -config.window:], k, config.pool_kernel)
 
 
-def top_tokens(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens) -> Tensor:
+def top_tokens(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens=None) -> Tensor:
     return select_tokens(scores, budget, config.window)
 
 
-def cheapest_policy(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens: Tensor | None) -> Tensor:
-    if tokens is None:
-        raise CompressionError("fastgen reads the prompt's token ids (special tokens, punctuation): pass tokens")
+def top_chunks(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens=None) -> Tensor:
+    return select_chunks(scores, budget, config.window, config.chunk_size)
+
+
+def sinks_and_recent(config: CompressionConfig, scores, budget: int, k: Tensor, tokens=None) -> Tensor:
+    return streaming_positions(k.shape[0], k.shape[2], budget, config.n_sinks, k.device)
+
+
+def everything(config: CompressionConfig, scores, budget: int, k: Tensor, tokens=None) -> Tensor:
+    return all_positions(k, per_head=False)
+
+
+def cheapest_policy(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens=None) -> Tensor:
     return fastgen_positions(scores, tokens, config)
 
 
-METHODS = {  # scorers (config, q, k) and selectors (config, scores, budget, k, tokens), as above
-    "full": Method(None, lambda c, s, budget, k, t: all_positions(k, per_head=False), per_head=False,
-                   windowed=False, budgeted=False),
-    "streaming": Method(None, lambda c, s, budget, k, t: streaming_positions(k.shape[0], k.shape[2], budget,
-                                                                           c.n_sinks, k.device),
-                        per_head=False, windowed=False, recompressible=True),
-    "h2o": Method(lambda c, q, k: h2o_scores(q, k), top_tokens, per_head=True),
+METHODS = {  # scorers (config, q, k) and selectors (config, scores, budget, k, tokens=None), as above
+    "full": Method(None, everything, per_head=False, windowed=False, budgeted=False),
+    "streaming": Method(None, sinks_and_recent, per_head=False, windowed=False, recompressible=True),
+    "h2o": Method(lambda c, q, k: h2o_scores(q, k), top_tokens, per_head=True, all_queries=True),
     "snapkv": Method(pooled_window_score, top_tokens, per_head=True, recompressible=True),
     "pyramidkv": Method(pooled_window_score, top_tokens, per_head=True, pyramid=True),
-    "chunkkv": Method(window_score, lambda c, s, budget, k, t: select_chunks(s, budget, c.window, c.chunk_size),
-                      per_head=None, recompressible=True),
+    "chunkkv": Method(window_score, top_chunks, per_head=None, recompressible=True),
     "fastgen": Method(lambda c, q, k: head_window_scores(q[:, :, -c.window:], k), cheapest_policy, per_head=True,
                       budgeted=False),
 }
@@ -349,11 +410,12 @@ def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, budget: int,
     """(positions, scores) of one layer: positions [B, N] or [B, Hkv, N] sorted (-1: a head's
     padding, fastgen), one choice per sequence (and per KV head for per-head methods).
 
-    q [B, Hq, T, D] (most methods read only the last `window` queries), k [B, Hkv, T, D];
-    tokens [B, T] for fastgen. Layer-wise reuse: a layer with layer % reuse != 0 skips scoring
-    and takes `leader`, the (positions, scores) the last scoring layer returned, or re-selects
-    from the leader's scores when its own budget differs (pyramidkv). Precomputed `scores` of
-    this layer also skip scoring (one scoring, many budgets).
+    q [B, Hq, n, D], the last n <= T queries (most methods read only the last `window`; h2o all n;
+    None when nothing scores), k [B, Hkv, T, D]; tokens [B, T] for fastgen with special or
+    punctuation ids. Layer-wise reuse: a layer with layer % reuse != 0 skips scoring and takes
+    `leader`, the (positions, scores) the last scoring layer returned, or re-selects from the
+    leader's scores when its own budget differs (pyramidkv). Precomputed `scores` of this layer
+    also skip scoring (one scoring, many budgets).
     """
     row = config.row
     if leader is not None and layer % config.reuse != 0 and row.score is not None:

@@ -78,10 +78,13 @@ def greedy(model: Transformer, logits: torch.Tensor, n_steps: int, decode=None):
 # Independent references
 
 def reference_select(scores: list[float], budget: int, window: int, chunk_size: int) -> list[int]:
-    """design.md §1 step 4 written as plainly as possible."""
+    """design.md §1 step 4 written as plainly as possible; and the host rule (CompressionConfig.host):
+    a budget of the window or less keeps the last `budget` tokens."""
     n_prompt = len(scores)
     if n_prompt <= budget:
         return list(range(n_prompt))
+    if budget <= window:
+        return list(range(n_prompt - budget, n_prompt))
     n_prefix = n_prompt - window
     chunks = [list(range(start, min(start + chunk_size, n_prefix))) for start in range(0, n_prefix, chunk_size)]
     ranked = sorted(chunks, key=lambda chunk: (-sum(scores[p] for p in chunk), chunk[0]))
