@@ -96,7 +96,8 @@ def session(args: argparse.Namespace) -> str:
 def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     """The arguments, or a one-line error (exit 2) for any value or combination that cannot run:
     every flag is either honoured by the session it reaches or refused here."""
-    args = parser(description).parse_args(argv)
+    flags = parser(description)
+    args = flags.parse_args(argv)
     if not 0 <= args.seed < 2 ** 64:  # torch.manual_seed's range
         fail(f"--seed must be between 0 and {2 ** 64 - 1}, got {args.seed}")
     kind = session(args)
@@ -110,7 +111,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     if args.context_file is not None and not asked and args.save_cache is None:
         fail("--context-file needs questions: add --question Q (repeatable) or --questions-file F, or --save-cache F")
     if args.load_cache is not None:
-        check_load_flags(args, asked)
+        check_load_flags(args, asked, flags)
     if args.save_cache is not None and (args.prompt or args.prompt_file or args.prompts_jsonl or args.interactive):
         fail("--save-cache saves a context compressed before its questions: use --context-file (or no source: the "
              "demo's context)")
@@ -126,16 +127,16 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     return args
 
 
-UNLOADED = {"method": "chunkkv", "keep": None, "budget": None, "chunk": 10, "window": 32, "reuse": 1, "per_head": False,
-            "recovery": 0.9, "save_cache": None, "compile_prefill": False}  # their defaults: what --load-cache refuses
+UNLOADED = ("method", "keep", "budget", "chunk", "window", "reuse", "per_head", "recovery", "save_cache",
+            "compile_prefill")  # what --load-cache refuses when given: the file's compression, no prefill
 
 
-def check_load_flags(args: argparse.Namespace, asked: bool):
+def check_load_flags(args: argparse.Namespace, asked: bool, flags: argparse.ArgumentParser):
     """--load-cache answers questions from the compression the file holds, without a prefill: it needs
     questions, and the flags that would compress, prefill or save are refused, never ignored."""
     if not asked:
         fail("--load-cache needs questions: add --question Q (repeatable) or --questions-file F")
-    if given := [f"--{name.replace('_', '-')}" for name, default in UNLOADED.items() if getattr(args, name) != default]:
+    if given := [f"--{name.replace('_', '-')}" for name in UNLOADED if getattr(args, name) != flags.get_default(name)]:
         fail(f"--load-cache answers from the compression saved in {args.load_cache}: drop {', '.join(given)}")
 
 
@@ -228,10 +229,10 @@ def load_cache(args: argparse.Namespace, model, tokenizer: Tokenizer) -> Compres
     start = time.perf_counter()
     loaded = load_context(args.load_cache, model, tokenizer)
     seconds = time.perf_counter() - start
-    if loaded.text is None or loaded.tokens.shape[0] != 1:
-        raise PromptError(f"cache file {args.load_cache} holds {loaded.tokens.shape[0]} contexts"
-                          f"{' without their text' if loaded.text is None else ''} (save_context's): the command line "
-                          "answers from one context saved with its text (--save-cache); use the Python API")
+    if loaded.tokens.shape[0] != 1 or loaded.text is None:  # the Python API's: save_context of any context
+        what = "no context text" if loaded.text is None else f"{loaded.tokens.shape[0]} contexts"
+        raise PromptError(f"cache file {args.load_cache} holds {what}: the command line asks questions of one "
+                          "context saved with its text (--save-cache); ask these through the Python API")
     if args.chat is not None and args.chat != loaded.chat:
         raise PromptError(f"cache file {args.load_cache} was compressed {'with' if loaded.chat else 'without'} the "
                           f"chat template: drop --{'' if args.chat else 'no-'}chat")

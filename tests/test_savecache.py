@@ -17,6 +17,7 @@ from chunkkv import CompressionConfig
 from cli import PASSKEY_QUESTION, passkey_prompt
 from conftest import EVERY_METHOD, assert_user_error, byte_tokenizer, cli, greedy, tiny_model, write_tiny_dir
 from generate import PromptError, answer, compress_context, load_context, save_context
+from registry import load as load_checkpoint
 from tokenizer import CheckpointError
 
 torch.set_grad_enabled(False)
@@ -390,6 +391,9 @@ def test_cli_refuses_what_it_cannot_load_in_one_line(tiny_dir, tmp_path):
     (tmp_path / "other" / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
     assert_user_error(cli("--checkpoint", str(tmp_path / "other"), *load), "another checkpoint (its tokenizer differs)")
     assert_user_error(cli(*tiny, *load, "--max-new-tokens", "200"), "left 79 free")  # 96 slots beside 17 kept
+    model, tokenizer = load_checkpoint(tiny_dir)  # float32, as the CLI runs with --dtype float32
+    save_context(tmp_path / "api.kv", model, tokenizer, compressed(model))  # no text: the API's
+    assert_user_error(cli(*tiny, "--load-cache", str(tmp_path / "api.kv"), *load[2:]), "holds no context text")
     forge(Path(file), lambda m: m.update(text_bytes=3000),
           lambda t: t.update(text=torch.full((3000,), ord("x"), dtype=torch.uint8)))
     assert_user_error(cli(*tiny, *load), "is 3,000 bytes, more than the model's context can hold")  # before tokenizing
