@@ -1,8 +1,9 @@
 """kvpress's own press tests (NVIDIA/kvpress tests/test_press_call.py, tests/presses/test_presses.py,
-test_head_compression.py, test_budget_floor_sweep.py, tests/test_pipeline.py, tests/test_generate.py),
-re-run on integrations.hf.ChunkKVPress offline: their fixtures download models from the hub, these
-build tiny ones here. Then the measured differences of kvpress's own ChunkKVPress from the paper's
-ChunkKV that docs/integrations.md reports upstream, each on the input that shows it."""
+test_head_compression.py, test_budget_floor_sweep.py, tests/test_pipeline.py; its test_generate.py is
+in tests/test_hf.py, against chunkkv's own model), re-run on integrations.hf.ChunkKVPress offline:
+their fixtures download models from the hub, these build tiny ones here. Then the measured
+differences of kvpress's own ChunkKVPress from the paper's ChunkKV that docs/integrations.md reports
+upstream, each on the input that shows it."""
 import logging
 from dataclasses import dataclass
 
