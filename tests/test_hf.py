@@ -22,8 +22,8 @@ needs_kvpress = pytest.mark.skipif(BasePress is object, reason="the press needs 
 CROSS = [("chunkkv", False), ("chunkkv", True), ("snapkv", False), ("streaming", False), ("pyramidkv", False),
          ("h2o", False)]  # (method, per_head): the issue's four, per-head ChunkKV, and H2O (every query)
 RATIOS = (0.9, 0.7)  # kvpress's compression_ratio, the fraction removed: chunkkv's keep 0.1 and 0.3
-# float32 round-off between two implementations of one forward: transformers and chunkkv differ by
-# this much on the *uncompressed* next-token logits already (measured: below 2e-5 here, 1e-4 for SmolLM2)
+# float32 round-off between two implementations of one forward, with room: transformers and chunkkv
+# already differ on the uncompressed last logits (SmolLM2 on 2k tokens: 1.9e-5; tiny: < ROUND_OFF / 4)
 ROUND_OFF = 2e-4
 
 
