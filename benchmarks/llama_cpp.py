@@ -11,14 +11,13 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+import checkpoint
 from model import Transformer
 
 PRECISIONS = {"F32": gguf.GGMLQuantizationType.F32, "BF16": gguf.GGMLQuantizationType.BF16,
               "Q8_0": gguf.GGMLQuantizationType.Q8_0}
 MATCHING = {torch.float32: "F32", torch.bfloat16: "BF16"}  # chunkkv's dtype -> the llama.cpp precision it faces
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+GGUF_NAMES = {hf: kind for kind, hf in checkpoint.GGUF_NAMES.items()}  # the loader's table, inverted
 
 
 def interleave(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -40,8 +39,8 @@ def gguf_tensors(model: Transformer) -> dict[str, np.ndarray]:
                 w = interleave(w, args.n_heads if kind == "attn_q" else args.n_kv_heads)
             out[f"blk.{parts[1]}.{kind}.{parts[-1]}"] = w
         elif not (args.tie_embeddings and name == "lm_head.weight"):
-            out[{"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}[name]] = w
+            hf = name.removesuffix(".weight")  # embed_tokens, norm, lm_head
+            out[f"{GGUF_NAMES[hf if hf == 'lm_head' else 'model.' + hf]}.weight"] = w
     return out
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 import checkpoint
+from benchmarks.llama_cpp import interleave  # rotate-half -> llama.cpp's interleaved q/k rows
 from checkpoint import CheckpointError
 from chunkkv import CompressionConfig
 from conftest import TINY_CONFIG, byte_tokenizer, tiny_model
@@ -236,11 +237,6 @@ def test_broken_shard_indexes_and_missing_tensors_are_refused(llama_dir):
 
 # ---------------------------------------------------------------------------------------
 # GGUF files (items 2 and 3), compared with transformers' own GGUF import
-
-def interleave(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Hugging Face's rotate-half q/k rows -> the interleaved rows llama.cpp's converter writes."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 def llama_cpp_rope_freqs(head_dim: int, params: dict) -> np.ndarray:
     """The rope_freqs tensor llama.cpp's convert_hf_to_gguf.py writes for a llama3-scaled model: a
