@@ -101,6 +101,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--questions", type=positive, help="questions: questions asked per document (default 16)")
     parser.add_argument("--memory-gib", type=float, default=1.0, help="throughput: KV-cache memory (default 1)")
     parser.add_argument("--keeps", type=float, nargs="+", help="quality: kept fractions")
+    parser.add_argument("--scorers", nargs="+", choices=["window", "reconstruct"], default=["window"],
+                        help="quality, agnostic setting: window (every method) and/or reconstruct (kvzip, snapkv and "
+                             "chunkkv on KVzip's repeat of the context)")
     parser.add_argument("--tasks", nargs="+", choices=["single", "multikey", "multivalue"], help="quality: retrieval tasks")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="weights and activations (default auto: as generate.py on --device)")
@@ -186,7 +189,8 @@ def run(args: argparse.Namespace, model, tokenizer, lengths, command: str, dtype
         out = args.out or f"results/{args.bench}.json"
         return run_quality(model, tokenizer, args.quick, settings, lengths, args.keeps, args.tasks, args.retrieval_only,
                            args.prompts, args.ablations, args.fidelity_tokens,
-                           on_case=lambda rows: write_json(out, rows, command, dtype, partial=True))
+                           on_case=lambda rows: write_json(out, rows, command, dtype, partial=True),
+                           scorers=args.scorers)
     if args.bench == "speed":
         return run_speed(model, tokenizer, args.quick, lengths, args.methods, args.batches, args.compile,
                          args.checkpoint, args.compare, args.llama_bench)

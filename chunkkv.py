@@ -5,8 +5,9 @@ prefill. The last `window` prompt queries score every prompt token; the prefix b
 the window is cut into chunks of `chunk_size` consecutive tokens; the best-scoring
 whole chunks are kept (plus the window) until the per-layer budget is full. Keeping
 whole chunks instead of scattered tokens keeps phrases, names and numbers intact.
-The baselines (StreamingLLM, H2O, SnapKV, PyramidKV, FastGen) are rows of one table,
-`METHODS`: a scorer, a selector and a few flags each.
+The baselines (StreamingLLM, H2O, SnapKV, PyramidKV, FastGen, KVzip) are rows of one table,
+`METHODS`: a scorer, a selector and a few flags each; the scorer may also be KVzip's (a repeat
+of the context attends to it), for compressing a context before any question.
 
 This file depends on torch and einops only: copy it into your own project.
 
@@ -49,6 +50,7 @@ class CompressionConfig:
     special_ids: tuple[int, ...] = ()  # fastgen: special-token ids of the tokenizer
     punctuation_ids: tuple[int, ...] = ()  # fastgen: punctuation-token ids of the tokenizer
     host: bool = False  # the host rule (above) instead of refusals: for hosts that ask any budget (kvpress)
+    scorer: str | None = None  # "window" (the paper's) or "reconstruct" (KVzip's repeat); None: the method's own
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -59,6 +61,11 @@ class CompressionConfig:
                                                         "chooses each head's budget itself: drop keep/budget, tune recovery"))
         if self.keep is not None and self.budget is not None:
             raise CompressionError("pass keep (a fraction) or budget (a count), not both")
+        if self.scorer not in (None, *SCORERS):
+            raise CompressionError(f"unknown scorer {self.scorer!r}: choose one of {', '.join(SCORERS)}")
+        if self.scorer not in (None, row.scorer) and (row.score is None or not row.rescorable):
+            raise CompressionError(f"{self.method} runs only on its own scorer ({row.scorer if row.score else 'none'}): "
+                                   f"drop scorer, or use one of {', '.join(RESCORABLE)}")
         if self.keep is not None and not 0 < self.keep <= 1:
             raise CompressionError(f"keep must be in (0, 1], got {self.keep}: 0.1 keeps 10 % of the prompt")
         if self.per_head and row.per_head is not None:
@@ -82,6 +89,11 @@ class CompressionConfig:
     @property
     def row(self) -> "Method":
         return METHODS[self.method]
+
+    @property
+    def scoring(self) -> str:
+        """The scorer this config runs: `scorer`, else the method's own."""
+        return self.scorer or self.row.scorer
 
     @property
     def per_kv_head(self) -> bool:
@@ -145,21 +157,25 @@ def pyramid_budgets(budget: int, window: int, n_layers: int, beta: float, n_prom
 # ---------------------------------------------------------------------------------------
 # Scoring: how much the observation window attends to each prompt token.
 
+def grouped_attention(q: Tensor, k: Tensor, visible: Tensor) -> Tensor:
+    """Softmax attention, in float32, of queries q [B, Hq, n, D] over keys k [B, Hkv, S, D] where
+    visible [n, S] is True -> [B, Hkv, G, n, S]. Query heads are grouped by the KV head they share,
+    so K is never expanded."""
+    q = rearrange(q.float(), "b (h g) t d -> b h (g t) d", h=k.shape[1])
+    logits = q @ k.float().transpose(-1, -2) / math.sqrt(k.shape[3])  # [B, Hkv, G*n, S]
+    logits = rearrange(logits, "b h (g t) s -> b h g t s", t=visible.shape[0])
+    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+
+
 def window_attention(q_win: Tensor, k: Tensor) -> Tensor:
     """Softmax attention of the last W prompt queries over all T keys, in float32.
 
     q_win [B, Hq, W, D] (any W <= T), k [B, Hkv, T, D] -> [B, Hkv, G, W, T]. Window query i
     sits at position T - W + i and sees keys up to its own position (causal inside the window).
     """
-    n_kv_heads, n_prompt, head_dim = k.shape[1], k.shape[2], k.shape[3]
-    n_window = q_win.shape[2]
-    # group query heads by the KV head they share, so K is never expanded
-    q = rearrange(q_win.float(), "b (h g) w d -> b h (g w) d", h=n_kv_heads)
-    logits = q @ k.float().transpose(-1, -2) / math.sqrt(head_dim)  # [B, Hkv, G*W, T]
-    logits = rearrange(logits, "b h (g w) t -> b h g w t", w=n_window)
+    n_prompt, n_window = k.shape[2], q_win.shape[2]
     query_pos = torch.arange(n_prompt - n_window, n_prompt, device=k.device)
-    visible = torch.arange(n_prompt, device=k.device) <= query_pos[:, None]  # [W, T]
-    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return grouped_attention(q_win, k, torch.arange(n_prompt, device=k.device) <= query_pos[:, None])
 
 
 def window_scores(q_win: Tensor, k: Tensor) -> Tensor:
@@ -189,19 +205,36 @@ def h2o_scores(q: Tensor, k: Tensor, block: int = 512) -> Tensor:
     averaged over each group's query heads, [B, Hkv, T]. q [B, Hq, n, D] holds the last n <= T
     queries (all T: H2O proper; fewer: a host that projected only those). Queries run in blocks of
     `block`, so no T x T matrix is ever held."""
-    n_kv_heads, n_prompt, head_dim = k.shape[1], k.shape[2], k.shape[3]
+    n_kv_heads, n_prompt = k.shape[1], k.shape[2]
     first = n_prompt - q.shape[2]  # position of the first query
     scores = k.new_zeros(k.shape[0], n_kv_heads, n_prompt, dtype=torch.float32)
     keys = torch.arange(n_prompt, device=k.device)
     for start in range(0, q.shape[2], block):
         end = min(start + block, q.shape[2])
         seen = first + end  # queries [start, end) sit at first + start.. and see keys [0, seen)
-        q_block = rearrange(q[:, :, start:end].float(), "b (h g) t d -> b h (g t) d", h=n_kv_heads)
-        logits = q_block @ k[:, :, :seen].float().transpose(-1, -2) / math.sqrt(head_dim)  # [B, Hkv, G*t, seen]
-        logits = rearrange(logits, "b h (g t) s -> b h g t s", t=end - start)
         visible = keys[:seen] <= torch.arange(first + start, seen, device=k.device)[:, None]  # [t, seen]
-        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        probs = grouped_attention(q[:, :, start:end], k[:, :, :seen], visible)  # [B, Hkv, G, t, seen]
         scores[..., :seen] += probs.sum(dim=3).mean(dim=2)
+    return scores
+
+
+def reconstruction_scores(q_repeat: Tensor, k: Tensor, start: int, end: int, n_context: int, n_sinks: int,
+                          block: int = 512) -> Tensor:
+    """KVzip's scores of the context tokens [start, end) (Kim et al., NeurIPS 2025; snu-mllab/KVzip
+    attention/score.py, kvpress KVzipPress): softmax attention, in float32, of the R queries of a
+    teacher-forced repeat of that block, q_repeat [B, Hq, R, D] (post-RoPE, after the context), over
+    the first min(n_sinks, start) keys, the block's keys and the repeat's own (causally) only; the max
+    over each KV head's query heads and over the queries. k [B, Hkv, n_context + R, D]: the context's
+    keys, then the repeat's. -> [B, Hkv, end - start]. Queries run in blocks of `block`."""
+    n_repeat, sink = q_repeat.shape[2], min(n_sinks, start)
+    keys = torch.cat([k[:, :, :sink], k[:, :, start:end], k[:, :, n_context:n_context + n_repeat]], dim=2)
+    n_seen, own = sink + end - start, torch.arange(n_repeat, device=k.device)  # every query sees the n_seen keys
+    scores = k.new_zeros(k.shape[0], k.shape[1], end - start, dtype=torch.float32)
+    for first in range(0, n_repeat, block):
+        last = min(first + block, n_repeat)
+        visible = torch.cat([own.new_ones(last - first, n_seen, dtype=torch.bool), own <= own[first:last, None]], 1)
+        probs = grouped_attention(q_repeat[:, :, first:last], keys, visible)  # [B, Hkv, G, r, S]
+        scores = torch.maximum(scores, probs[..., sink:n_seen].amax(dim=(2, 3)))
     return scores
 
 
@@ -349,6 +382,8 @@ class Method:
     pyramid: bool = False  # per-layer budgets fall linearly with depth (PyramidKV)
     recompressible: bool = False  # can compress a full cache again at decode time (recompress_slots)
     all_queries: bool = False  # the scorer reads every prompt query (h2o); the others only the last `window`
+    scorer: str = "window"  # its scorer unless CompressionConfig.scorer says otherwise (SCORERS)
+    rescorable: bool = True  # its selector runs on either scorer (fastgen's policy reads attention mass)
 
 
 def window_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
@@ -366,6 +401,11 @@ def top_tokens(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor
 
 def top_chunks(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens=None) -> Tensor:
     return select_chunks(scores, budget, config.window, config.chunk_size)
+
+
+def needs_reconstruction(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
+    raise CompressionError("scorer 'reconstruct' scores a context by teacher-forcing a repeat of it, not from the "
+                           "prompt's queries: compress with generate.compress_context and a contexts.Repeat")
 
 
 def sinks_and_recent(config: CompressionConfig, scores, budget: int, k: Tensor, tokens=None) -> Tensor:
@@ -388,8 +428,13 @@ METHODS = {  # scorers (config, q, k) and selectors (config, scores, budget, k, 
     "pyramidkv": Method(pooled_window_score, top_tokens, per_head=True, pyramid=True),
     "chunkkv": Method(window_score, top_chunks, per_head=None, recompressible=True),
     "fastgen": Method(lambda c, q, k: head_window_scores(q[:, :, -c.window:], k), cheapest_policy, per_head=True,
-                      budgeted=False),
+                      budgeted=False, rescorable=False),
+    # kvzip: no window, and its sinks score highest (reconstruction scores give them +inf)
+    "kvzip": Method(needs_reconstruction, lambda c, s, budget, k, t=None: select_tokens(s, budget, window=0),
+                    per_head=True, windowed=False, scorer="reconstruct", rescorable=False),
 }
+SCORERS = ("window", "reconstruct")
+RESCORABLE = tuple(name for name, row in METHODS.items() if row.score is not None and row.rescorable)
 SCORED = tuple(name for name, row in METHODS.items() if row.score is not None)  # layer-wise reuse applies to these
 RECOMPRESSIBLE = tuple(sorted(name for name, row in METHODS.items() if row.recompressible))
 
@@ -429,7 +474,7 @@ def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, budget: int,
         return (row.select(config, None, budget, k, tokens) if row.score is None
                 else all_positions(k, config.per_kv_head)), None  # nothing to drop
     if scores is None:
-        scores = row.score(config, q, k)
+        scores = (row.score if config.scoring == "window" else needs_reconstruction)(config, q, k)
     return row.select(config, scores, budget, k, tokens), scores
 
 

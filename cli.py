@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from chunkkv import METHODS, RECOMPRESSIBLE, CompressionConfig
+from chunkkv import METHODS, RECOMPRESSIBLE, SCORERS, CompressionConfig
 from contexts import CompressedContext, check_writable, load_context
 from model import PromptError
 from registry import CHECKPOINTS, DEFAULT, describe
@@ -34,8 +34,8 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     comp.add_argument("--window", type=int, default=32, help="observation window, always kept (default 32)")
     comp.add_argument("--reuse", type=int, default=1, help="layer-wise index reuse depth; 1 = off (default 1)")
     comp.add_argument("--per-head", action="store_true", help="chunkkv: choose chunks per KV head, not per layer")
-    comp.add_argument("--recovery", type=float, default=0.9,
-                      help="fastgen: attention mass each head's policy must recover (default 0.9)")
+    comp.add_argument("--scorer", choices=SCORERS, help="window (default but for kvzip) or reconstruct (KVzip's repeat)")
+    comp.add_argument("--recovery", type=float, default=0.9, help="fastgen: attention mass a head must recover (0.9)")
     comp.add_argument("--cache-budget", type=int,
                       help="cap on KV entries per layer for a single prompt or --interactive: when full, the cache is "
                            f"compressed again to --budget entries (default 3/4 of the cap); methods "
@@ -127,7 +127,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     return args
 
 
-UNLOADED = ("method", "keep", "budget", "chunk", "window", "reuse", "per_head", "recovery", "save_cache",
+UNLOADED = ("method", "keep", "budget", "chunk", "window", "reuse", "per_head", "recovery", "scorer", "save_cache",
             "compile_prefill")  # what --load-cache refuses when given: the file's compression, no prefill
 
 
@@ -413,14 +413,14 @@ def count(x: float) -> str:
 
 
 def speed(steps: list[float], n_rows: int = 1) -> str:
-    steps = steps[1:]  # the first step may include compilation
+    """Tokens per second over steady `steps` (a Record's step_seconds: warm-up excluded)."""
     return f"{n_rows * len(steps) / sum(steps):.1f} tokens/s" if steps else "too few tokens to time"
 
 
 def summary(config: CompressionConfig, n_layers: int, prefill, n_new: int, steps: list[float],
-            recompression: str = "") -> str:
+            recompression: str = "", warmup: list[float] = ()) -> str:
     """What a run did: method, prompt, entries kept (prefill: a generate.Prefilled), cache bytes,
-    times of the prefill and of the `steps` that decoded `n_new` tokens."""
+    times of the prefill and of the steady `steps` and `warmup` steps that decoded `n_new` tokens."""
     mib, n_prompt, n_rows = 2.0 ** 20, sum(prefill.lengths), len(prefill.lengths)
     kept = [sum(layer) for layer in zip(*prefill.kept)]  # per layer, all rows together
     per_layer = count(kept[0]) if min(kept) == max(kept) else f"{count(min(kept))}-{count(max(kept))}"
@@ -437,7 +437,9 @@ def summary(config: CompressionConfig, n_layers: int, prefill, n_new: int, steps
     if n_rows > 1:
         decode = f"{n_new} steps, {n_rows} prompts together, {speed(steps, n_rows)} over the batch"
     else:
-        decode = f"{n_new} tokens, {speed(steps)}" + (f", first step {steps[0]:.2f} s" if steps else "")
+        decode = f"{n_new} tokens, {speed(steps)}"
+    if warmup:
+        decode += f" (warm-up, left out: {len(warmup)} step{'s' if len(warmup) > 1 else ''}, {sum(warmup):.2f} s)"
     share = 100 * prefill.compress_seconds / prefill.prefill_seconds
     return "\n".join([
         f"method            {config.method}" + (f" ({', '.join(details)})" if details else ""),
@@ -453,7 +455,8 @@ def record_summary(record, config: CompressionConfig, n_layers: int, cache_budge
     """`summary` of a generate Record; a line per prompt of a batch with its own length and kept entries."""
     recompression = (f"{record.recompressions} times to {config.budget} of {cache_budget} entries, "
                      f"{record.recompress_seconds:.3f} s in all") if cache_budget is not None else ""
-    lines = [summary(config, n_layers, record.prefill, record.tokens.shape[1], record.step_seconds, recompression)]
+    lines = [summary(config, n_layers, record.prefill, record.tokens.shape[1], record.step_seconds, recompression,
+                     record.warmup_seconds)]
     if len(record.prefill.lengths) > 1:
         for i, (n_prompt, kept) in enumerate(zip(record.prefill.lengths, record.prefill.kept), start=1):
             mean = sum(kept) / len(kept)
@@ -467,14 +470,14 @@ def questions_summary(prefill, records: list, asks: list, config: CompressionCon
     """The one compression (that of the `loaded` file, if one), then per question its tokens, extend
     time and decode speed."""
     steps = [s for record in records for s in record.step_seconds]
+    warmup = [s for record in records for s in record.warmup_seconds]
     where = f" (in the run that saved {loaded})" if loaded is not None else ""
-    lines = [summary(config, n_layers, prefill, sum(r.tokens.shape[1] for r in records), steps),
+    lines = [summary(config, n_layers, prefill, sum(r.tokens.shape[1] for r in records), steps, "", warmup),
              f"setting           query-agnostic: the context was prefilled and compressed once{where}, "
              f"{len(records)} question{'s' if len(records) != 1 else ''} answered from it"]
     for i, (record, ask) in enumerate(zip(records, asks), start=1):
-        steps = record.step_seconds if i > 1 else [0.0] + record.step_seconds[1:]  # only the first may compile
         lines.append(f"question {i:<8} {ask.shape[1]} tokens, extend {record.extend_seconds:.3f} s; "
-                     f"answer {record.tokens.shape[1]} tokens, {speed(steps)}")
+                     f"answer {record.tokens.shape[1]} tokens, {speed(record.step_seconds)}")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
-"""Compressed contexts: what compressing a context once leaves in the caches, the record of what it
-cost, and both saved to and loaded from one safetensors file, to be asked questions in another process.
+"""Compressed contexts: what compressing a context once leaves in the caches, the records of what a
+prefill and a generation did, and a context saved to and loaded from one safetensors file, to be asked
+questions in another process.
 
     context = compress_context(model, ids, CompressionConfig(keep=0.1))  # generate.py
     save_context("doc.kv", model, tokenizer, context)
@@ -18,6 +19,7 @@ import math
 import os
 import stat
 import tempfile
+import time
 import types
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,9 +31,10 @@ from safetensors.torch import save
 from tokenizers import Tokenizer
 from torch import Tensor
 
+import chunkkv
 from checkpoint import MAX_SIZE, shown
 from chunkkv import CompressionConfig, CompressionError
-from model import PromptError, Transformer
+from model import CacheRequest, PromptError, Transformer, synchronize
 from registry import sigterm_as_exit
 from tokenizer import CheckpointError
 
@@ -46,7 +49,7 @@ DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I
 
 @dataclass
 class Prefilled:
-    """What the prefill and compression of a batch of prompts did."""
+    """What the prefill and compression of a batch of prompts did (`measured`: asked from the caches)."""
     lengths: list[int]  # each row's prompt tokens
     budgets: list[list[int]]  # [row][layer] prompt entries the method may keep
     kept: list[list[float]]  # [row][layer] prompt entries kept (mean over KV heads), asked from the caches
@@ -54,6 +57,26 @@ class Prefilled:
     compress_seconds: float  # scoring, selection and gather, all layers
     kv_bytes: int  # the caches as allocated (K, V, positions; slots for new tokens included)
     kv_bytes_full: int  # the same caches without compression
+
+    @classmethod
+    def measured(cls, model: Transformer, lengths: list[int], budgets: list[list[int]], room: int,
+                 n_slots: int | None, prefill_seconds: float, compress_seconds: float) -> "Prefilled":
+        kept = torch.stack([(p >= 0).sum(-1).float().mean(-1) for p in model.kept_positions(lengths)])  # [layer, B]
+        full_slots = n_slots or -(-(max(lengths) + room) // 8) * 8  # per layer, without compression
+        return cls(lengths, budgets, kept.T.tolist(), prefill_seconds, compress_seconds, model.cache_bytes(),
+                   len(lengths) * model.args.n_layers * full_slots * model.slot_bytes())
+
+
+@dataclass
+class Record:
+    """What `generate` or `answer` did."""
+    tokens: Tensor  # new token ids [B, n]; rows that stopped early repeat their stop token
+    step_seconds: list[float]  # each steady decode step: re-compressions and warm-up excluded
+    warmup_seconds: list[float]  # steps that compiled the step or recorded its CUDA graph
+    prefill: Prefilled | None = None  # generate: the prompts' prefill and compression
+    extend_seconds: float = 0.0  # answer: appending the question to the compressed context
+    recompressions: int = 0  # with a cache budget: how often the cache was compressed again
+    recompress_seconds: float = 0.0
 
 
 @dataclass
@@ -68,6 +91,81 @@ class CompressedContext:
     tokens: Tensor  # the context's ids [B, T]
     text: str | None = None  # the context as text, when the caller sets it: a saved file then carries it
     chat: bool = False  # whether `text` was one user turn of the checkpoint's chat template
+
+
+# ---------------------------------------------------------------------------------------
+# Compressing a context before any question by KVzip's repeat of it (scorer "reconstruct")
+
+@dataclass(frozen=True)
+class Repeat:
+    """KVzip's teacher-forced repeat of a context (Kim et al., NeurIPS 2025), as token ids in the
+    checkpoint's format: context block i (`block` tokens from `start` on) is repeated after `first`
+    (i = 0) or after `later` + the previous block's last 8 tokens, then `suffix` (the template's turn
+    to the assistant; "\n" without a template). Their text: tokenizer.REPEAT_FIRST and REPEAT_LATER."""
+    first: list[int]
+    later: list[int]
+    suffix: list[int]
+    start: int = 0  # context tokens before the text (a chat template's header): never repeated, scored 0
+    block: int = 2048  # context tokens per repeat: KVzip's m
+
+    def prompts(self, ids: list[int]) -> list[tuple[int, int, list[int]]]:
+        """(start, end, the repeat's ids) of each block of the context `ids`."""
+        spans = [(i, min(i + self.block, len(ids))) for i in range(self.start, len(ids), self.block)]
+        return [(i, j, (self.first if i == self.start else self.later + ids[i - 8:i]) + self.suffix + ids[i:j])
+                for i, j in spans]
+
+
+@torch.no_grad()
+def reconstruction_scores(model: Transformer, tokens: Tensor, repeat: Repeat, n_sinks: int) -> list[Tensor]:
+    """Each layer's KVzip scores of the context tokens [B, T] (rows of one length), [B, Hkv, T] float32,
+    from caches that hold the whole context (a full prefill) and room for a repeat: each block's
+    repeat is teacher-forced on top of them, scored (chunkkv.reconstruction_scores) and rolled back,
+    so the caches end as they began. The first n_sinks tokens score +inf, the rest before
+    repeat.start 0."""
+    (n_batch, n_context), args = tokens.shape, model.args
+    rows = [repeat.prompts(ids) for ids in tokens.tolist()]
+    scores = [torch.zeros(n_batch, args.n_kv_heads, n_context, device=tokens.device) for _ in model.caches()]
+    prefilled, none = model.snapshot(), model.lm_head.weight.new_zeros(n_batch, args.n_heads, 0, args.head_dim)
+    for i, (start, end, ids) in enumerate(rows[0]):
+        for cache in model.caches():
+            cache.keep_queries(none, len(ids))  # remember exactly the repeat's queries
+        model.extend(torch.tensor([row[i][2] for row in rows], device=tokens.device))
+        for layer, cache in enumerate(model.caches()):
+            scores[layer][..., start:end] = chunkkv.reconstruction_scores(cache.queries, cache.k, start, end,
+                                                                          n_context, n_sinks)
+            cache.keep_queries(None, 0)
+        model.restore(prefilled)
+    for layer_scores in scores:
+        layer_scores[..., :n_sinks] = math.inf
+    return scores
+
+
+@torch.no_grad()
+def reconstruct_and_compress(model: Transformer, tokens: Tensor, config: CompressionConfig, repeat: Repeat | None,
+                             room: int, n_slots: int | None = None) -> Prefilled:
+    """Prefill the context tokens [B, T] (rows of one length) into full caches, score it by its repeat
+    (reconstruction_scores), compress every layer's cache from the scores as `config`'s selector says
+    (chunkkv's, per layer: summed over the KV heads), `room` slots left free: the record (compress_seconds:
+    repeats, scoring, selection). CompressionError without a repeat; PromptError past the context."""
+    if repeat is None:
+        raise CompressionError("scorer 'reconstruct' repeats the context: pass repeat=contexts.Repeat(...)")
+    n_batch, n_context = tokens.shape
+    n_repeat = max(len(ids) for _, _, ids in repeat.prompts(tokens[0].tolist()))
+    model.check_room(n_context + max(room, n_repeat), f"a context of {n_context} tokens + its repeat of {n_repeat} "
+                     f"(scorer reconstruct) or {room} new tokens", "shorten the context or the repeat's block")
+    budgets = [config.layer_budgets(n_context, model.args.n_layers)] * n_batch
+    start = time.perf_counter()
+    model.prefill(tokens, CacheRequest(CompressionConfig(method="full"), [n_context] * n_batch,
+                                       [[n_context] * model.args.n_layers] * n_batch, max(room, n_repeat)))
+    synchronize(tokens.device)
+    scored = time.perf_counter()
+    scores = [s if config.per_kv_head else s.sum(dim=1) for s in reconstruction_scores(model, tokens, repeat,
+                                                                                       config.n_sinks)]
+    full = [(None, cache.k[:, :, :n_context], cache.v[:, :, :n_context]) for cache in model.caches()]
+    model.compress(full, CacheRequest(config, [n_context] * n_batch, budgets, room, n_slots, tokens, scores))
+    synchronize(tokens.device)
+    end = time.perf_counter()
+    return Prefilled.measured(model, [n_context] * n_batch, budgets, room, n_slots, end - start, end - scored)
 
 
 def kept_kv(model: Transformer) -> list[dict[str, Tensor]]:
@@ -294,7 +392,7 @@ def settings(path: Path, saved: dict, vocab_size: int) -> CompressionConfig:
         if kind is type(None):
             return value is None
         return type(value) is list and all(type(i) is int and 0 <= i < vocab_size for i in value)  # token ids
-    if set(saved) != set(declared):
+    if not set(saved) <= set(declared):  # a setting added since (scorer) takes its default
         raise refused(path, "holds compression settings chunkkv does not write")
     for name, value in saved.items():
         if not any(fits(value, kind) for kind in declared[name]):

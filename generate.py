@@ -10,17 +10,18 @@
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 import cli
 from chunkkv import RECOMPRESSIBLE, CompressionConfig, CompressionError
-from contexts import CompressedContext, Prefilled, load_context, save_context  # load_context: for the API
+from contexts import (CompressedContext, Prefilled, Record, Repeat, load_context,  # load_context: for the API
+                      reconstruct_and_compress, save_context)
 from model import CacheRequest, PromptError, Transformer, synchronize
 from registry import check_device, load, resolve
-from tokenizer import CheckpointError, chat_format
+from tokenizer import REPEAT_FIRST, REPEAT_LATER, CheckpointError, chat_format, repeat_prompts
 
 
 # ---------------------------------------------------------------------------------------
@@ -67,20 +68,6 @@ def compile_decode(model: Transformer):
         with torch._inductor.config.patch(freezing=not cuda):
             return compiled(token, model.cache_tensors())
     return step
-
-
-# ---------------------------------------------------------------------------------------
-# Records: what a call did
-
-@dataclass
-class Record:
-    """What `generate` or `answer` did."""
-    tokens: Tensor  # new token ids [B, n]; rows that stopped early repeat their stop token
-    step_seconds: list[float]  # each decode step, re-compressions excluded
-    prefill: Prefilled | None = None  # generate: the prompts' prefill and compression
-    extend_seconds: float = 0.0  # answer: appending the question to the compressed context
-    recompressions: int = 0  # with a cache budget: how often the cache was compressed again
-    recompress_seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,18 +134,16 @@ def prefill_and_compress(model: Transformer, prompt: Tensor, lengths: list[int],
     logits, compress_seconds = model.prefill(prompt, request)
     synchronize(prompt.device)
     prefill_seconds = time.perf_counter() - start
-    kept = torch.stack([(p >= 0).sum(-1).float().mean(-1) for p in model.kept_positions(lengths)])  # [layer, B]
-    full_slots = n_slots or -(-(max(lengths) + room) // 8) * 8  # per layer, without compression
-    return logits, Prefilled(lengths, budgets, kept.T.tolist(), prefill_seconds, compress_seconds, model.cache_bytes(),
-                             len(lengths) * model.args.n_layers * full_slots * model.slot_bytes())
+    return logits, Prefilled.measured(model, lengths, budgets, room, n_slots, prefill_seconds, compress_seconds)
 
 
 @torch.no_grad()
 def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None, stop_tokens: tuple[int, ...] = (), on_token=None, decode=None,
-                  recompression: "Recompression | None" = None) -> tuple[Tensor, list[float]]:
+                  recompression: "Recompression | None" = None) -> tuple[Tensor, list[float], list[float]]:
     """Sample from `logits` [B, vocab], decode until every row stopped or max_new_tokens: (new ids [B, n],
-    seconds of each step); `on_token(ids [B, 1])` sees each token made, `decode` replaces model.decode.
+    seconds of each steady step, of each warm-up step); `on_token(ids [B, 1])` sees each token made,
+    `decode` replaces model.decode.
     Raises PromptError, before any step, when the caches cannot take the tokens (no `recompression`)
     or they would run past the model's context or sliding window."""
     device = logits.device
@@ -171,7 +156,7 @@ def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, tempe
     decode = decode or model.decode
     stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
-    new_tokens, step_seconds = [], []
+    new_tokens, step_seconds, warmup_seconds = [], [], []
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k)
         if stop_tokens:
@@ -184,11 +169,16 @@ def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, tempe
             break
         if recompression is not None:
             recompression.make_room(model, 1)  # eager, outside the (compiled) step
+        starts = []  # Dynamo compiles and CUDA-graph recordings begun in this step: warm-up, not speed
+        torch._dynamo.callback_handler.register_start_callback(starts.append)  # per step: reset() clears them
         start = time.perf_counter()
-        logits = decode(token).clone()  # clone: a CUDA-graph step reuses its output buffer
-        synchronize(device)
-        step_seconds.append(time.perf_counter() - start)
-    return torch.cat(new_tokens, dim=1), step_seconds
+        try:
+            logits = decode(token).clone()  # clone: a CUDA-graph step reuses its output buffer
+            synchronize(device)
+        finally:
+            torch._dynamo.callback_handler.remove_start_callback(starts.append)
+        (warmup_seconds if starts else step_seconds).append(time.perf_counter() - start)
+    return torch.cat(new_tokens, dim=1), step_seconds, warmup_seconds
 
 
 @torch.no_grad()
@@ -208,10 +198,10 @@ def generate(model: Transformer, prompt: Tensor | list[list[int]], compression: 
     prompt, lengths = batch_prompts(prompt, lengths, model)
     recompression = Recompression(compression, cache_budget) if cache_budget is not None else None
     logits, prefilled = prefill_and_compress(model, prompt, lengths, compression, max_new_tokens, n_slots, recompression)
-    tokens, steps = decode_tokens(model, logits, max_new_tokens, temperature, top_k, stop_tokens, on_token, decode,
-                                  recompression)
+    tokens, *steps = decode_tokens(model, logits, max_new_tokens, temperature, top_k, stop_tokens, on_token, decode,
+                                   recompression)
     count, seconds = (recompression.count, recompression.seconds) if recompression is not None else (0, 0.0)
-    return Record(tokens, steps, prefilled, recompressions=count, recompress_seconds=seconds)
+    return Record(tokens, *steps, prefilled, recompressions=count, recompress_seconds=seconds)
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,7 +241,8 @@ class Recompression:
         if n_new > self.free:
             synchronize(model.lm_head.weight.device)  # the queued steps are not re-compression
             start = time.perf_counter()
-            model.recompress(self.config, self.budget, n_new)
+            for cache in model.caches():  # each layer compresses its full rows again
+                cache.recompress(self.config, self.budget, n_new)
             synchronize(model.lm_head.weight.device)
             self.seconds += time.perf_counter() - start
             self.count += 1
@@ -280,14 +271,20 @@ def extend_all(model: Transformer, tokens: Tensor, recompression: Recompression)
 
 @torch.no_grad()
 def compress_context(model: Transformer, context: Tensor, compression: CompressionConfig = CompressionConfig(),
-                     max_new_tokens: int = 256, n_slots: int | None = None) -> CompressedContext:
+                     max_new_tokens: int = 256, n_slots: int | None = None, repeat: Repeat | None = None
+                     ) -> CompressedContext:
     """Prefill the context [B, T] alone and compress its KV cache, query-agnostic: the context's
     own last `window` tokens are the observation window (NVIDIA kvpress's setting; the paper's
-    query-aware setting puts the question in the window). `max_new_tokens` cache slots per layer
-    stay free for each question plus its answer. Raises PromptError when the context +
-    max_new_tokens exceed the model's context, CompressionError for an impossible budget."""
+    query-aware setting puts the question in the window), or with the scorer "reconstruct" (kvzip's,
+    or CompressionConfig.scorer) a teacher-forced repeat of the context, as `repeat` says, scores it
+    (contexts.reconstruct_and_compress). `max_new_tokens` cache slots per layer stay free for each
+    question plus its answer. Raises PromptError when the context + max_new_tokens exceed the
+    model's context, CompressionError for an impossible budget."""
     prompt, lengths = batch_prompts(context, None, model)
-    _, prefilled = prefill_and_compress(model, prompt, lengths, compression, max_new_tokens, n_slots)
+    if compression.scoring == "reconstruct":
+        prefilled = reconstruct_and_compress(model, prompt, compression, repeat, max_new_tokens, n_slots)
+    else:
+        _, prefilled = prefill_and_compress(model, prompt, lengths, compression, max_new_tokens, n_slots)
     free = min(model.free_slots(), model.args.max_seq_len - prompt.shape[1])
     return CompressedContext(prompt.shape[1], free, model.snapshot(), prefilled, compression, prompt)
 
@@ -315,8 +312,8 @@ def answer(model: Transformer, context: CompressedContext, question: Tensor, max
     logits = model.extend(question)[:, -1]
     synchronize(question.device)
     extend_seconds = time.perf_counter() - start
-    tokens, steps = decode_tokens(model, logits, max_new_tokens, temperature, top_k, stop_tokens, on_token, decode)
-    return Record(tokens, steps, extend_seconds=extend_seconds)
+    tokens, *steps = decode_tokens(model, logits, max_new_tokens, temperature, top_k, stop_tokens, on_token, decode)
+    return Record(tokens, *steps, extend_seconds=extend_seconds)
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,7 +367,10 @@ def run_questions(model, tokenizer, config, args, context: str, questions: list[
     context, config = (loaded.text, loaded.config) if loaded is not None else (context, config)
     if not context.strip():
         raise PromptError("the context is empty: put some text in --context-file")
-    encoded, asks = cli.split_prompt(tokenizer, context, questions or [cli.STAND_IN], chat)
+    repeating = config.scoring == "reconstruct" and loaded is None  # KVzip's prompts: cut where the questions are
+    asked = (questions or [cli.STAND_IN]) + ([REPEAT_FIRST, REPEAT_LATER] if repeating else [])
+    encoded, asks = cli.split_prompt(tokenizer, context, asked, chat)
+    repeat, asks = (Repeat(*repeat_prompts(tokenizer, asks[-2:], chat)), asks[:-2]) if repeating else (None, asks)
     asks, max_new_tokens = [torch.tensor([ids]) for ids in asks], args.max_new_tokens or (16 if key else 64)
     room = max(ids.shape[1] for ids in asks) + max_new_tokens  # slots each question + answer needs
     compressed = loaded
@@ -387,8 +387,8 @@ def run_questions(model, tokenizer, config, args, context: str, questions: list[
         then = f"; then {len(questions)} question{'s' if len(questions) > 1 else ''}" if questions else ""
         print(f"Compressing {what}, {len(encoded.ids)} tokens{', chat template' if chat else ''}, once, "
               f"without the questions{then}.")
-        compressed = replace(compress_context(model, torch.tensor([encoded.ids]), config, room), text=context,
-                             chat=chat is not None)
+        compressed = replace(compress_context(model, torch.tensor([encoded.ids]), config, room, repeat=repeat),
+                             text=context, chat=chat is not None)
         if args.save_cache is not None:
             n_bytes = save_context(args.save_cache, model, tokenizer, compressed)
             print(f"Saved the compressed context to {args.save_cache} ({n_bytes / 2 ** 20:.2f} MiB); ask it questions "
@@ -459,7 +459,10 @@ def main(argv=None) -> int:
         check_sampling(1 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_k)
         config = CompressionConfig(method=args.method, keep=args.keep, budget=args.budget, window=args.window,
                                    chunk_size=args.chunk, reuse=args.reuse, per_head=args.per_head,
-                                   recovery=args.recovery)
+                                   recovery=args.recovery, scorer=args.scorer)
+        if config.scoring == "reconstruct" and kind != "questions":  # refused before loading, as a cache budget is
+            raise CompressionError("the reconstruct scorer repeats a context compressed before its questions: use "
+                                   "--context-file (or the demo's context) with --question, or --save-cache")
         if args.cache_budget is not None:  # refuse an unsupported method or budget before loading
             Recompression(config, args.cache_budget)
         text, key, questions, batch = cli.read_inputs(args, kind)

@@ -9,7 +9,7 @@ Ways to run it:
   model.compress(captured, request) fills the caches from it: one prefill, many compressions
   model.extend(tokens)              appends tokens [B, T'] to the caches, returns their logits [B, T', vocab]
   model.decode(token)               one token per sequence through the cache, [B, vocab]
-  model.recompress(config, budget)  full caches compressed again, in place, to `budget` entries
+  cache.recompress(config, budget)  a full cache (one of model.caches()) compressed again to `budget` entries
   model.snapshot(), model.restore() the caches' counters and positions, saved and put back (no K/V copy)
 
 Module names follow Hugging Face's Llama, so its state dicts load without renaming. Llama, Mistral,
@@ -35,6 +35,18 @@ def synchronize(device: torch.device):
     """Wait for the work queued on `device` (CUDA runs asynchronously): read a clock only after this."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def fused_attention(n_batch: int, args: "ModelArgs", weight: Tensor) -> bool:
+    """Whether SDPA runs the prefill's causal GQA attention on `weight`'s device and dtype without the
+    [B, Hq, T, T] scores: on CUDA, a flash, memory-efficient or cuDNN kernel for it."""
+    if weight.device.type != "cuda":  # CPU's SDPA kernel tiles the scores
+        return True
+    q = torch.empty(n_batch, args.n_heads, 1, args.head_dim, dtype=weight.dtype, device=weight.device)  # T: no matter
+    cuda = torch.backends.cuda
+    params = cuda.SDPAParams(q, q[:, :args.n_kv_heads], q[:, :args.n_kv_heads], None, 0.0, True, True)
+    return any(can(params) for can in (cuda.can_use_flash_attention, cuda.can_use_efficient_attention,
+                                       cuda.can_use_cudnn_attention))
 
 
 @dataclass
@@ -82,10 +94,10 @@ class CacheRequest:
 
 
 class KVCache(nn.Module):
-    """One layer's static cache: k, v [B, Hkv, slots, D] rotated at their positions; pos [B, Hkv, slots]
-    the logical (RoPE) position of each slot's entry, -1 where nothing may be attended. It owns the
-    counters of each row: `used` (slots written) and `length` (prompt tokens + tokens appended), tensors
-    [B], not ints, so that the decode graph reads them without recompiling per value."""
+    """One layer's static cache: k, v [B, Hkv, slots, D] rotated at their positions; pos [B, Hkv, slots] the
+    logical (RoPE) position of each slot's entry, -1 where nothing may be attended. It owns each row's
+    counters `used` (slots written) and `length` (prompt + appended tokens): tensors [B], not ints, so that
+    the decode graph reads them without recompiling per value."""
     TENSORS = ("k", "v", "pos", "used", "length", "queries")
 
     def __init__(self):
@@ -133,8 +145,9 @@ class KVCache(nn.Module):
         return self.k, self.v, mask
 
     def snapshot(self) -> tuple:
-        """(fill count, used, length, pos, queries), copied; K and V are not."""
-        return (self.fills, *(None if t is None else t.clone() for t in (self.used, self.length, self.pos, self.queries)))
+        """(fill count, used, length, pos, queries if it remembers), copied; K and V are not."""
+        own = (self.used, self.length, self.pos, self.queries if self.remembers else None)
+        return (self.fills, *(None if t is None else t.clone() for t in own))
 
     def restore(self, state: tuple):
         """Back to a snapshot of the same fill, in place: what was appended since stays, masked."""
@@ -273,10 +286,9 @@ class Attention(nn.Module):
 @torch.compiler.disable  # data-dependent selection, timed: eager even inside a compiled prefill
 def compress_layer(cache: KVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, request: CacheRequest,
                    leaders: list | None) -> tuple[list, float]:
-    """Fill one layer's cache with what `request` keeps of its prompt q, k, v [B, H, T, D]; (the
-    reuse leaders for the next layers, seconds spent). Rows of one length are selected together;
-    in a ragged batch each row's real tokens are scored, selected and gathered alone, as a batch
-    of one (padding is never scored or kept), and its positions padded with -1."""
+    """Fill one layer's cache with what `request` keeps of its prompt q, k, v [B, H, T, D]: (the reuse leaders
+    for the next layers, seconds spent). Rows of one length are selected together; in a ragged batch each
+    row's real tokens alone, as a batch of one (padding is never scored or kept), positions padded with -1."""
     synchronize(k.device)  # bill the queued prefill to the prefill, not to compression
     start = time.perf_counter()
     config, lengths = request.config, request.lengths
@@ -286,7 +298,8 @@ def compress_layer(cache: KVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, 
         n_prompt, rows = lengths[rows[0]], slice(rows[0], rows[-1] + 1)
         scores, tokens = (None if t is None else t[rows, ..., :n_prompt]
                           for t in (request.scores[layer] if request.scores else None, request.tokens))
-        positions, scores = chunkkv.keep_positions(config, q[rows, :, :n_prompt], k[rows, :, :n_prompt],
+        q_rows = None if q is None else q[rows, :, :n_prompt]  # None: the request's scores are all it needs
+        positions, scores = chunkkv.keep_positions(config, q_rows, k[rows, :, :n_prompt],
                                                    request.budgets[rows.start][layer], layer,
                                                    leaders[i] if leaders else None, scores, tokens)
         if positions.dim() == 2:
@@ -349,17 +362,27 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def check_room(self, n_tokens: int, what: str, fix: str = "shorten the prompt"):
-        """Raise PromptError, naming `what` and the `fix`, when `n_tokens` logical positions do not fit
-        the model: its context, or its sliding window (full attention equals sliding-window attention
-        only while every token sees the whole run)."""
+        """Raise PromptError, naming `what` and the `fix`, when `n_tokens` logical positions pass the model's
+        context or sliding window (sliding-window attention equals full only while every token sees all)."""
         if n_tokens > self.args.max_seq_len:
             raise PromptError(f"{what} exceeds the model's context of {self.args.max_seq_len}: {fix}")
         if self.args.sliding_window is not None and n_tokens > self.args.sliding_window:
             raise PromptError(f"{what} exceeds the model's sliding window of {self.args.sliding_window}: chunkkv "
                               f"runs sliding-window models only within the window; {fix}")
 
+    def check_attention_memory(self, n_batch: int, n_tokens: int):
+        """Raise PromptError before a prefill only SDPA's math kernel can run (not fused_attention: e.g.
+        float16 below compute capability 8.0) if its float32 scores and softmax, 8 bytes x B x Hq x T x T,
+        exceed the device's free memory."""
+        w, need = self.lm_head.weight, 8 * n_batch * self.args.n_heads * n_tokens ** 2
+        if not fused_attention(n_batch, self.args, w) and need > (free := torch.cuda.mem_get_info(w.device)[0]):
+            raise PromptError(f"attention over {n_batch} x {n_tokens} prompt tokens needs {need / 2 ** 30:.1f} GiB, "
+                              f"{free / 2 ** 30:.1f} GiB are free (only SDPA's math kernel runs this dtype on this "
+                              "GPU): shorten the prompt or batch fewer prompts")
+
     def start(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self.check_room(tokens.shape[1], f"a prompt of {tokens.shape[1]} tokens")
+        self.check_attention_memory(*tokens.shape)
         cos, sin = rope(torch.arange(tokens.shape[1], device=tokens.device), self.args)
         return self.embed_tokens(tokens), cos, sin
 
@@ -394,8 +417,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def compress(self, captured: list[tuple[Tensor, Tensor, Tensor]], request: CacheRequest) -> float:
-        """Fill the caches from a captured prefill, compressed as `request` says (the prefill
-        does not depend on the method or budget); seconds spent."""
+        """Fill the caches from a captured prefill (which no method or budget changes); seconds spent."""
         leaders, seconds = None, 0.0
         for layer, (block, (q, k, v)) in enumerate(zip(self.layers, captured)):
             leaders, spent = compress_layer(block.self_attn.cache, layer, q, k, v, request, leaders)
@@ -424,8 +446,7 @@ class Transformer(nn.Module):
         return min(cache.k.shape[2] - int(cache.used.max()) for cache in self.caches())
 
     def kept_positions(self, lengths: list[int]) -> list[Tensor]:
-        """Each layer's kept prompt positions [B, Hkv, N], sorted, for rows of prompt `lengths`
-        (-1 where a head or row keeps fewer), asked from the caches."""
+        """Each layer's kept prompt positions [B, Hkv, N], sorted (-1 where a head or row keeps fewer)."""
         end = torch.tensor(lengths, device=self.lm_head.weight.device)[:, None, None]
         kept = []
         for cache in self.caches():
@@ -444,16 +465,11 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def extend(self, tokens: Tensor) -> Tensor:
-        """Append tokens [B, T'] to the (compressed) caches in one forward; logits [B, T', vocab].
-
-        Each new token attends to every cache entry and causally to the new tokens before it;
-        their K/V take the next free slots; their RoPE positions continue from the logical length
-        (prompt + tokens appended since), never from the slot index. Raises PromptError when a
-        layer's cache has fewer free slots than T', or the model's context or window would overflow.
-        """
-        n_new = tokens.shape[1]
-        free = self.free_slots()
-        if n_new > free:
+        """Append tokens [B, T'] to the caches in one forward: logits [B, T', vocab]. Each attends to every
+        cache entry and causally to the new tokens before it, at RoPE positions continuing from the logical
+        length (never the slot index); their K/V take the next free slots. Raises PromptError when a layer
+        has fewer free slots than T', or the model's context or window would overflow."""
+        if (n_new := tokens.shape[1]) > (free := self.free_slots()):
             raise PromptError(f"{n_new} new tokens do not fit in the {free} free cache slots: "
                               f"leave more room for new tokens (max_new_tokens) when compressing")
         length = int(self.caches()[0].length.max())
@@ -462,8 +478,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode(self, token: Tensor) -> Tensor:
-        """token [B, 1] appended like `extend`, without its checks or host syncs: the step
-        torch.compile turns into one graph. Logits [B, vocab]."""
+        """token [B, 1] appended like `extend`, without its checks or host syncs (one graph): logits [B, vocab]."""
         return self.lm_head(self.through_cache(token)[:, -1])
 
     def through_cache(self, tokens: Tensor) -> Tensor:
@@ -475,18 +490,11 @@ class Transformer(nn.Module):
             x = block.extend(x, cos, sin)
         return self.norm(x)
 
-    def recompress(self, config: chunkkv.CompressionConfig, budget: int, n_new: int = 1) -> bool:
-        """Make room for `n_new` tokens in every layer: the rows that cannot take them are compressed
-        again to `budget` entries (KVCache.recompress). Returns whether any was."""
-        return any([cache.recompress(config, budget, n_new) for cache in self.caches()])
-
     def snapshot(self) -> list[tuple]:
-        """Every layer's counters and positions, e.g. right after compression; `restore` puts
-        them back. Nothing appended after the snapshot is copied or kept."""
+        """Every layer's counters and positions (no K/V), e.g. right after compression, for `restore`."""
         return [cache.snapshot() for cache in self.caches()]
 
     def restore(self, snapshot: list[tuple]):
-        """Return every layer's cache to `snapshot` in place (the compiled decode step keeps its
-        tensors). Raises ValueError if a prefill or re-compression ran since the snapshot."""
+        """Every layer's cache back to `snapshot`, in place; ValueError if a prefill or re-compression ran since."""
         for cache, state in zip(self.caches(), snapshot):
             cache.restore(state)

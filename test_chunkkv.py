@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chunkkv
+import cli
 from chunkkv import CompressionConfig, CompressionError
 from conftest import greedy, kept_positions, prefill, reference_logits, reference_select, run_forced, tiny_model
 from generate import compile_decode, generate
@@ -136,7 +137,7 @@ PER_HEAD_METHODS = ("h2o", "snapkv", "pyramidkv", "fastgen")
 
 @st.composite
 def method_case(draw):
-    method = draw(st.sampled_from(tuple(chunkkv.METHODS) + ("chunkkv-per-head",)))
+    method = draw(st.sampled_from(tuple(m for m, r in chunkkv.METHODS.items() if r.scorer == "window") + ("chunkkv-per-head",)))
     window = draw(st.integers(5, 10))
     n_prompt = draw(st.integers(1, 90))
     budget = draw(st.integers(window + 1, max(window + 1, n_prompt + 5)))
@@ -238,7 +239,7 @@ def test_budget_covering_the_prompt_is_the_full_cache():
     prompt, forced = torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 12))
     full_forward = model(torch.cat([prompt, forced], 1))[:, 39:]
     configs = [CompressionConfig(method=method, budget=budget, window=8, reuse=reuse)
-               for method, row in chunkkv.METHODS.items() if row.budgeted for budget, reuse in [(40, 1), (500, 2)]]
+               for method, row in chunkkv.METHODS.items() if row.budgeted and row.scorer == "window" for budget, reuse in [(40, 1), (500, 2)]]
     configs += [CompressionConfig(keep=1.0), CompressionConfig(budget=40, window=8, per_head=True),
                 CompressionConfig(method="fastgen", recovery=1.0, window=8)]
     for config in configs:
@@ -335,7 +336,7 @@ def test_layer_reuse_groups_share_their_leaders_indices(n_layers, reuse):
         assert torch.equal(reused[leader], own[leader])  # leaders computed their own choice
 
 
-@pytest.mark.parametrize("method", chunkkv.SCORED + ("chunkkv-per-head",))
+@pytest.mark.parametrize("method", [m for m in chunkkv.SCORED if chunkkv.METHODS[m].scorer == "window"] + ["chunkkv-per-head"])
 def test_reuse_skips_scoring_for_every_scored_method(method, monkeypatch):
     config = CompressionConfig(method=method.removesuffix("-per-head"), per_head=method.endswith("per-head"),
                                budget=None if method == "fastgen" else 40, window=5, reuse=2, special_ids=(0,),
@@ -402,6 +403,38 @@ def test_one_compiled_step_serves_twenty_prompt_lengths_and_three_batch_sizes():
     assert counters["stats"]["unique_graphs"] <= 3
 
 
+def test_decode_speed_leaves_out_the_steps_that_compiled_or_recorded_a_graph():
+    """Under CUDA graphs the step after the compile records the graph, so dropping only the first
+    step counted the recording as decoding. A step during which Dynamo compiled or a CUDA graph was
+    recorded (both announce it through Dynamo's start callbacks: convert_frame and cudagraph_trees'
+    record_function) is warm-up; the recording is played here as cudagraph_trees announces it."""
+    from torch._dynamo.callback import CallbackTrigger
+
+    torch._dynamo.reset()
+    model, config = tiny_model(), CompressionConfig(budget=20, window=4)
+    prompt = torch.randint(0, 256, (1, 40))
+    eager = generate(model, prompt, config, 6)
+    assert eager.warmup_seconds == [] and len(eager.step_seconds) == 5  # 6 tokens take 5 steps
+    compiled = compile_decode(model)
+    first, again = (generate(model, prompt, config, 6, decode=compiled) for _ in range(2))
+    assert len(first.warmup_seconds) == 1 and len(first.step_seconds) == 4  # the first step compiled
+    assert again.warmup_seconds == [] and len(again.step_seconds) == 5
+
+    calls = []
+
+    def recording_step(token):  # a CUDA-graph step: compiled on call 1, recorded on call 2
+        calls.append(token)
+        if len(calls) <= 2:
+            trigger = CallbackTrigger.DYNAMO if len(calls) == 1 else CallbackTrigger.CUDAGRAPH_RECORDING
+            with torch._dynamo.callback_handler.install_callbacks(trigger, "0/0"):
+                pass
+        return model.decode(token)
+    record = generate(model, prompt, config, 6, decode=recording_step)
+    assert len(record.warmup_seconds) == 2 and len(record.step_seconds) == 3
+    line = cli.record_summary(record, config, 2).splitlines()[-1]
+    assert f"{3 / sum(record.step_seconds):.1f} tokens/s (warm-up, left out: 2 steps" in line
+
+
 def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_native_bfloat16(monkeypatch):
     from cli import auto_dtype
 
@@ -413,6 +446,25 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_native_bfloat16(monkeypat
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         assert auto_dtype(torch.device("cpu")) == expected
+
+
+def test_a_prefill_only_the_math_kernel_runs_is_refused_when_its_scores_do_not_fit(monkeypatch):
+    """On a GPU with no fused SDPA kernel for the dtype (float16 below compute capability 8.0), the
+    prefill's attention is the math kernel's: 8 bytes per score of [B, Hq, T, T] (float32 scores and
+    softmax). It is refused before the prefill when that passes the free memory; CPU's kernel tiles.
+    The kernel probe (torch.backends.cuda.can_use_*) needs a GPU: here it is played by the patch."""
+    import model as model_module
+
+    model = tiny_model()  # 4 query heads
+    assert model_module.fused_attention(2, model.args, model.lm_head.weight)  # CPU: never the math kernel
+    monkeypatch.setattr(model_module, "fused_attention", lambda n_batch, args, weight: False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 ** 20, 16 * 2 ** 30))  # 1 MiB free
+    fits = 8 * 4 * 2 * 128 ** 2  # 1 MiB exactly: 2 prompts of 128 tokens
+    assert fits == 2 ** 20
+    generate(model, torch.randint(0, 256, (2, 128)), CompressionConfig(method="full"), max_new_tokens=2)
+    with pytest.raises(PromptError, match=r"attention over 2 x 129 prompt tokens needs 0.0 GiB, 0.0 GiB are free "
+                                          r"\(only SDPA's math kernel .*: shorten the prompt or batch fewer prompts"):
+        generate(model, torch.randint(0, 256, (2, 129)), CompressionConfig(method="full"), max_new_tokens=2)
 
 
 def test_compiled_decode_matches_eager_in_bfloat16():

@@ -278,6 +278,21 @@ def split_text(tokenizer: Tokenizer, context: str, questions: list[str],
                           for question in questions])
 
 
+REPEAT_FIRST = "Repeat the previous context exactly."  # KVzip's repeat prompts (the blank line before them
+REPEAT_LATER = "Repeat the part of the previous context exactly, starting with"  # is the question's own)
+
+
+def repeat_prompts(tokenizer: Tokenizer, asks: list[list[int]], chat) -> tuple[list[int], list[int], list[int]]:
+    """KVzip's repeat prompts (contexts.Repeat's first, later, suffix) from `asks`, the ids of REPEAT_FIRST and
+    REPEAT_LATER written as questions after the context: the suffix is the `chat` template's turn to the
+    assistant that both end with; "\n" without a template."""
+    first, later = asks
+    if chat is None:
+        return first, later, encode_text(tokenizer, "\n").ids
+    n = max(n for n in range(min(len(first), len(later)) + 1) if first[len(first) - n:] == later[len(later) - n:])
+    return first[:len(first) - n], later[:len(later) - n], first[len(first) - n:]
+
+
 def shared_prefix(prompts: list[tuple[Encoded, int]]) -> tuple[Encoded, list[list[int]]]:
     """(the context, each question's ids) from each whole prompt and where its question starts:
     the context is the tokens every prompt shares that end by then, so context + question ids

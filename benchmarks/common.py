@@ -125,14 +125,15 @@ def replicated(captured, n_batch: int) -> list[tuple]:
     return [tuple(t.expand(n_batch, *t.shape[1:]) for t in layer) for layer in captured]
 
 
-def decode_step_seconds(model: Transformer, n_batch: int, n_steps: int, decode=None) -> list[float]:
-    """Seconds of each of `n_steps` decode steps (generate's decode loop, greedy) from the caches as
-    they are, which are then restored: the next measurement decodes from the same cache."""
+def decode_step_seconds(model: Transformer, n_batch: int, n_steps: int, decode=None) -> tuple[list[float], list]:
+    """Seconds of `n_steps` decode steps (generate's decode loop, greedy) from the caches as they are,
+    which are then restored (the next measurement decodes from the same cache): (the steady steps, the
+    warm-up steps, which compiled or recorded a graph)."""
     snapshot = model.snapshot()
     logits = torch.zeros(n_batch, model.args.vocab_size, device=model.lm_head.weight.device)
-    steps = decode_tokens(model, logits, n_steps + 1, decode=decode)[1]
+    steps, warmup = decode_tokens(model, logits, n_steps + 1, decode=decode)[1:]
     model.restore(snapshot)
-    return steps
+    return steps, warmup
 
 
 def kept_per_layer(model: Transformer, n_prompt: int) -> list[float]:

@@ -4,6 +4,7 @@ and plot; page-aligned chunks (16 against 10); the CLI's pass-key demo over seed
 import math
 import random
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,8 @@ from benchmarks.common import (Progress, bootstrap, compress, greedy, interval, 
                                retrieval_case, stdlib_paragraphs, table, take_prose, wilson)
 from chunkkv import CompressionConfig
 from cli import PASSKEY_QUESTION, fastgen_token_ids, passkey_prompt
-from tokenizer import split_text
+from contexts import Repeat, reconstruction_scores
+from tokenizer import REPEAT_FIRST, REPEAT_LATER, repeat_prompts, split_text
 
 
 # ---------------------------------------------------------------------------------------
@@ -43,6 +45,22 @@ def adjacent_jaccard(sets: list[list[set]]) -> float:
     return statistics.mean(pairs)
 
 
+RECONSTRUCT = {  # label -> config at a given keep, on KVzip's reconstruction scores (agnostic setting)
+    "kvzip": dict(method="kvzip"), "snapkv-reconstruct": dict(method="snapkv", scorer="reconstruct"),
+    "chunkkv-reconstruct": dict(method="chunkkv", scorer="reconstruct"),
+}
+
+
+def reconstructed(model, captured, tokens: torch.Tensor, repeat: Repeat, room: int) -> tuple[list, float]:
+    """KVzip's scores of the context `tokens` (contexts.reconstruction_scores) from the full caches filled
+    from a captured prefill: (each layer's [B, Hkv, T], the seconds the repeats and scoring took)."""
+    n_repeat = max(len(ids) for _, _, ids in repeat.prompts(tokens[0].tolist()))
+    compress(model, captured, tokens, CompressionConfig(method="full"), max(room, n_repeat))
+    start = time.perf_counter()
+    scores = reconstruction_scores(model, tokens, repeat, CompressionConfig().n_sinks)
+    return scores, time.perf_counter() - start
+
+
 def quality_configs(keeps, fastgen_ids) -> list[tuple[str, str, float | None, CompressionConfig]]:
     """(bench, label, keep, config): the method grid, then the reuse and chunk-size ablations at keep 0.1."""
     configs = [("main", "full", 1.0, CompressionConfig(method="full"))]
@@ -56,10 +74,12 @@ def quality_configs(keeps, fastgen_ids) -> list[tuple[str, str, float | None, Co
 
 def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), lengths=None, keeps=None,
                 tasks=None, retrieval_only=False, prompts=None, ablations=True, continuation=None,
-                on_case=None) -> list[dict]:
+                on_case=None, scorers=("window",)) -> list[dict]:
     """Rows of every retrieval prompt x method x keep (and setting), then fidelity, overlap and the
     ablations. `prompts` per length and task (default: one per depth), their needles' depths
-    cycling through 0, 0.25, ..., 1; `on_case(rows)` after each prompt (partial results)."""
+    cycling through 0, 0.25, ..., 1; `on_case(rows)` after each prompt (partial results). With the
+    scorer "reconstruct", the agnostic setting also runs RECONSTRUCT's methods on KVzip's scores of
+    the context, scored once per prompt, and times that scoring against the prefill."""
     paragraphs = stdlib_paragraphs()
     rng = random.Random(0)
     lengths = lengths or ([1024] if quick else [1024, 2048, 4096])
@@ -101,15 +121,27 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
                              value=sum(a in answer for a in answers) / len(answers), **common)
         if "agnostic" in settings:  # the context alone, compressed once; every question extends that cache
             # tokenized as the aware prompts are: context + question ids are the one prompt's (no BOS between)
-            encoded, asks = split_text(tokenizer, context, [question for question, _ in questions], True)
+            repeating = "reconstruct" in scorers  # KVzip's repeat prompts, cut as the questions are
+            encoded, asks = split_text(tokenizer, context, [question for question, _ in questions] +
+                                       ([f"\n\n{REPEAT_FIRST}", f"\n\n{REPEAT_LATER}"] if repeating else []), True)
+            repeat, asks = (Repeat(*repeat_prompts(tokenizer, asks[-2:], None)), asks[:-2]) if repeating else (None, asks)
             tokens, asks = torch.tensor([encoded.ids]), [torch.tensor([ids]) for ids in asks]
             room = max(ask.shape[1] for ask in asks) + max_new
+            start = time.perf_counter()
             _, captured = model.capture(tokens)
-            scores = {}
-            for bench, label, keep, config in [c for c in configs if c[0] == "main"]:
-                key = (config.method, config.per_head)
+            prefill_seconds, scores = time.perf_counter() - start, {}
+            agnostic = [c for c in configs if c[0] == "main" and "window" in scorers]
+            if repeating:
+                scores["reconstruct"], seconds = reconstructed(model, captured, tokens, repeat, room)
+                evaluate("scoring", **{**common, "metric": "reconstruct_seconds"}, value=seconds,
+                         prefill_seconds=prefill_seconds, of_prefill=seconds / prefill_seconds)
+                agnostic += [("main", label, keep, CompressionConfig(keep=keep, **kw))
+                             for label, kw in RECONSTRUCT.items() for keep in keeps]
+            for bench, label, keep, config in agnostic:
+                key = (config.method, config.per_head) if config.scoring == "window" else (config.per_kv_head, "reconstruct")
                 if key not in scores:
-                    scores[key] = layer_scores(config, captured)
+                    scores[key] = (layer_scores(config, captured) if config.scoring == "window" else
+                                   [s if config.per_kv_head else s.sum(dim=1) for s in scores["reconstruct"]])
                 compress(model, captured, tokens, config, room, scores[key])
                 compressed = model.snapshot()
                 for asked, ((_, answers), ask) in enumerate(zip(questions, asks)):
@@ -200,7 +232,7 @@ def settings_table(rows: list[dict]) -> str:
         return "\n(no single or multikey prompts ran: no table by setting)"
     settings = [s for s in ("aware", "agnostic") if any(r["setting"] == s for r in rows)]
     keeps = sorted({r["keep"] for r in rows if r["keep"] not in (None, 1.0)})
-    labels = ["full"] + list(METHODS) + ["fastgen"]
+    labels = ["full"] + list(METHODS) + ["fastgen"] + [label for label in RECONSTRUCT if any(r["method"] == label for r in rows)]
     cells = []
     for label in labels:
         for keep in ([1.0] if label == "full" else [None] if label == "fastgen" else keeps):
@@ -221,6 +253,10 @@ def settings_table(rows: list[dict]) -> str:
 
 def quality_tables(rows: list[dict]) -> str:
     out = [settings_table(rows)] if any(r.get("setting") == "agnostic" for r in rows) else []
+    if timed := [r for r in rows if r["bench"] == "scoring"]:
+        shares = [r["of_prefill"] for r in timed]
+        out.append(f"\nreconstruction scoring (KVzip's repeat, every block): {statistics.median(shares):.2f}x the "
+                   f"context's prefill (median; {min(shares):.2f}-{max(shares):.2f}x over {len(shares)} prompts)")
     rows = [r for r in rows if r.get("setting", "aware") == "aware"]  # the tables below: query-aware
     if not any(r["bench"] == "retrieval" for r in rows):
         return "\n".join(out)

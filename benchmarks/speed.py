@@ -175,13 +175,13 @@ def speed_rows(model, tokenizer, quick, lengths, methods, batches, compiled, che
                 torch._dynamo.reset()  # frees the last size's graph and its frozen copy of the weights
                 for mode, decode in modes:
                     rss_before = rss_mib()
-                    times = decode_step_seconds(model, n_batch, n_steps + 2, decode)  # two warm-up steps
-                    step_s, spread, first_s = statistics.median(times[2:]), max(times[2:]) - min(times[2:]), times[0]
+                    times, warmup = decode_step_seconds(model, n_batch, n_steps + 1, decode)
+                    step_s, spread = statistics.median(times), max(times) - min(times)
                     roofline_s = (weight_bytes + kv_bytes) / bandwidth
                     rows.append({**common, "batch": n_batch, "mode": mode, "metric": "decode_tokens_per_s",
                                  "value": n_batch / step_s, "step_ms": 1000 * step_s, "spread_ms": 1000 * spread,
                                  "roofline_ms": 1000 * roofline_s, "of_roofline": roofline_s / step_s,
-                                 "first_step_s": first_s, "rss_added_mib": rss_mib() - rss_before})
+                                 "first_step_s": sum(warmup), "rss_added_mib": rss_mib() - rss_before})
                 rows.append({**common, "batch": n_batch, "metric": "kv_cache_bytes", "value": kv_bytes,
                              "kept_per_layer": statistics.mean(kept_per_layer(model, n_tokens))})
                 rows.append({**common, "batch": n_batch, "metric": "peak_rss_mib_so_far",
@@ -296,7 +296,7 @@ def run_throughput(model, tokenizer, quick: bool, memory_gib: float = 1.0, lengt
 
     def measure(label, config, captured, tokens, n_batch, **fields):
         seconds = compress(model, replicated(captured, n_batch), tokens.expand(n_batch, -1), config, n_new)
-        times = decode_step_seconds(model, n_batch, n_steps + 1)[1:]  # one warm-up step
+        times = decode_step_seconds(model, n_batch, n_steps + 1)[0][1:]  # eager, but its first step allocates
         rows.append({"bench": "throughput", "method": label, "batch": n_batch, "prompt_tokens": tokens.shape[1],
                      "metric": "decode_step_seconds", "values": times, "kv_cache_bytes": model.cache_bytes(),
                      "compress_seconds_batch": seconds, "load_average_1min": os.getloadavg()[0],

@@ -360,7 +360,7 @@ def test_half_precision_scores_equal_float32_scores_of_the_same_values(dtype):
 # ---------------------------------------------------------------------------------------
 # Reuse: exactly the leaders score
 
-@pytest.mark.parametrize("method", chunkkv.SCORED + ("chunkkv-per-head",))
+@pytest.mark.parametrize("method", [m for m in chunkkv.SCORED if chunkkv.METHODS[m].scorer == "window"] + ["chunkkv-per-head"])
 @pytest.mark.parametrize("n_layers, reuse, keep", [(5, 2, 0.3), (6, 3, 0.3), (4, 1, 0.3), (5, 2, 0.75), (4, 4, 0.9)])
 def test_reuse_scores_in_exactly_the_leader_layers(method, n_layers, reuse, keep, monkeypatch):
     config = CompressionConfig(method=method.removesuffix("-per-head"), per_head=method.endswith("-per-head"),

@@ -185,7 +185,7 @@ def test_every_timed_interval_starts_and_ends_after_the_device_is_synchronized(m
     monkeypatch.setattr(model_module, "synchronize", lambda device: events.append("sync"))
     monkeypatch.setattr(generate_module, "synchronize", lambda device: events.append("sync"))
     monkeypatch.setattr(time, "perf_counter", lambda: events.append("clock") or clock())
-    for module, name in [(chunkkv, "keep_positions"), (model_module.Transformer, "recompress")]:
+    for module, name in [(chunkkv, "keep_positions"), (model_module.KVCache, "recompress")]:
         work = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, work=work, name=name, **kw: events.append(name) or work(*a, **kw))
     record = generate(tiny_model(), torch.randint(0, 256, (1, 60)), CompressionConfig(budget=40, window=4),
