@@ -157,25 +157,23 @@ def pyramid_budgets(budget: int, window: int, n_layers: int, beta: float, n_prom
 # ---------------------------------------------------------------------------------------
 # Scoring: how much the observation window attends to each prompt token.
 
-def grouped_attention(q: Tensor, k: Tensor, visible: Tensor) -> Tensor:
-    """Softmax attention, in float32, of queries q [B, Hq, n, D] over keys k [B, Hkv, S, D] where
-    visible [n, S] is True -> [B, Hkv, G, n, S]. Query heads are grouped by the KV head they share,
+def grouped_logits(q: Tensor, k: Tensor, visible: Tensor) -> Tensor:
+    """Attention logits, in float32, of queries q [B, Hq, n, D] over keys k [B, Hkv, S, D], -inf where
+    visible [n, S] is False -> [B, Hkv, G, n, S]. Query heads are grouped by the KV head they share,
     so K is never expanded."""
-    q = rearrange(q.float(), "b (h g) t d -> b h (g t) d", h=k.shape[1])
-    logits = q @ k.float().transpose(-1, -2) / math.sqrt(k.shape[3])  # [B, Hkv, G*n, S]
+    q = rearrange(q.float() / math.sqrt(k.shape[3]), "b (h g) t d -> b h (g t) d", h=k.shape[1])
+    logits = q @ k.float().transpose(-1, -2)  # [B, Hkv, G*n, S]
     logits = rearrange(logits, "b h (g t) s -> b h g t s", t=visible.shape[0])
-    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return logits.masked_fill_(~visible, float("-inf"))
 
 
 def window_attention(q_win: Tensor, k: Tensor) -> Tensor:
-    """Softmax attention of the last W prompt queries over all T keys, in float32.
-
-    q_win [B, Hq, W, D] (any W <= T), k [B, Hkv, T, D] -> [B, Hkv, G, W, T]. Window query i
-    sits at position T - W + i and sees keys up to its own position (causal inside the window).
-    """
+    """Softmax attention, in float32, of the last W prompt queries q_win [B, Hq, W, D] (any W <= T) over
+    all T keys k [B, Hkv, T, D] -> [B, Hkv, G, W, T]. Window query i sits at position T - W + i and sees
+    keys up to its own position (causal inside the window)."""
     n_prompt, n_window = k.shape[2], q_win.shape[2]
     query_pos = torch.arange(n_prompt - n_window, n_prompt, device=k.device)
-    return grouped_attention(q_win, k, torch.arange(n_prompt, device=k.device) <= query_pos[:, None])
+    return grouped_logits(q_win, k, torch.arange(n_prompt, device=k.device) <= query_pos[:, None]).softmax(dim=-1)
 
 
 def window_scores(q_win: Tensor, k: Tensor) -> Tensor:
@@ -213,13 +211,13 @@ def h2o_scores(q: Tensor, k: Tensor, block: int = 512) -> Tensor:
         end = min(start + block, q.shape[2])
         seen = first + end  # queries [start, end) sit at first + start.. and see keys [0, seen)
         visible = keys[:seen] <= torch.arange(first + start, seen, device=k.device)[:, None]  # [t, seen]
-        probs = grouped_attention(q[:, :, start:end], k[:, :, :seen], visible)  # [B, Hkv, G, t, seen]
+        probs = grouped_logits(q[:, :, start:end], k[:, :, :seen], visible).softmax(dim=-1)  # [B, Hkv, G, t, seen]
         scores[..., :seen] += probs.sum(dim=3).mean(dim=2)
     return scores
 
 
 def reconstruction_scores(q_repeat: Tensor, k: Tensor, start: int, end: int, n_context: int, n_sinks: int,
-                          block: int = 512) -> Tensor:
+                          block: int = 128) -> Tensor:
     """KVzip's scores of the context tokens [start, end) (Kim et al., NeurIPS 2025; snu-mllab/KVzip
     attention/score.py, kvpress KVzipPress): softmax attention, in float32, of the R queries of a
     teacher-forced repeat of that block, q_repeat [B, Hq, R, D] (post-RoPE, after the context), over
@@ -227,15 +225,17 @@ def reconstruction_scores(q_repeat: Tensor, k: Tensor, start: int, end: int, n_c
     over each KV head's query heads and over the queries. k [B, Hkv, n_context + R, D]: the context's
     keys, then the repeat's. -> [B, Hkv, end - start]. Queries run in blocks of `block`."""
     n_repeat, sink = q_repeat.shape[2], min(n_sinks, start)
-    keys = torch.cat([k[:, :, :sink], k[:, :, start:end], k[:, :, n_context:n_context + n_repeat]], dim=2)
+    keys = torch.cat([k[:, :, :sink], k[:, :, start:end], k[:, :, n_context:n_context + n_repeat]], dim=2).float()
     n_seen, own = sink + end - start, torch.arange(n_repeat, device=k.device)  # every query sees the n_seen keys
-    scores = k.new_zeros(k.shape[0], k.shape[1], end - start, dtype=torch.float32)
+    log_scores = k.new_full((k.shape[0], k.shape[1], end - start), -math.inf, dtype=torch.float32)
     for first in range(0, n_repeat, block):
-        last = min(first + block, n_repeat)
-        visible = torch.cat([own.new_ones(last - first, n_seen, dtype=torch.bool), own <= own[first:last, None]], 1)
-        probs = grouped_attention(q_repeat[:, :, first:last], keys, visible)  # [B, Hkv, G, r, S]
-        scores = torch.maximum(scores, probs[..., sink:n_seen].amax(dim=(2, 3)))
-    return scores
+        last = min(first + block, n_repeat)  # the block's queries see the repeat's keys [0, last) at most
+        visible = torch.cat([own.new_ones(last - first, n_seen, dtype=torch.bool),
+                             own[:last] <= own[first:last, None]], dim=1)
+        logits = grouped_logits(q_repeat[:, :, first:last], keys[:, :, :n_seen + last], visible)  # [B, Hkv, G, r, S]
+        log_probs = logits[..., sink:n_seen] - logits.logsumexp(dim=-1, keepdim=True)
+        log_scores = torch.maximum(log_scores, log_probs.amax(dim=(2, 3)))
+    return log_scores.exp()  # exp is monotone: the max of the probabilities, without exp over them all
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,6 +280,32 @@ def chunk_priority(token_scores: Tensor, window: int, chunk_size: int) -> Tensor
     return with_window(token_chunk_rank * chunk_size + pos % chunk_size, n_prompt)
 
 
+def entropy_gated_priority(token_scores: Tensor, window: int, chunk_size: int, n_spiky: int = 4) -> Tensor:
+    """EG-ChunkKV (kvpress EntropyGatedChunkKVPress, NVIDIA/kvpress #263) as a keep priority [..., T] from
+    scores [..., T] >= 0: the window first; then the prefix chunks by descending mean score, each offering
+    its tokens by descending score, but only its top `n_spiky` if it is important and spiky (mean score
+    at or above the median chunk's, normalised score entropy below the median); then the prefix tokens
+    not offered, by descending score. Ties: earlier first; a chunk with an infinite score is not spiky."""
+    n_prompt = token_scores.shape[-1]
+    n_prefix = n_prompt - min(window, n_prompt)
+    n_chunks = -(-n_prefix // chunk_size)
+    chunks = rearrange(F.pad(token_scores[..., :n_prefix], (0, n_chunks * chunk_size - n_prefix)),
+                       "... (n c) -> ... n c", c=chunk_size)  # [..., n, c], the last padded with 0
+    lengths = (n_prefix - chunk_size * torch.arange(n_chunks, device=chunks.device)).clamp(max=chunk_size)
+    p = chunks / (chunks.sum(-1, keepdim=True) + 1e-8)  # kvpress's epsilons: the same gates
+    entropy = torch.where(lengths > 1, -(p * (p + 1e-8).log()).sum(-1) / lengths.clamp(min=2).log(), 0)
+    entropy = entropy.nan_to_num(1.0).clamp(0, 1)  # nan: a chunk with an infinite score (the sinks)
+    means = chunks.sum(-1) / lengths
+    spiky = (means >= means.median(-1, keepdim=True).values) & (entropy < entropy.median(-1, keepdim=True).values)
+    in_chunk = chunks.sort(dim=-1, descending=True, stable=True).indices.argsort(dim=-1)  # each token's rank
+    offered = in_chunk < torch.where(spiky, min(n_spiky, chunk_size), lengths)[..., None]
+    chunk_rank = means.sort(dim=-1, descending=True, stable=True).indices.argsort(dim=-1)
+    first = rearrange(chunk_rank[..., None] * chunk_size + in_chunk, "... n c -> ... (n c)")[..., :n_prefix]
+    offered = rearrange(offered, "... n c -> ... (n c)")[..., :n_prefix]
+    rest = token_scores[..., :n_prefix].masked_fill(offered, -math.inf).sort(dim=-1, descending=True, stable=True)
+    return with_window(torch.where(offered, first, n_chunks * chunk_size + rest.indices.argsort(dim=-1)), n_prompt)
+
+
 def token_priority(token_scores: Tensor, window: int) -> Tensor:
     """Token-level methods' keep priority [..., T]: the window first (latest first), then the prefix
     tokens by descending score (ties: earlier first). Its top-k is select_tokens for every budget."""
@@ -296,14 +322,10 @@ def streaming_priority(n_prompt: int, n_sinks: int, device=None) -> Tensor:
 
 
 def select_chunks(token_scores: Tensor, budget: int, window: int, chunk_size: int) -> Tensor:
-    """Kept prompt positions [..., budget], sorted, from token scores [..., T].
-
-    Chunks of the prefix [0, T - window) are taken in descending score order (ties: earlier
-    chunk first) while they fit into budget - window; the first one that does not fit gives
-    its first tokens so that exactly budget - window prefix tokens are kept. The window
-    [T - window, T) is always kept. With T <= budget every position is kept; with budget <= window
-    (the host rule: CompressionConfig.host) the last `budget` tokens.
-    """
+    """Kept prompt positions [..., budget], sorted, from token scores [..., T]: chunks of the prefix
+    [0, T - window) in descending score order (ties: earlier first) while they fit into budget - window,
+    then the first tokens of the next one, and the window [T - window, T). T <= budget: every position;
+    budget <= window (the host rule: CompressionConfig.host): the last `budget` tokens."""
     return top_positions(chunk_priority(token_scores, window, chunk_size), budget)
 
 
@@ -311,12 +333,6 @@ def select_tokens(token_scores: Tensor, budget: int, window: int) -> Tensor:
     """Token-level selection (H2O, SnapKV, PyramidKV): the budget - window best prefix tokens
     (ties: earlier first) plus the window, [..., budget] sorted, from scores [..., T]."""
     return top_positions(token_priority(token_scores, window), budget)
-
-
-def streaming_positions(n_batch: int, n_prompt: int, budget: int, n_sinks: int, device=None) -> Tensor:
-    """StreamingLLM: the first n_sinks tokens (attention sinks) and the last budget - n_sinks, [B, budget]."""
-    kept = top_positions(streaming_priority(n_prompt, n_sinks, device), budget)
-    return kept.expand(n_batch, kept.shape[-1])
 
 
 def fastgen_mask(scores: Tensor, tokens: Tensor | None, config: CompressionConfig) -> Tensor:
@@ -409,7 +425,8 @@ def needs_reconstruction(config: CompressionConfig, q: Tensor, k: Tensor) -> Ten
 
 
 def sinks_and_recent(config: CompressionConfig, scores, budget: int, k: Tensor, tokens=None) -> Tensor:
-    return streaming_positions(k.shape[0], k.shape[2], budget, config.n_sinks, k.device)
+    """StreamingLLM: the first n_sinks tokens (attention sinks) and the last budget - n_sinks, [B, budget]."""
+    return top_positions(streaming_priority(k.shape[2], config.n_sinks, k.device), budget).expand(k.shape[0], -1)
 
 
 def everything(config: CompressionConfig, scores, budget: int, k: Tensor, tokens=None) -> Tensor:
@@ -427,6 +444,8 @@ METHODS = {  # scorers (config, q, k) and selectors (config, scores, budget, k, 
     "snapkv": Method(pooled_window_score, top_tokens, per_head=True, recompressible=True),
     "pyramidkv": Method(pooled_window_score, top_tokens, per_head=True, pyramid=True),
     "chunkkv": Method(window_score, top_chunks, per_head=None, recompressible=True),
+    "eg-chunkkv": Method(window_score, lambda c, s, budget, k, t=None:
+                         top_positions(entropy_gated_priority(s, c.window, c.chunk_size), budget), per_head=False),
     "fastgen": Method(lambda c, q, k: head_window_scores(q[:, :, -c.window:], k), cheapest_policy, per_head=True,
                       budgeted=False, rescorable=False),
     # kvzip: no window, and its sinks score highest (reconstruction scores give them +inf)
@@ -460,7 +479,7 @@ def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, budget: int,
     punctuation ids. Layer-wise reuse: a layer with layer % reuse != 0 skips scoring and takes
     `leader`, the (positions, scores) the last scoring layer returned, or re-selects from the
     leader's scores when its own budget differs (pyramidkv). Precomputed `scores` of this layer
-    also skip scoring (one scoring, many budgets).
+    also skip scoring (one scoring, many budgets); a per-layer selector sums per-KV-head ones over heads.
     """
     row = config.row
     if leader is not None and layer % config.reuse != 0 and row.score is not None:
@@ -475,6 +494,8 @@ def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, budget: int,
                 else all_positions(k, config.per_kv_head)), None  # nothing to drop
     if scores is None:
         scores = (row.score if config.scoring == "window" else needs_reconstruction)(config, q, k)
+    elif scores.dim() == 3 and not config.per_kv_head:
+        scores = scores.sum(dim=1)
     return row.select(config, scores, budget, k, tokens), scores
 
 

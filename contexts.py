@@ -129,7 +129,7 @@ def reconstruction_scores(model: Transformer, tokens: Tensor, repeat: Repeat, n_
     for i, (start, end, ids) in enumerate(rows[0]):
         for cache in model.caches():
             cache.keep_queries(none, len(ids))  # remember exactly the repeat's queries
-        model.extend(torch.tensor([row[i][2] for row in rows], device=tokens.device))
+        model.extend(torch.tensor([row[i][2] for row in rows], device=tokens.device), logits=False)  # the caches only
         for layer, cache in enumerate(model.caches()):
             scores[layer][..., start:end] = chunkkv.reconstruction_scores(cache.queries, cache.k, start, end,
                                                                           n_context, n_sinks)
@@ -145,7 +145,7 @@ def reconstruct_and_compress(model: Transformer, tokens: Tensor, config: Compres
                              room: int, n_slots: int | None = None) -> Prefilled:
     """Prefill the context tokens [B, T] (rows of one length) into full caches, score it by its repeat
     (reconstruction_scores), compress every layer's cache from the scores as `config`'s selector says
-    (chunkkv's, per layer: summed over the KV heads), `room` slots left free: the record (compress_seconds:
+    (a per-layer one sums them over the KV heads), `room` slots left free: the record (compress_seconds:
     repeats, scoring, selection). CompressionError without a repeat; PromptError past the context."""
     if repeat is None:
         raise CompressionError("scorer 'reconstruct' repeats the context: pass repeat=contexts.Repeat(...)")
@@ -159,8 +159,7 @@ def reconstruct_and_compress(model: Transformer, tokens: Tensor, config: Compres
                                        [[n_context] * model.args.n_layers] * n_batch, max(room, n_repeat)))
     synchronize(tokens.device)
     scored = time.perf_counter()
-    scores = [s if config.per_kv_head else s.sum(dim=1) for s in reconstruction_scores(model, tokens, repeat,
-                                                                                       config.n_sinks)]
+    scores = reconstruction_scores(model, tokens, repeat, config.n_sinks)
     full = [(None, cache.k[:, :, :n_context], cache.v[:, :, :n_context]) for cache in model.caches()]
     model.compress(full, CacheRequest(config, [n_context] * n_batch, budgets, room, n_slots, tokens, scores))
     synchronize(tokens.device)

@@ -464,17 +464,18 @@ class Transformer(nn.Module):
         return sum(c.pos.shape[0] * c.pos.shape[2] for c in self.caches()) * self.slot_bytes()
 
     @torch.no_grad()
-    def extend(self, tokens: Tensor) -> Tensor:
-        """Append tokens [B, T'] to the caches in one forward: logits [B, T', vocab]. Each attends to every
-        cache entry and causally to the new tokens before it, at RoPE positions continuing from the logical
-        length (never the slot index); their K/V take the next free slots. Raises PromptError when a layer
-        has fewer free slots than T', or the model's context or window would overflow."""
+    def extend(self, tokens: Tensor, logits: bool = True) -> Tensor | None:
+        """Append tokens [B, T'] to the caches in one forward: logits [B, T', vocab] (None if not `logits`).
+        Each attends to every cache entry and causally to the new tokens before it, at RoPE positions from
+        the logical length (never the slot index); their K/V take the next free slots. Raises PromptError
+        when a layer has fewer free slots than T', or the model's context or window would overflow."""
         if (n_new := tokens.shape[1]) > (free := self.free_slots()):
             raise PromptError(f"{n_new} new tokens do not fit in the {free} free cache slots: "
                               f"leave more room for new tokens (max_new_tokens) when compressing")
         length = int(self.caches()[0].length.max())
         self.check_room(length + n_new, f"{length} tokens in the cache + {n_new} new tokens", "append fewer tokens")
-        return self.lm_head(self.through_cache(tokens))
+        hidden = self.through_cache(tokens)
+        return self.lm_head(hidden) if logits else None
 
     @torch.no_grad()
     def decode(self, token: Tensor) -> Tensor:
@@ -482,8 +483,7 @@ class Transformer(nn.Module):
         return self.lm_head(self.through_cache(token)[:, -1])
 
     def through_cache(self, tokens: Tensor) -> Tensor:
-        n_new = tokens.shape[1]
-        positions = self.caches()[0].length[:, None] + torch.arange(n_new, device=tokens.device)  # [B, T']
+        positions = self.caches()[0].length[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # [B, T']
         cos, sin = (t[:, None] for t in rope(positions, self.args))  # [B, 1, T', D]
         x = self.embed_tokens(tokens)
         for block in self.layers:

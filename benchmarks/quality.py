@@ -23,7 +23,7 @@ from tokenizer import REPEAT_FIRST, REPEAT_LATER, repeat_prompts, split_text
 METHODS = {  # label -> config at a given keep
     "streaming": dict(method="streaming"), "h2o": dict(method="h2o"), "snapkv": dict(method="snapkv"),
     "pyramidkv": dict(method="pyramidkv"), "chunkkv": dict(method="chunkkv"),
-    "chunkkv-per-head": dict(method="chunkkv", per_head=True),
+    "chunkkv-per-head": dict(method="chunkkv", per_head=True), "eg-chunkkv": dict(method="eg-chunkkv"),
 }
 
 
@@ -48,6 +48,8 @@ def adjacent_jaccard(sets: list[list[set]]) -> float:
 RECONSTRUCT = {  # label -> config at a given keep, on KVzip's reconstruction scores (agnostic setting)
     "kvzip": dict(method="kvzip"), "snapkv-reconstruct": dict(method="snapkv", scorer="reconstruct"),
     "chunkkv-reconstruct": dict(method="chunkkv", scorer="reconstruct"),
+    "chunkkv-reconstruct-max": dict(method="chunkkv", scorer="reconstruct"),  # the max over KV heads, not the sum
+    "eg-chunkkv-reconstruct": dict(method="eg-chunkkv", scorer="reconstruct"),
 }
 
 
@@ -138,10 +140,10 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
                 agnostic += [("main", label, keep, CompressionConfig(keep=keep, **kw))
                              for label, kw in RECONSTRUCT.items() for keep in keeps]
             for bench, label, keep, config in agnostic:
-                key = (config.method, config.per_head) if config.scoring == "window" else (config.per_kv_head, "reconstruct")
-                if key not in scores:
+                key = (config.method, config.per_head) if config.scoring == "window" else label.endswith("-max")
+                if key not in scores:  # per-layer selectors sum reconstruction scores over KV heads, or take the max
                     scores[key] = (layer_scores(config, captured) if config.scoring == "window" else
-                                   [s if config.per_kv_head else s.sum(dim=1) for s in scores["reconstruct"]])
+                                   [s.amax(dim=1) for s in scores["reconstruct"]] if key else scores["reconstruct"])
                 compress(model, captured, tokens, config, room, scores[key])
                 compressed = model.snapshot()
                 for asked, ((_, answers), ask) in enumerate(zip(questions, asks)):
@@ -201,17 +203,17 @@ def accuracy_cell(rows: list[dict], **match) -> str:
     return f"{statistics.fmean(values):.2f} [{low:.2f}, {high:.2f}] n={len(values)}"
 
 
-def paired_table(rows: list[dict]) -> str:
-    """ChunkKV minus each other method at the same keep (full: all kept; fastgen: its own
-    choice), over the same prompts, with a 95 % paired-bootstrap interval: a difference is
-    resolved when its interval excludes 0."""
+def paired_table(rows: list[dict], ours_label: str = "chunkkv", labels=None) -> str:
+    """`ours_label` (ChunkKV) minus each of `labels` (the other methods) at the same keep (full: all
+    kept; fastgen: its own choice), over the same prompts, with a 95 % paired-bootstrap interval: a
+    difference is resolved when its interval excludes 0."""
     rows = [r for r in rows if r["bench"] == "retrieval" and r["metric"] == "accuracy"]
     prompt = lambda r: (r["task"], r["context"], r.get("prompt", r["depth"]), r.get("question", 0))  # noqa: E731
     keeps = sorted({r["keep"] for r in rows if r["keep"] not in (None, 1.0)})
     cells = []
     for keep in keeps:
-        ours = {prompt(r): r["value"] for r in rows if r["method"] == "chunkkv" and r["keep"] == keep}
-        for label in ["full"] + [m for m in METHODS if m != "chunkkv"] + ["fastgen"]:
+        ours = {prompt(r): r["value"] for r in rows if r["method"] == ours_label and r["keep"] == keep}
+        for label in labels or ["full"] + [m for m in METHODS if m != "chunkkv"] + ["fastgen"]:
             theirs_keep = 1.0 if label == "full" else None if label == "fastgen" else keep
             theirs = {prompt(r): r["value"] for r in rows if r["method"] == label and r["keep"] == theirs_keep}
             diffs = [ours[p] - theirs[p] for p in ours if p in theirs]
@@ -220,8 +222,8 @@ def paired_table(rows: list[dict]) -> str:
             low, high = bootstrap(diffs)
             cells.append([keep, label, f"{statistics.fmean(diffs):+.2f} [{low:+.2f}, {high:+.2f}]", len(diffs),
                           "yes" if low > 0 or high < 0 else "no"])
-    return table("ChunkKV minus each method, same prompts (95 % paired bootstrap)",
-                 ["chunkkv keep", "vs", "difference", "prompts", "resolved"], cells)
+    return table(f"{ours_label} minus each method, same prompts (95 % paired bootstrap)",
+                 [f"{ours_label} keep", "vs", "difference", "prompts", "resolved"], cells)
 
 
 def settings_table(rows: list[dict]) -> str:
@@ -232,7 +234,7 @@ def settings_table(rows: list[dict]) -> str:
         return "\n(no single or multikey prompts ran: no table by setting)"
     settings = [s for s in ("aware", "agnostic") if any(r["setting"] == s for r in rows)]
     keeps = sorted({r["keep"] for r in rows if r["keep"] not in (None, 1.0)})
-    labels = ["full"] + list(METHODS) + ["fastgen"] + [label for label in RECONSTRUCT if any(r["method"] == label for r in rows)]
+    labels = [label for label in ["full", *METHODS, "fastgen", *RECONSTRUCT] if any(r["method"] == label for r in rows)]
     cells = []
     for label in labels:
         for keep in ([1.0] if label == "full" else [None] if label == "fastgen" else keeps):
@@ -257,6 +259,9 @@ def quality_tables(rows: list[dict]) -> str:
         shares = [r["of_prefill"] for r in timed]
         out.append(f"\nreconstruction scoring (KVzip's repeat, every block): {statistics.median(shares):.2f}x the "
                    f"context's prefill (median; {min(shares):.2f}-{max(shares):.2f}x over {len(shares)} prompts)")
+        agnostic = [r for r in rows if r.get("setting") == "agnostic"]
+        out.append(paired_table(agnostic, "chunkkv-reconstruct", [label for label in ["full", *METHODS, *RECONSTRUCT]
+                                                                  if label != "chunkkv-reconstruct"]))
     rows = [r for r in rows if r.get("setting", "aware") == "aware"]  # the tables below: query-aware
     if not any(r["bench"] == "retrieval" for r in rows):
         return "\n".join(out)
@@ -266,7 +271,7 @@ def quality_tables(rows: list[dict]) -> str:
 
 def aware_tables(rows: list[dict]) -> str:
     keeps = sorted({r["keep"] for r in rows if r["bench"] == "retrieval" and r["keep"] not in (None, 1.0)})
-    labels = ["full"] + list(METHODS) + ["fastgen"]
+    labels = [label for label in ["full", *METHODS, "fastgen"] if any(r["method"] == label for r in rows)]
     lengths = sorted({r["context"] for r in rows if r["bench"] == "retrieval"})
     out = []
     acc = [[label] + [accuracy_cell(rows, bench="retrieval", method=label, keep=k) for k in

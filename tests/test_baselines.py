@@ -117,6 +117,37 @@ def ref_tokens(scores, budget: int, config: CompressionConfig) -> tuple[list[int
     return kept, boundary_gap(scores[:n_prefix], [p in kept for p in range(n_prefix)])
 
 
+def ref_entropy_gated(scores, budget: int, config: CompressionConfig, n_spiky: int = 4) -> tuple[list[int], float]:
+    """(kept, margin): EG-ChunkKV as kvpress's EntropyGatedChunkKVPress.compress loops (NVIDIA/kvpress
+    #263; torch's median: the lower one), on the prefix before the window, which is kept. Its margin:
+    the closest pair of chunk means, of chunk entropies or of prefix scores."""
+    n_prefix = len(scores) - config.window
+    room = budget - config.window
+    chunks = [list(range(s, min(s + config.chunk_size, n_prefix))) for s in range(0, n_prefix, config.chunk_size)]
+    means = [sum(scores[p] for p in chunk) / len(chunk) for chunk in chunks]
+
+    def entropy(chunk):
+        total = sum(scores[p] for p in chunk)
+        shares = [scores[p] / (total + 1e-8) for p in chunk]
+        h = -sum(x * math.log(x + 1e-8) for x in shares)
+        return 0.0 if len(chunk) == 1 else min(1.0, max(0.0, h / math.log(len(chunk))))
+
+    entropies = [entropy(chunk) for chunk in chunks]
+    median = lambda values: sorted(values)[(len(values) - 1) // 2]  # noqa: E731
+    kept = set()
+    for i in sorted(range(len(chunks)), key=lambda i: (-means[i], i)):
+        if room <= 0:
+            break
+        take = min(len(chunks[i]), room)
+        if means[i] >= median(means) and entropies[i] < median(entropies):  # important but spiky
+            take = min(take, n_spiky)
+        kept |= set(sorted(chunks[i], key=lambda p: (-scores[p], p))[:take])
+        room -= take
+    kept |= set(sorted((p for p in range(n_prefix) if p not in kept), key=lambda p: (-scores[p], p))[:max(room, 0)])
+    margin = min(boundary_gap(values, range(len(values))) for values in (means, entropies, scores[:n_prefix]))
+    return sorted(kept) + list(range(n_prefix, len(scores))), margin
+
+
 def reference_keep(config: CompressionConfig, q, k, tokens, budget: int) -> tuple[list, float]:
     """(kept[b][kv_head] as sorted lists, margin): what `config` keeps at this budget, written
     from the method's definition; margin is the closest call a float32 ranking had to make."""
@@ -126,9 +157,10 @@ def reference_keep(config: CompressionConfig, q, k, tokens, budget: int) -> tupl
     if config.method == "streaming":
         recent = list(range(n_prompt - budget + config.n_sinks, n_prompt))
         return [[list(range(config.n_sinks)) + recent] * n_kv_heads] * n_batch, math.inf
-    if config.method == "chunkkv" and not config.per_head:  # one choice per layer: every head, every window query
+    if config.method in ("chunkkv", "eg-chunkkv") and not config.per_head:  # one choice per layer: every head, every window query
         scores = ref_attention(q, k, config.window).sum(axis=(1, 2))  # [B, T]
-        choices = [ref_chunks(row, budget, config) for row in scores.tolist()]
+        choices = [(ref_chunks if config.method == "chunkkv" else ref_entropy_gated)(row, budget, config)
+                   for row in scores.tolist()]
         return [[kept] * n_kv_heads for kept, _ in choices], min(margin for _, margin in choices)
     scores = ref_head_scores(q, k, n_prompt if config.method == "h2o" else config.window).tolist()
     kept, margin = [], math.inf
@@ -205,6 +237,18 @@ def check_against_reference(config, q, k, tokens, budget):
 def test_token_and_chunk_methods_keep_what_their_reference_keeps(case):
     config, q, k, tokens = case
     check_against_reference(config, q, k, tokens, config.budget or q.shape[2])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(20, 60), st.integers(1, 8), st.integers(2, 9), st.floats(0.0, 1.0), st.sampled_from([0.5, 2.0, 4.0]),
+       st.integers(0, 2**31 - 1))
+def test_eg_chunkkv_keeps_what_kvpress_loop_keeps(n_prompt, window, chunk_size, share, scale, seed):
+    """Budgets below the prompt, where chunks are cut to their top tokens and the rest tops the budget up."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, heads, n_prompt, 8, generator=gen) * scale for heads in (4, 2))
+    budget = window + 1 + round(share * (n_prompt - window - 2))
+    config = CompressionConfig(method="eg-chunkkv", budget=budget, window=window, chunk_size=chunk_size)
+    check_against_reference(config, q, k, None, budget)
 
 
 @settings(max_examples=150, deadline=None)

@@ -12,23 +12,29 @@ import torch
 
 pytest.importorskip("kvpress", reason="the press needs kvpress: pip install -e '.[hf]' (.ci/run: its second environment)")
 from kvpress import ChunkKVPress as KvpressChunkKV  # noqa: E402
-from kvpress import KVPressTextGenerationPipeline, PyramidKVPress, ScorerPress, SnapKVPress  # noqa: E402
+from kvpress import EntropyGatedChunkKVPress  # noqa: E402
+from kvpress import KVPressTextGenerationPipeline, KVzipPress, PyramidKVPress, ScorerPress, SnapKVPress  # noqa: E402
 from kvpress.utils import compute_n_kept  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+import checkpoint  # noqa: E402
 import chunkkv  # noqa: E402
+from chunkkv import CompressionConfig  # noqa: E402
 from conftest import byte_tokenizer, reference_select  # noqa: E402
+from contexts import Repeat, reconstruct_and_compress, reconstruction_scores  # noqa: E402
 from integrations.hf import ChunkKVPress, queries  # noqa: E402
+from model import CacheRequest  # noqa: E402
+from tokenizer import REPEAT_FIRST, REPEAT_LATER  # noqa: E402
 
 METHODS = ["full", "streaming", "h2o", "snapkv", "pyramidkv", "chunkkv", "fastgen"]
 
 
-def tiny_llama(n_layers: int = 3, seed: int = 0, attn: str = "sdpa") -> LlamaForCausalLM:
+def tiny_llama(n_layers: int = 3, seed: int = 0, attn: str = "sdpa", n_kv_heads: int = 2) -> LlamaForCausalLM:
     """A tiny random Llama (weights far from init: peaked attention), the unit-test model's stand-in."""
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=256, max_position_embeddings=1024,
-                         attn_implementation=attn)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+                         num_key_value_heads=n_kv_heads, intermediate_size=128, vocab_size=256,
+                         max_position_embeddings=1024, attn_implementation=attn)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -292,3 +298,93 @@ def test_kvpress_chunkkv_keeps_whole_chunks_only_so_budgets_come_out_short():
         measured = measure_kvpress_chunkkv(n_tokens, ratio)
         assert measured["budget"] == budget and measured["ours"]["kept"] == [budget]
         assert measured["kvpress"]["kept"] == [kvpress_kept]
+
+
+# ---------------------------------------------------------------------------------------
+# KVzip: contexts.reconstruction_scores and the kvzip method against kvpress's KVzipPress
+
+@dataclass
+class ScoreKeepingKVzip(KVzipPress):
+    """kvpress's KVzipPress, its scores [L, B, Hkv, T] kept before compress_post overwrites the sinks'."""
+    def compress_post(self, model):
+        self.scores = self.score_val.clone()
+        super().compress_post(model)
+
+
+@torch.no_grad()
+def kvzip_pair(tmp_path, n_kv_heads: int):
+    """The same tiny random Llama in transformers (from a folder, as KVzipPress reads its tokenizer from
+    there: the byte tokenizer, no chat template) and in chunkkv."""
+    hf = tiny_llama(seed=1, n_kv_heads=n_kv_heads)
+    hf.save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer()).save_pretrained(tmp_path)
+    return LlamaForCausalLM.from_pretrained(tmp_path).eval(), checkpoint.load(tmp_path)[0]
+
+
+def kvpress_repeat(block: int) -> Repeat:
+    """KVzipPress.prepare's repeat prompts, as contexts.Repeat: without a chat template the suffix is "\\n"."""
+    encode = byte_tokenizer().encode
+    return Repeat(encode(f"\n\n{REPEAT_FIRST}").ids, encode(f"\n\n{REPEAT_LATER}").ids, encode("\n").ids, block=block)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+@torch.no_grad()
+def test_reconstruction_scores_equal_kvpress_kvzip_in_every_layer_and_block(tmp_path, n_kv_heads):
+    """Three blocks of 16 (the later two prompted with the previous block's last 8 tokens), each teacher-
+    forced on the whole context and rolled back: every context token's score, past the sinks (kvpress
+    overwrites them, chunkkv gives them +inf), equals kvpress's, per layer and KV head."""
+    hf, model = kvzip_pair(tmp_path, n_kv_heads)
+    tokens = ids(1, 44, seed=3)
+    press = ScoreKeepingKVzip(compression_ratio=0.5, layerwise=True, chunk_size=16)
+    with press(hf):
+        hf(input_ids=tokens, past_key_values=DynamicCache())
+    n_repeat = max(len(r) for _, _, r in kvpress_repeat(16).prompts(tokens[0].tolist()))
+    model.prefill(tokens, CacheRequest(CompressionConfig(method="full"), [44], [[44] * model.args.n_layers], n_repeat))
+    ours = reconstruction_scores(model, tokens, kvpress_repeat(16), n_sinks=4)
+    for layer, theirs in enumerate(press.scores):
+        torch.testing.assert_close(ours[layer][..., 4:], theirs[..., 4:], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.5, 0.75])
+@torch.no_grad()
+def test_kvzip_keeps_what_kvpress_kvzip_keeps_with_one_kv_head_and_layerwise_budgets(tmp_path, keep):
+    """Where the definitions agree: kvpress's layerwise=True keeps T - int(T x ratio) per layer, the
+    lowest-scored pruned across all of a layer's KV heads together (chunkkv's kvzip: the same budget
+    in each KV head), so with one KV head the kept sets are equal; sinks kept by both, no window."""
+    hf, model = kvzip_pair(tmp_path, 1)
+    tokens, n_context = ids(1, 40, seed=4), 40
+    press = KVzipPress(compression_ratio=1 - keep, layerwise=True, chunk_size=16)
+    with press(hf):
+        hf(input_ids=tokens, past_key_values=DynamicCache())
+    reconstruct_and_compress(model, tokens, CompressionConfig(method="kvzip", keep=keep), kvpress_repeat(16), room=0)
+    for layer, kept in zip(hf.model.layers, model.kept_positions([n_context])):
+        _, _, pruned = layer.self_attn.masked_key_indices
+        assert kept[0, 0].tolist() == sorted(set(range(n_context)) - set(pruned.tolist()))
+
+
+# ---------------------------------------------------------------------------------------
+# EG-ChunkKV against kvpress's EntropyGatedChunkKVPress
+
+@dataclass
+class FixedScores(ScorerPress):
+    """A scorer press that returns the given scores [B, H, T], for reading what a selector keeps."""
+    scores: torch.Tensor = None
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        return self.scores
+
+
+@pytest.mark.parametrize("n_tokens, ratio, chunk_size, seed", [(100, 0.5, 10, 0), (203, 0.8, 10, 1), (64, 0.3, 8, 2),
+                                                             (97, 0.9, 5, 3), (400, 0.95, 10, 4),
+                                                             (200, 0.05, 10, 5)])  # the last: spiky chunks leave room
+def test_eg_chunkkv_keeps_what_kvpress_entropy_gated_chunkkv_keeps(n_tokens, ratio, chunk_size, seed):
+    """kvpress's press keeps int(T x (1 - ratio)) tokens and no window: chunkkv's priority with window 0 at
+    that budget keeps the same positions (one KV head's scores: kvpress sums over heads)."""
+    scores = torch.rand(1, 1, n_tokens, generator=torch.Generator().manual_seed(seed)) ** 4  # some chunks spiky
+    press = EntropyGatedChunkKVPress(press=FixedScores(compression_ratio=ratio, scores=scores), chunk_length=chunk_size)
+    keys = torch.arange(n_tokens, dtype=torch.float32).view(1, 1, -1, 1).expand(1, 2, -1, 4)  # a key is its position
+    module = type("Attention", (), {"head_dim": 4})()
+    kept, _ = press.compress(module, None, keys, keys.clone(), None, {})
+    budget = int(n_tokens * (1 - ratio))
+    ours = chunkkv.top_positions(chunkkv.entropy_gated_priority(scores[0, 0], 0, chunk_size), budget)
+    assert kept[0, 0, :, 0].long().tolist() == ours.tolist()

@@ -96,7 +96,7 @@ def test_scores_equal_a_whole_sequence_forward_and_the_cache_is_rolled_back_bit_
 
 @pytest.mark.parametrize("kwargs", [dict(method="kvzip"), dict(scorer="reconstruct"), dict(scorer="reconstruct", per_head=True),
                                     dict(method="snapkv", scorer="reconstruct"), dict(method="h2o", scorer="reconstruct"),
-                                    dict(method="pyramidkv", scorer="reconstruct")])
+                                    dict(method="pyramidkv", scorer="reconstruct"), dict(method="eg-chunkkv", scorer="reconstruct")])
 def test_a_budget_covering_the_context_gives_the_full_caches_answer_on_the_reconstruct_scorer(kwargs):
     model = tiny_model()
     context, question = torch.randint(0, 256, (2, 90)), torch.randint(0, 256, (2, 5))
