@@ -48,7 +48,7 @@ from datetime import date
 import torch
 
 from benchmarks.common import machine, write_json
-from benchmarks.quality import plot, run_pages, run_passkey, run_quality
+from benchmarks.quality import LABELS, RECONSTRUCT, plot, run_pages, run_passkey, run_quality
 from benchmarks.recompress import run_recompress
 from benchmarks.report import TABLES, report, run_demo
 from benchmarks.speed import SPEED_CONFIGS, run_load, run_questions, run_speed, run_throughput
@@ -88,7 +88,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
                         help="quality: the reuse-depth and chunk-size ablations (default on)")
     parser.add_argument("--fidelity-tokens", type=positive, help="quality: teacher-forced continuation tokens (default 256)")
-    parser.add_argument("--methods", nargs="+", choices=list(SPEED_CONFIGS), help="speed: methods (default all)")
+    parser.add_argument("--methods", nargs="+", choices=[*LABELS, *(m for m in SPEED_CONFIGS if m not in LABELS)], help="speed (full, chunkkv, chunkkv-reuse2, snapkv), "
+                        "quality (any; full always runs): methods (default all)")
+    parser.add_argument("--haystack", choices=["prose", "filler"], default="prose", help="quality: retrieval haystacks "
+                        "of standard-library prose (default) or of RULER's one repeated filler sentence group")
     parser.add_argument("--batches", type=positive, nargs="+", help="speed: batch sizes (default 1 4)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="speed: also time the compiled decode step (default on)")
@@ -137,6 +140,14 @@ def main(argv=None) -> int:
         except ImportError:
             print("error: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
             return 2
+    if args.bench == "speed" and set(args.methods or ()) - set(SPEED_CONFIGS):
+        print(f"error: --methods {' '.join(sorted(set(args.methods) - set(SPEED_CONFIGS)))} are not timed by the speed "
+              f"bench: pass some of {' '.join(SPEED_CONFIGS)}", file=sys.stderr)
+        return 2
+    if args.bench == "quality" and set(args.methods or ()) & set(RECONSTRUCT) and "reconstruct" not in args.scorers:
+        print("error: --methods " + " ".join(sorted(set(args.methods) & set(RECONSTRUCT))) + " score by reconstruction: "
+              "add --scorers reconstruct", file=sys.stderr)
+        return 2
     if args.llama_bench is not None and not os.access(args.llama_bench, os.X_OK):
         print(f"error: --llama-bench {args.llama_bench} is not an executable file: pass the path of a built "
               "llama-bench (docs/results.md, Speed), or leave it out", file=sys.stderr)
@@ -190,7 +201,7 @@ def run(args: argparse.Namespace, model, tokenizer, lengths, command: str, dtype
         return run_quality(model, tokenizer, args.quick, settings, lengths, args.keeps, args.tasks, args.retrieval_only,
                            args.prompts, args.ablations, args.fidelity_tokens,
                            on_case=lambda rows: write_json(out, rows, command, dtype, partial=True),
-                           scorers=args.scorers)
+                           scorers=args.scorers, methods=args.methods, haystack=args.haystack)
     if args.bench == "speed":
         return run_speed(model, tokenizer, args.quick, lengths, args.methods, args.batches, args.compile,
                          args.checkpoint, args.compare, args.llama_bench)
@@ -199,7 +210,7 @@ def run(args: argparse.Namespace, model, tokenizer, lengths, command: str, dtype
     if args.bench == "pages":
         return run_pages(model, tokenizer, args.quick, args.lengths)
     if args.bench == "questions":
-        return run_questions(model, tokenizer, args.quick, args.lengths, args.questions)
+        return run_questions(model, tokenizer, args.quick, args.lengths, args.questions, args.checkpoint)
     if args.bench == "recompress":
         return run_recompress(model, tokenizer, args.quick, args.caps, args.parts, args.texts, args.cases,
                               args.new_tokens)

@@ -52,6 +52,15 @@ def stdlib_paragraphs() -> list[str]:
     return paragraphs
 
 
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."  # RULER's noise
+
+
+def haystack_paragraphs(haystack: str) -> list[str]:
+    """The paragraphs a retrieval haystack is cut from: "prose" (stdlib_paragraphs) or "filler", RULER's
+    one repeated sentence group (Hsieh et al., 2024), where every paragraph is the same."""
+    return stdlib_paragraphs() if haystack == "prose" else [FILLER]
+
+
 def take_prose(paragraphs: list[str], tokenizer, n_tokens: int, start: int) -> list[str]:
     """Consecutive paragraphs from `start` (wrapping) until they hold about n_tokens tokens."""
     taken, count, i = [], 0, start

@@ -9,8 +9,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (Progress, bootstrap, compress, greedy, interval, kept_per_layer, layer_scores,
-                               retrieval_case, stdlib_paragraphs, table, take_prose, wilson)
+from benchmarks.common import (Progress, bootstrap, compress, greedy, haystack_paragraphs, interval, kept_per_layer,
+                               layer_scores, retrieval_case, stdlib_paragraphs, table, take_prose, wilson)
 from chunkkv import CompressionConfig
 from cli import PASSKEY_QUESTION, fastgen_token_ids, passkey_prompt
 from contexts import Repeat, reconstruction_scores
@@ -53,6 +53,9 @@ RECONSTRUCT = {  # label -> config at a given keep, on KVzip's reconstruction sc
 }
 
 
+LABELS = ["full", *METHODS, "fastgen", *RECONSTRUCT]  # every row's method label, in table order
+
+
 def reconstructed(model, captured, tokens: torch.Tensor, repeat: Repeat, room: int) -> tuple[list, float]:
     """KVzip's scores of the context `tokens` (contexts.reconstruction_scores) from the full caches filled
     from a captured prefill: (each layer's [B, Hkv, T], the seconds the repeats and scoring took)."""
@@ -76,13 +79,14 @@ def quality_configs(keeps, fastgen_ids) -> list[tuple[str, str, float | None, Co
 
 def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), lengths=None, keeps=None,
                 tasks=None, retrieval_only=False, prompts=None, ablations=True, continuation=None,
-                on_case=None, scorers=("window",)) -> list[dict]:
+                on_case=None, scorers=("window",), methods=None, haystack="prose") -> list[dict]:
     """Rows of every retrieval prompt x method x keep (and setting), then fidelity, overlap and the
     ablations. `prompts` per length and task (default: one per depth), their needles' depths
     cycling through 0, 0.25, ..., 1; `on_case(rows)` after each prompt (partial results). With the
     scorer "reconstruct", the agnostic setting also runs RECONSTRUCT's methods on KVzip's scores of
-    the context, scored once per prompt, and times that scoring against the prefill."""
-    paragraphs = stdlib_paragraphs()
+    the context, scored once per prompt, and times that scoring against the prefill. `methods`: only
+    these labels and full (default all); `haystack`: prose or filler (haystack_paragraphs), fidelity is on prose."""
+    paragraphs = haystack_paragraphs(haystack)
     rng = random.Random(0)
     lengths = lengths or ([1024] if quick else [1024, 2048, 4096])
     depths = [0.25, 0.75] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -94,6 +98,7 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
     configs = quality_configs(keeps, fastgen_token_ids(tokenizer))
     if quick or retrieval_only or not ablations:
         configs = [c for c in configs if c[0] == "main"]
+    configs = [c for c in configs if methods is None or c[1] in {"full", *methods} or c[0] != "main"]  # full: fidelity's reference
     rows = []
 
     def evaluate(bench, **fields):
@@ -138,7 +143,7 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
                 evaluate("scoring", **{**common, "metric": "reconstruct_seconds"}, value=seconds,
                          prefill_seconds=prefill_seconds, of_prefill=seconds / prefill_seconds)
                 agnostic += [("main", label, keep, CompressionConfig(keep=keep, **kw))
-                             for label, kw in RECONSTRUCT.items() for keep in keeps]
+                             for label, kw in RECONSTRUCT.items() for keep in keeps if methods is None or label in methods]
             for bench, label, keep, config in agnostic:
                 key = (config.method, config.per_head) if config.scoring == "window" else label.endswith("-max")
                 if key not in scores:  # per-layer selectors sum reconstruction scores over KV heads, or take the max
@@ -160,6 +165,7 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
 
     # fidelity on real text: compress a long prose prefix, teacher-force its continuation
     n_context, n_next = (512, continuation or 32) if quick else (2048, continuation or 256)
+    paragraphs = stdlib_paragraphs()  # fidelity runs on prose, whatever the haystack
     prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
     ids = tokenizer.encode(prose).ids
     tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
@@ -234,7 +240,7 @@ def settings_table(rows: list[dict]) -> str:
         return "\n(no single or multikey prompts ran: no table by setting)"
     settings = [s for s in ("aware", "agnostic") if any(r["setting"] == s for r in rows)]
     keeps = sorted({r["keep"] for r in rows if r["keep"] not in (None, 1.0)})
-    labels = [label for label in ["full", *METHODS, "fastgen", *RECONSTRUCT] if any(r["method"] == label for r in rows)]
+    labels = [label for label in LABELS if any(r["method"] == label for r in rows)]
     cells = []
     for label in labels:
         for keep in ([1.0] if label == "full" else [None] if label == "fastgen" else keeps):

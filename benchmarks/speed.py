@@ -3,6 +3,7 @@ compression and decode against the machine's limits; decode tokens/s at equal KV
 questions about one document, compressed once or prefilled k times; a checkpoint's peak memory
 while it loads."""
 import copy
+import json
 import os
 import resource
 import statistics
@@ -18,6 +19,7 @@ from benchmarks import llama_cpp
 from benchmarks.common import (KEYS, Progress, compress, decode_step_seconds, kept_per_layer, replicated,
                                stdlib_paragraphs, table, take_prose)
 from chunkkv import CompressionConfig
+from contexts import save_context
 from generate import answer, compile_decode, compress_context, generate
 from model import synchronize
 from registry import resolve
@@ -369,16 +371,51 @@ def throughput_tables(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------
 # k questions about one document
 
-def run_questions(model, tokenizer, quick: bool, lengths=None, n_questions=None) -> list[dict]:
+def run_questions(model, tokenizer, quick: bool, lengths=None, n_questions=None, checkpoint=None) -> list[dict]:
     """Seconds to answer the first k questions about one document: aware = k prefills of
     document + question, each compressed; agnostic = one prefill and compression of the
-    document, then per question a restore, an extend and the answer. Every answer is 8 greedy
-    tokens (no stop), so both settings decode the same amount."""
+    document, then per question a restore, an extend and the answer; saved = that compressed
+    context saved to a file (contexts.save_context), then loaded in a fresh process that answers
+    the same questions. Every answer is 8 greedy tokens (no stop), so all decode the same amount."""
     return [row for n_tokens in lengths or ([1024] if quick else [4096])
-            for row in questions_at(model, tokenizer, n_tokens, n_questions or (2 if quick else 16))]
+            for row in questions_at(model, tokenizer, n_tokens, n_questions or (2 if quick else 16), checkpoint)]
 
 
-def questions_at(model, tokenizer, n_tokens: int, n_questions: int) -> list[dict]:
+SAVED_PROBE = """
+import json, sys, time
+start = time.perf_counter()
+import torch, checkpoint
+from contexts import load_context
+from generate import answer
+torch.set_grad_enabled(False)
+model, tokenizer = checkpoint.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+loaded = time.perf_counter()
+context = load_context(sys.argv[3], model, tokenizer)
+out = {"model_load_seconds": loaded - start, "cache_load_seconds": time.perf_counter() - loaded, "answers": []}
+for ids in json.loads(sys.argv[4]):
+    begin = time.perf_counter()
+    record = answer(model, context, torch.tensor([ids]), int(sys.argv[5]))
+    out["answers"].append([time.perf_counter() - begin, record.extend_seconds])  # the extend gives the first token
+print(json.dumps(out))
+"""
+
+
+def saved_answers(model, tokenizer, context, checkpoint, questions: list[torch.Tensor], n_answer: int) -> dict:
+    """SAVED_PROBE's times: `context` saved to a temporary file, then loaded (after the checkpoint, timed
+    apart, imports included) and asked the questions in a fresh process."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "context.kv"
+        file_bytes = save_context(path, model, tokenizer, context)
+        args = [str(resolve(checkpoint)), str(model.lm_head.weight.dtype).removeprefix("torch."), str(path),
+                json.dumps([q[0].tolist() for q in questions]), str(n_answer)]
+        result = subprocess.run([sys.executable, "-c", SAVED_PROBE, *args], capture_output=True, text=True,
+                                cwd=Path(__file__).parent.parent)
+    if result.returncode != 0:
+        raise RuntimeError(f"answering from the saved context failed: {result.stderr.strip().splitlines()[-1]}")
+    return {**json.loads(result.stdout), "file_bytes": file_bytes}
+
+
+def questions_at(model, tokenizer, n_tokens: int, n_questions: int, checkpoint=None) -> list[dict]:
     n_answer = 8
     ids = tokenizer.encode("\n".join(take_prose(stdlib_paragraphs(), tokenizer, n_tokens, 0))).ids[:n_tokens]
     document = torch.tensor([ids])
@@ -417,12 +454,22 @@ def questions_at(model, tokenizer, n_tokens: int, n_questions: int) -> list[dict
             rows.append({"bench": "questions", "setting": setting, "method": label, "keep": 0.1 if label != "full" else 1.0,
                          "prompt_tokens": n_tokens, "k": k, "answer_tokens": n_answer, "metric": "seconds",
                          "value": once + sum(per_question[:k]), "compress_once_seconds": once})
+    if model.lm_head.weight.device.type == "cpu":  # the fresh process loads on the CPU
+        saved = saved_answers(models[("chunkkv", "agnostic")], tokenizer, contexts[("chunkkv", "agnostic")],
+                              checkpoint, questions, n_answer)
+        once = saved["cache_load_seconds"]
+        for k in sorted({k for k in (1, 4, 16) if k <= n_questions} | {n_questions}):
+            rows.append({"bench": "questions", "setting": "saved", "method": "chunkkv", "keep": 0.1,
+                         "prompt_tokens": n_tokens, "k": k, "answer_tokens": n_answer, "metric": "seconds",
+                         "value": once + sum(seconds for seconds, _ in saved["answers"][:k]),
+                         "compress_once_seconds": once, "model_load_seconds": saved["model_load_seconds"],
+                         "first_token_seconds": once + saved["answers"][0][1], "file_bytes": saved["file_bytes"]})
     return rows
 
 
 def questions_table(rows: list[dict]) -> str:
     find = lambda **m: next(r for r in rows if all(r.get(k) == v for k, v in m.items()))  # noqa: E731
-    cells = []
+    cells, saved = [], any(r["setting"] == "saved" for r in rows)
     for n in sorted({r["prompt_tokens"] for r in rows}):
         for k in sorted({r["k"] for r in rows if r["prompt_tokens"] == n}):
             aware, agnostic = (find(method="chunkkv", setting=s, k=k, prompt_tokens=n) for s in ("aware", "agnostic"))
@@ -431,10 +478,16 @@ def questions_table(rows: list[dict]) -> str:
                           f"{agnostic['value']:.1f} (once: {agnostic['compress_once_seconds']:.1f})",
                           f"{aware['value'] / agnostic['value']:.1f}x",
                           f"{full['value']:.1f} (once: {full['compress_once_seconds']:.1f})"])
+            if saved:
+                row = find(setting="saved", k=k, prompt_tokens=n)
+                cells[-1] += [f"{row['value']:.2f} (load: {row['compress_once_seconds']:.2f})",
+                              f"{row['first_token_seconds']:.2f}", f"{row['model_load_seconds']:.1f}"]
     return table(f"Seconds to answer the first k questions about one document ({rows[0]['answer_tokens']} "
                  f"answer tokens each; once = the one prefill + compression)",
                  ["document tokens", "k", "chunkkv 0.1 aware: k prefills", "chunkkv 0.1 agnostic: 1 prefill + k extends",
-                  "speed-up", "full cache agnostic"], cells)
+                  "speed-up", "full cache agnostic"] +
+                 (["saved, fresh process: cache load + k answers", "cache load + first token", "model load"]
+                  if saved else []), cells)
 
 
 # ---------------------------------------------------------------------------------------

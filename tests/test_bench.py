@@ -2,6 +2,7 @@
 paired tables, results written atomically, the refusals of bench.py, and the documents' tables
 generated from the committed results."""
 import json
+import random
 import re
 import statistics
 
@@ -10,7 +11,7 @@ import torch
 
 import bench
 from benchmarks import common, quality, speed
-from conftest import ROOT, write_tiny_gguf
+from conftest import ROOT, byte_tokenizer, write_tiny_gguf
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,6 +79,31 @@ def test_bench_refuses_lengths_beyond_the_context_and_bad_counts(tmp_path, capsy
     assert capsys.readouterr().err == ("error: --caps 40: re-compression keeps 30 entries in a cache of 40: it needs "
                                        "the observation window (32) < budget < cache budget; raise the cache budget or lower the budget\n")
     assert not (tmp_path / "r.json").exists()
+    assert bench.main(["speed", "--methods", "kvzip"]) == 2
+    assert "error: --methods kvzip are not timed by the speed bench" in capsys.readouterr().err
+    assert bench.main(["quality", "--methods", "chunkkv", "kvzip"]) == 2
+    assert "error: --methods kvzip score by reconstruction: add --scorers reconstruct" in capsys.readouterr().err
+
+
+def test_filler_haystacks_hold_only_rulers_sentences_and_the_needles():
+    tokenizer = byte_tokenizer()
+    for task, n_needles in [("single", 1), ("multikey", 4)]:
+        context, questions, _ = common.retrieval_case(task, common.haystack_paragraphs("filler"), tokenizer, 600, 0.5,
+                                                      random.Random(0))
+        lines = context.removeprefix(common.INTRO).split("\n")
+        needles = [line for line in lines if line != common.FILLER]
+        assert len(needles) == n_needles and all(line.startswith("One of the special magic numbers") for line in needles)
+        assert lines.count(common.FILLER) >= 4 and len(questions) == n_needles
+
+
+def test_quality_runs_only_the_methods_asked_for_and_full(bench_checkpoint, tmp_path):
+    out = tmp_path / "q.json"
+    assert bench.main(["quality", "--quick", "--retrieval-only", "--lengths", "256", "--tasks", "single", "--setting",
+                       "agnostic", "--scorers", "window", "reconstruct", "--haystack", "filler", "--methods", "chunkkv",
+                       "kvzip", "--checkpoint", bench_checkpoint, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {r["method"] for r in rows if r["bench"] == "retrieval"} == {"full", "chunkkv", "kvzip"}
+    assert "--haystack filler" in rows[0]["command"]
 
 
 def test_bench_refuses_a_device_it_cannot_run_on(capsys):

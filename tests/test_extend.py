@@ -327,12 +327,15 @@ def test_bench_quick_runs(bench, args, bench_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert rows and all({"bench", "metric", "value", "command", "date", "machine"} <= row.keys() for row in rows)
-    assert {r["setting"] for r in rows} == {"aware", "agnostic"}
+    assert {r["setting"] for r in rows} == ({"aware", "agnostic", "saved"} if bench == "questions" else {"aware", "agnostic"})
     if bench == "quality":  # multikey: each of the four keys asked in turn, in both settings
         assert {(r["setting"], r["question"]) for r in rows} == {(s, q) for s in ("aware", "agnostic") for q in range(4)}
         assert "Retrieval accuracy by setting" in result.stdout and "n=8" in result.stdout
     elif bench == "questions":
         assert {r["k"] for r in rows} == {1, 2} and "speed-up" in result.stdout
+        saved = [r for r in rows if r["setting"] == "saved"]  # answered in a fresh process from the saved file
+        assert saved and all(r["file_bytes"] > 0 and 0 < r["first_token_seconds"] <= r["value"] for r in saved)
+        assert "cache load + first token" in result.stdout
     else:
         assert "Pass-key demo" in result.stdout
 
