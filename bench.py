@@ -88,8 +88,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
                         help="quality: the reuse-depth and chunk-size ablations (default on)")
     parser.add_argument("--fidelity-tokens", type=positive, help="quality: teacher-forced continuation tokens (default 256)")
-    parser.add_argument("--methods", nargs="+", choices=[*LABELS, *(m for m in SPEED_CONFIGS if m not in LABELS)], help="speed (full, chunkkv, chunkkv-reuse2, snapkv), "
-                        "quality (any; full always runs): methods (default all)")
+    parser.add_argument("--methods", nargs="+", choices=[*LABELS, *(m for m in SPEED_CONFIGS if m not in LABELS)],
+                        help="speed (full, chunkkv, chunkkv-reuse2, snapkv), quality (any; full always runs): "
+                             "methods (default all)")
     parser.add_argument("--haystack", choices=["prose", "filler"], default="prose", help="quality: retrieval haystacks "
                         "of standard-library prose (default) or of RULER's one repeated filler sentence group")
     parser.add_argument("--batches", type=positive, nargs="+", help="speed: batch sizes (default 1 4)")
@@ -127,6 +128,30 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def refused(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments before anything is loaded (the fix included), or None."""
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return "--plot needs matplotlib: pip install matplotlib"
+    if args.bench == "speed" and set(args.methods or ()) - set(SPEED_CONFIGS):
+        return (f"--methods {' '.join(sorted(set(args.methods) - set(SPEED_CONFIGS)))} are not timed by the speed "
+                f"bench: pass some of {' '.join(SPEED_CONFIGS)}")
+    if args.bench == "quality" and set(args.methods or ()) & set(RECONSTRUCT) and "reconstruct" not in args.scorers:
+        return (f"--methods {' '.join(sorted(set(args.methods) & set(RECONSTRUCT)))} score by reconstruction: "
+                "add --scorers reconstruct")
+    if args.llama_bench is not None and not os.access(args.llama_bench, os.X_OK):
+        return (f"--llama-bench {args.llama_bench} is not an executable file: pass the path of a built "
+                "llama-bench (docs/results.md, Speed), or leave it out")
+    for cap in args.caps or ():  # Recompression's own check
+        try:
+            Recompression(CompressionConfig(), cap)
+        except CompressionError as e:
+            return f"--caps {cap}: {e}"
+    return None
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.bench == "report":
@@ -134,29 +159,8 @@ def main(argv=None) -> int:
         verb = "differ from what results/ gives: run python bench.py report" if args.check else "rebuilt"
         print(f"{', '.join(stale)} {verb}" if stale else "the documents match results/")
         return 1 if stale and args.check else 0
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("error: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
-            return 2
-    if args.bench == "speed" and set(args.methods or ()) - set(SPEED_CONFIGS):
-        print(f"error: --methods {' '.join(sorted(set(args.methods) - set(SPEED_CONFIGS)))} are not timed by the speed "
-              f"bench: pass some of {' '.join(SPEED_CONFIGS)}", file=sys.stderr)
-        return 2
-    if args.bench == "quality" and set(args.methods or ()) & set(RECONSTRUCT) and "reconstruct" not in args.scorers:
-        print("error: --methods " + " ".join(sorted(set(args.methods) & set(RECONSTRUCT))) + " score by reconstruction: "
-              "add --scorers reconstruct", file=sys.stderr)
-        return 2
-    if args.llama_bench is not None and not os.access(args.llama_bench, os.X_OK):
-        print(f"error: --llama-bench {args.llama_bench} is not an executable file: pass the path of a built "
-              "llama-bench (docs/results.md, Speed), or leave it out", file=sys.stderr)
-        return 2
-    try:
-        for cap in args.caps or ():  # Recompression's own check, before anything is loaded
-            Recompression(CompressionConfig(), cap)
-    except CompressionError as e:
-        print(f"error: --caps {cap}: {e}", file=sys.stderr)
+    if (error := refused(args)) is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         if args.bench in ("load", "demo"):  # measured in fresh processes: this one loads nothing
