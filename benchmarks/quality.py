@@ -98,8 +98,8 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
     configs = quality_configs(keeps, fastgen_token_ids(tokenizer))
     if quick or retrieval_only or not ablations:
         configs = [c for c in configs if c[0] == "main"]
-    asked = None if methods is None else {"full", *methods}  # full: fidelity's reference
-    configs = [c for c in configs if asked is None or c[1] in asked or c[0] != "main"]
+    wanted = None if methods is None else {"full", *methods}  # full: fidelity's reference
+    configs = [c for c in configs if wanted is None or c[1] in wanted or c[0] != "main"]
     rows = []
 
     def evaluate(bench, **fields):
@@ -144,7 +144,7 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
                 evaluate("scoring", **{**common, "metric": "reconstruct_seconds"}, value=seconds,
                          prefill_seconds=prefill_seconds, of_prefill=seconds / prefill_seconds)
                 agnostic += [("main", label, keep, CompressionConfig(keep=keep, **kw))
-                             for label, kw in RECONSTRUCT.items() for keep in keeps if asked is None or label in asked]
+                             for label, kw in RECONSTRUCT.items() for keep in keeps if wanted is None or label in wanted]
             for bench, label, keep, config in agnostic:
                 key = (config.method, config.per_head) if config.scoring == "window" else label.endswith("-max")
                 if key not in scores:  # per-layer selectors sum reconstruction scores over KV heads, or take the max
