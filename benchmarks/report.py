@@ -1,8 +1,9 @@
-"""python bench.py report: every table of docs/results.md and the README's headline table, rebuilt
-from the committed results/*.json, so the text cannot drift from the data.
+"""python bench.py report: every table of docs/results.md and the README's headline and
+compress-once tables, rebuilt from the committed results/*.json, so the text cannot drift from the data.
 
 A document marks each generated block with `<!-- results/NAME.json -->` (the tables of that run,
-headed by its command, date and machine) or `<!-- headline -->`, and ends it with `<!-- end -->`;
+headed by its command, date and machine), `<!-- headline -->` or `<!-- agnostic -->`, and ends it
+with `<!-- end -->`;
 everything between the markers is rewritten, everything outside them is left alone."""
 import json
 import re
@@ -26,7 +27,7 @@ def run_demo(checkpoint: str | None = None) -> list[dict]:
 
 TABLES = {"demo": lambda rows: f"```\n{rows[0]['text'].rstrip()}\n```", "quality": quality_tables, "speed": speed_tables, "throughput": throughput_tables, "pages": pages_table,
           "questions": questions_table, "passkey": passkey_table, "recompress": recompress_tables, "load": load_table}
-BLOCK = re.compile(r"(<!-- (results/[\w./-]+\.json|headline) -->\n)(.*?)(<!-- end -->)", re.S)
+BLOCK = re.compile(r"(<!-- (results/[\w./-]+\.json|headline|agnostic) -->\n)(.*?)(<!-- end -->)", re.S)
 
 
 def rows_of(path: str) -> list[dict]:
@@ -72,10 +73,38 @@ def headline() -> str:
     return "\n".join(out).lstrip("\n") + "\n"
 
 
+AGNOSTIC = [  # (model, haystack, results files, first holding a method's rows): compress once, single needle
+    ("SmolLM2-135M", "2k prose", ["results/quality-agnostic-2k.json", "results/quality_settings.json"]),
+    ("SmolLM2-135M", "2k filler", ["results/quality-filler-2k.json"]),
+    ("Qwen2.5-Coder-0.5B", "4k prose", ["results/qwen/quality-reconstruct-4k.json", "results/qwen/quality-4k.json"]),
+    ("Qwen2.5-Coder-0.5B", "4k filler", ["results/qwen/quality-filler-4k.json"]),
+]
+AGNOSTIC_LABELS = ["full", "snapkv", "chunkkv", "eg-chunkkv", "kvzip", "chunkkv-reconstruct", "eg-chunkkv-reconstruct"]
+
+
+def agnostic() -> str:
+    """Single-needle retrieval at keep 0.1, question-free on both scorers, question-aware ChunkKV beside."""
+    columns = [("aware", "chunkkv")] + [("agnostic", label) for label in AGNOSTIC_LABELS]
+    cells, runs = [], []
+    for model, haystack, paths in AGNOSTIC:
+        cells.append([model, haystack])
+        for setting, label in columns:
+            match = dict(bench="retrieval", task="single", setting=setting, method=label,
+                         keep=1.0 if label == "full" else 0.1)
+            cells[-1].append(next((cell for cell in (accuracy_cell(rows_of(path), **match) for path in paths) if cell), "-"))
+        runs += [path for path in paths if path not in runs]
+    header = ["model", "haystack", "chunkkv, aware"] + AGNOSTIC_LABELS
+    out = table("Single needle at keep 0.1, compressed before the question (mean [95 % interval] n=prompts); "
+                "-reconstruct and kvzip: KVzip's scores, the others the context's last window", header, cells)
+    return (out + "\n\nFrom " + "; ".join(f"`{path}` ({rows_of(path)[0]['date']})" for path in runs)
+            + ": commands and the full tables in docs/results.md.\n").lstrip("\n")
+
+
 def rebuilt(text: str) -> str:
     """`text` with every marked block generated anew."""
-    return BLOCK.sub(lambda m: m.group(1) + (headline() if m.group(2) == "headline" else run_tables(m.group(2)))
-                     + m.group(4), text)
+    generated = {"headline": headline, "agnostic": agnostic}
+    return BLOCK.sub(lambda m: m.group(1) + (generated[m.group(2)]() if m.group(2) in generated else
+                                             run_tables(m.group(2))) + m.group(4), text)
 
 
 def report(check: bool = False) -> list[str]:
