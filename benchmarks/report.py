@@ -88,15 +88,16 @@ def agnostic() -> str:
     cells, runs = [], []
     for model, haystack, paths in AGNOSTIC:
         cells.append([model, haystack])
+        loaded = [rows_of(path) for path in paths]  # each file read once, not once per column
         for setting, label in columns:
             match = dict(bench="retrieval", task="single", setting=setting, method=label,
                          keep=1.0 if label == "full" else 0.1)
-            cells[-1].append(next((cell for cell in (accuracy_cell(rows_of(path), **match) for path in paths) if cell), "-"))
-        runs += [path for path in paths if path not in runs]
+            cells[-1].append(next((cell for cell in (accuracy_cell(rows, **match) for rows in loaded) if cell), "-"))
+        runs += [(path, rows[0]["date"]) for path, rows in zip(paths, loaded) if path not in dict(runs)]
     header = ["model", "haystack", "chunkkv, aware"] + AGNOSTIC_LABELS
     out = table("Single needle at keep 0.1, compressed before the question (mean [95 % interval] n=prompts); "
                 "-reconstruct and kvzip: KVzip's scores, the others the context's last window", header, cells)
-    return (out + "\n\nFrom " + "; ".join(f"`{path}` ({rows_of(path)[0]['date']})" for path in runs)
+    return (out + "\n\nFrom " + "; ".join(f"`{path}` ({day})" for path, day in runs)
             + ": commands and the full tables in docs/results.md.\n").lstrip("\n")
 
 

@@ -446,11 +446,11 @@ def questions_at(model, tokenizer, n_tokens: int, n_questions: int, checkpoint=N
                 answer(models[run], contexts[run], question, n_answer)
             seconds[run].append(time.perf_counter() - start)
         progress.step(f"question {i + 1}")
-    rows = []
+    rows, ks = [], sorted({k for k in (1, 4, 16) if k <= n_questions} | {n_questions})  # the k of each row
     for (label, setting), times in seconds.items():
         once = times[0] if setting == "agnostic" else 0.0
         per_question = times[1:] if setting == "agnostic" else times
-        for k in sorted({k for k in (1, 4, 16) if k <= n_questions} | {n_questions}):
+        for k in ks:
             rows.append({"bench": "questions", "setting": setting, "method": label, "keep": 0.1 if label != "full" else 1.0,
                          "prompt_tokens": n_tokens, "k": k, "answer_tokens": n_answer, "metric": "seconds",
                          "value": once + sum(per_question[:k]), "compress_once_seconds": once})
@@ -458,7 +458,7 @@ def questions_at(model, tokenizer, n_tokens: int, n_questions: int, checkpoint=N
         saved = saved_answers(models[("chunkkv", "agnostic")], tokenizer, contexts[("chunkkv", "agnostic")],
                               checkpoint, questions, n_answer)
         once = saved["cache_load_seconds"]
-        for k in sorted({k for k in (1, 4, 16) if k <= n_questions} | {n_questions}):
+        for k in ks:
             rows.append({"bench": "questions", "setting": "saved", "method": "chunkkv", "keep": 0.1,
                          "prompt_tokens": n_tokens, "k": k, "answer_tokens": n_answer, "metric": "seconds",
                          "value": once + sum(seconds for seconds, _ in saved["answers"][:k]),
