@@ -8,6 +8,7 @@
     python bench.py pages     [--quick] [--lengths 1024] [--out results/pages.json]
     python bench.py questions [--quick] [--checkpoint NAME] [--lengths N ...] [--questions 16] [--out results/questions.json]
     python bench.py passkey   [--quick] [--out results/passkey.json]
+    python bench.py weights   [--quick] [--checkpoint NAME] [--out results/weights.json]
     python bench.py recompress [--quick] [--checkpoint NAME] [--parts fidelity retrieval speed] [--caps 256 512]
                               [--texts 3] [--cases 8] [--new-tokens 1024] [--out results/recompress.json]
     python bench.py load      [--checkpoint NAME] [--out results/load.json]
@@ -29,6 +30,8 @@ pages: chunk 16 (a paged engine's page size) against chunk 10, retrieval and fid
 questions: time to answer k questions about one document, one prefill + k extends
 (agnostic) against k full prefills (aware).
 passkey: how often the CLI's pass-key demo finds its key, per keep and setting, over seeds.
+weights: int8 weights against the model's dtype (bfloat16 or float16) on the fidelity text:
+perplexity, KL per token and greedy agreement.
 recompress: long generation through a cache re-compressed whenever full: teacher-forced fidelity,
 recall of a fact stated before many re-compressions, and decode speed.
 load: peak resident memory of loading the checkpoint, in float32 and bfloat16, each in a fresh process.
@@ -48,7 +51,7 @@ from datetime import date
 import torch
 
 from benchmarks.common import machine, write_json
-from benchmarks.quality import LABELS, RECONSTRUCT, plot, run_pages, run_passkey, run_quality
+from benchmarks.quality import LABELS, RECONSTRUCT, plot, run_pages, run_passkey, run_quality, run_weights
 from benchmarks.recompress import run_recompress
 from benchmarks.report import TABLES, report, run_demo
 from benchmarks.speed import SPEED_CONFIGS, run_load, run_questions, run_speed, run_throughput
@@ -56,6 +59,7 @@ from checkpoint import CheckpointError
 from chunkkv import CompressionConfig, CompressionError
 from cli import auto_dtype
 from generate import Recompression
+from quantize import WEIGHTS, check_weights
 from registry import check_device, load, resolve
 
 
@@ -74,7 +78,7 @@ def positive(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=["quality", "speed", "throughput", "pages", "questions", "passkey",
-                                          "recompress", "load", "demo", "report"])
+                                          "recompress", "weights", "load", "demo", "report"])
     parser.add_argument("--check", action="store_true", help="report: only compare the documents with the results")
     parser.add_argument("--quick", action="store_true", help="a small subset: minutes, not the full run")
     parser.add_argument("--setting", choices=["aware", "agnostic", "both"], default="both",
@@ -111,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", choices=["single", "multikey", "multivalue"], help="quality: retrieval tasks")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="weights and activations (default auto: as generate.py on --device)")
+    parser.add_argument("--weights", choices=WEIGHTS, default="dtype",
+                        help="the linear layers' weights: in --dtype (default) or int8 (as generate.py --weights)")
     parser.add_argument("--device", default="cpu", help="where the model and every tensor of the bench live (cpu, "
                         "cuda, cuda:N; default cpu); timers synchronize with it, and the speed bench's bandwidth and "
                         "matmul peak are the device's")
@@ -172,8 +178,10 @@ def main(argv=None) -> int:
         device = check_device(args.device)
         if args.llama_bench and device.type != "cpu":
             raise CheckpointError("--llama-bench runs llama.cpp on the CPU, its build here: compare with --device cpu")
-        dtype = auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-        model, tokenizer = load(args.checkpoint, device=device, dtype=dtype)
+        dtype = auto_dtype(device, args.weights) if args.dtype == "auto" else getattr(torch, args.dtype)
+        if args.bench == "weights":  # its int8 copy must run beside the model
+            check_weights("int8", device, dtype)
+        model, tokenizer = load(args.checkpoint, device=device, dtype=dtype, weights=args.weights)
         if device.type != "cpu":  # the benches' own tensors (prompts, probes) go where the model is
             torch.set_default_device(device)
     except CheckpointError as e:
@@ -218,6 +226,8 @@ def run(args: argparse.Namespace, model, tokenizer, lengths, command: str, dtype
     if args.bench == "recompress":
         return run_recompress(model, tokenizer, args.quick, args.caps, args.parts, args.texts, args.cases,
                               args.new_tokens)
+    if args.bench == "weights":
+        return run_weights(model, tokenizer, args.quick)
     return run_passkey(model, tokenizer, args.quick)
 
 

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from chunkkv import METHODS, RECOMPRESSIBLE, SCORERS, CompressionConfig
 from contexts import CompressedContext, check_writable, load_context
 from model import PromptError
+from quantize import WEIGHTS
 from registry import CHECKPOINTS, DEFAULT, describe
 from tokenizer import Encoded, check_text, encode_text, split_text
 
@@ -22,8 +23,7 @@ from tokenizer import Encoded, check_text, encode_text, split_text
 # Arguments
 
 def parser(description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = lambda message: fail(f"{message} (see --help)")  # one line and exit status 2
     comp = parser.add_argument_group("compression")
     comp.add_argument("--method", default="chunkkv", help=f"one of {', '.join(METHODS)} (default chunkkv)")
@@ -77,8 +77,9 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                      help="auto (default): bfloat16 on CUDA (float16 below compute capability 8.0) and on CPUs "
                           "with native bfloat16 (AVX512-BF16, AMX), float32 elsewhere")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the decode step: one full graph; CUDA graphs on CUDA")
+    run.add_argument("--weights", choices=WEIGHTS, default="dtype", help="the linear layers' weights: in "
+                     "--dtype (default), or int8 with a scale per output channel (CPU; bfloat16 activations under auto)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the decode step: one full graph; CUDA graphs on CUDA")
     run.add_argument("--compile-prefill", action="store_true", help="also compile the prefill, with dynamic shapes")
     return parser
 
@@ -150,16 +151,16 @@ def fit_cache_budget(args: argparse.Namespace, context: int):
         args.cache_budget = context
 
 
-def auto_dtype(device: torch.device) -> torch.dtype:
+def auto_dtype(device: torch.device, weights: str = "dtype") -> torch.dtype:
     """--dtype auto: bfloat16 on CUDA GPUs of compute capability 8.0 and up, float16 on older ones
     (no bfloat16 tensor cores there); on CPUs with native bfloat16 dot products (AVX512-BF16 or
-    AMX), where it prefilled 1.3-2.6x faster than float32 here (docs/results.md, Speed), bfloat16;
-    float32 elsewhere."""
+    AMX), where it prefilled 1.3-2.6x faster than float32 here (docs/results.md, Speed), and with
+    int8 weights (the int8 kernel's activations), bfloat16; float32 elsewhere."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     # private helpers, but the only way torch tells which instructions its kernels may use
     native_bf16 = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return torch.bfloat16 if native_bf16 else torch.float32
+    return torch.bfloat16 if native_bf16 or weights == "int8" else torch.float32
 
 
 def fail(message: str):

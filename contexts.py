@@ -125,7 +125,7 @@ def reconstruction_scores(model: Transformer, tokens: Tensor, repeat: Repeat, n_
     (n_batch, n_context), args = tokens.shape, model.args
     rows = [repeat.prompts(ids) for ids in tokens.tolist()]
     scores = [torch.zeros(n_batch, args.n_kv_heads, n_context, device=tokens.device) for _ in model.caches()]
-    prefilled, none = model.snapshot(), model.lm_head.weight.new_zeros(n_batch, args.n_heads, 0, args.head_dim)
+    prefilled, none = model.snapshot(), model.embed_tokens.weight.new_zeros(n_batch, args.n_heads, 0, args.head_dim)
     for i, (start, end, ids) in enumerate(rows[0]):
         for cache in model.caches():
             cache.keep_queries(none, len(ids))  # remember exactly the repeat's queries
@@ -248,7 +248,7 @@ def fingerprint(model: Transformer, tokenizer: Tokenizer) -> dict[str, str]:
         weights.update(f"{name} {tuple(w.shape)};".encode())
         weights.update(tensor_bytes(flat[::max(1, flat.numel() // SAMPLE)]))
     sha = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
-    return {"dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+    return {"dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch."),
             "architecture": sha(json.dumps(asdict(model.args), sort_keys=True)),
             "tokenizer": sha(tokenizer.to_str()), "weights": weights.hexdigest()}
 
@@ -371,7 +371,7 @@ def check_fingerprint(path: Path, saved: dict, own: dict[str, str]):
                               f"{own['dtype']}: load the model in the dtype the file was saved in (--dtype), or "
                               "compress the context again")
     for key, differs in (("architecture", "its architecture differs"), ("tokenizer", "its tokenizer differs"),
-                         ("weights", "its weights differ")):
+                         ("weights", "its weights differ: other values or other --weights")):
         if saved[key] != own[key]:
             raise CheckpointError(f"cache file {path} was saved from another checkpoint ({differs}): load "
                                   "the checkpoint that saved it (--checkpoint), or compress the context again")
@@ -416,7 +416,7 @@ def layout(path: Path, meta: dict, model: Transformer) -> dict[str, tuple[torch.
         if n > n_tokens or n > n_slots or rows * (n_slots - n) > args.max_seq_len + 7:
             raise refused(path, f"asks for {n_slots} cache slots a row beside {n} kept entries of a {n_tokens}-token "
                           f"context, in {rows} rows: more than the model's context of {args.max_seq_len} can use")
-    shape, dtype = (rows, args.n_kv_heads), model.lm_head.weight.dtype
+    shape, dtype = (rows, args.n_kv_heads), model.embed_tokens.weight.dtype
     expected = {"tokens": (torch.int32, (rows, n_tokens))}
     if meta["text_bytes"] is not None:
         expected["text"] = (torch.uint8, (meta["text_bytes"],))
@@ -481,7 +481,7 @@ def check_values(path: Path, tensors: dict[str, Tensor], meta: dict, vocab_size:
 def restored(model: Transformer, tensors: dict[str, Tensor], meta: dict, config: CompressionConfig,
              budgets: list[int], text: str | None) -> CompressedContext:
     """Fill every layer's cache from a checked file; the context as compress_context returned it."""
-    device, rows, n_tokens = model.lm_head.weight.device, meta["rows"], meta["n_tokens"]
+    device, rows, n_tokens = model.embed_tokens.weight.device, meta["rows"], meta["n_tokens"]
     for i, (cache, n_slots) in enumerate(zip(model.caches(), meta["slots"])):
         k, v, pos, used, length = (tensors[f"layers.{i}.{name}"].to(device) for name in LAYER_TENSORS)
         cache.fill(k, v, pos, n_slots, length, used)

@@ -58,7 +58,7 @@ def compile_decode(model: Transformer):
         model.bind_caches(tensors)  # the caches' own tensors, read from the arguments
         return model.decode(token)
 
-    cuda = model.lm_head.weight.is_cuda
+    cuda = model.embed_tokens.weight.is_cuda
     compiled = torch.compile(decode, fullgraph=True, **({"mode": "reduce-overhead"} if cuda else
                                                         {"options": {"max_autotune": True}}))
 
@@ -101,7 +101,7 @@ def batch_prompts(prompt: Tensor | list[list[int]], lengths, model: Transformer)
         raise PromptError(f"token id {bad[0].item()} is outside the model's vocabulary of {model.args.vocab_size}: "
                           "encode the prompt with this checkpoint's tokenizer")
     prompt = prompt.masked_fill(~real, 0)[:, :max(lengths)]  # padding as id 0, none past the longest row
-    return prompt.to(model.lm_head.weight.device, torch.long), lengths
+    return prompt.to(model.embed_tokens.weight.device, torch.long), lengths
 
 
 def check_prompt(model: Transformer, n_prompt: int, compression: CompressionConfig, max_new_tokens: int,
@@ -239,11 +239,11 @@ class Recompression:
         if self.free is None:
             self.free = model.free_slots()
         if n_new > self.free:
-            synchronize(model.lm_head.weight.device)  # the queued steps are not re-compression
+            synchronize(model.embed_tokens.weight.device)  # the queued steps are not re-compression
             start = time.perf_counter()
             for cache in model.caches():  # each layer compresses its full rows again
                 cache.recompress(self.config, self.budget, n_new)
-            synchronize(model.lm_head.weight.device)
+            synchronize(model.embed_tokens.weight.device)
             self.seconds += time.perf_counter() - start
             self.count += 1
             self.free = model.free_slots()
@@ -323,7 +323,7 @@ def run_one(model, tokenizer, config, args, text: str, key: str | None, chat, de
     """A single prompt (or the pass-key demo): streamed answer, summary."""
     shown = text if len(text) <= 300 else f"{text[:150]} [...] {text[-150:]}"
     encoded = cli.encode_prompt(tokenizer, text, chat)
-    prompt = torch.tensor([encoded.ids], device=model.lm_head.weight.device)
+    prompt = torch.tensor([encoded.ids], device=model.embed_tokens.weight.device)
     if prompt.shape[1] == 0:
         raise PromptError("the prompt is empty: pass some text with --prompt or --prompt-file")
     max_new_tokens = args.max_new_tokens or (16 if key is not None else 64)
@@ -415,7 +415,7 @@ def run_chat(model, tokenizer, config, args, chat, decode, lines) -> int:
     entries), and answered with a streamed reply and a line of occupancy. Ends on EOF or Ctrl-C."""
     recompression = Recompression(config, args.cache_budget)
     max_new_tokens = args.max_new_tokens or 256
-    device = model.lm_head.weight.device
+    device = model.embed_tokens.weight.device
     print(f"Chat with {config.method}: at most {recompression.cache_budget} KV entries per layer, compressed again "
           f"to {recompression.budget} whenever full. One line per turn; end with Ctrl-D or Ctrl-C.", flush=True)
     messages = []
@@ -467,9 +467,9 @@ def main(argv=None) -> int:
             Recompression(config, args.cache_budget)
         text, key, questions, batch = cli.read_inputs(args, kind)
         device = check_device(args.device)
-        dtype = cli.auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-        checkpoint_path = resolve(args.checkpoint)
-        model, tokenizer = load(checkpoint_path, device=device, dtype=dtype)
+        dtype = cli.auto_dtype(device, args.weights) if args.dtype == "auto" else getattr(torch, args.dtype)
+        model, tokenizer = load(args.checkpoint, device=device, dtype=dtype, weights=args.weights)  # checks, then fetches
+        checkpoint_path = resolve(args.checkpoint)  # a name's folder, fetched by load
         max_bytes = cli.check_sizes(args, tokenizer, model.args.max_seq_len, text, questions, batch)
         cli.fit_cache_budget(args, model.args.max_seq_len)
         config = Recompression(config, args.cache_budget).config if args.cache_budget is not None else config

@@ -374,7 +374,7 @@ class Transformer(nn.Module):
         """Raise PromptError before a prefill only SDPA's math kernel can run (not fused_attention: e.g.
         float16 below compute capability 8.0) if its float32 scores and softmax, 8 bytes x B x Hq x T x T,
         exceed the device's free memory."""
-        w, need = self.lm_head.weight, 8 * n_batch * self.args.n_heads * n_tokens ** 2
+        w, need = self.embed_tokens.weight, 8 * n_batch * self.args.n_heads * n_tokens ** 2
         if not fused_attention(n_batch, self.args, w) and need > (free := torch.cuda.mem_get_info(w.device)[0]):
             raise PromptError(f"attention over {n_batch} x {n_tokens} prompt tokens needs {need / 2 ** 30:.1f} GiB, "
                               f"{free / 2 ** 30:.1f} GiB are free (only SDPA's math kernel runs this dtype on this "
@@ -447,7 +447,7 @@ class Transformer(nn.Module):
 
     def kept_positions(self, lengths: list[int]) -> list[Tensor]:
         """Each layer's kept prompt positions [B, Hkv, N], sorted (-1 where a head or row keeps fewer)."""
-        end = torch.tensor(lengths, device=self.lm_head.weight.device)[:, None, None]
+        end = torch.tensor(lengths, device=self.embed_tokens.weight.device)[:, None, None]
         kept = []
         for cache in self.caches():
             prompt = (cache.pos >= 0) & (cache.pos < end)  # prompt entries fill each row's first slots
@@ -457,7 +457,7 @@ class Transformer(nn.Module):
 
     def slot_bytes(self) -> int:
         """Bytes of one cache slot of one row in one layer: K and V of every KV head, and their positions."""
-        return self.args.n_kv_heads * (2 * self.args.head_dim * self.lm_head.weight.element_size() + 4)  # pos: int32
+        return self.args.n_kv_heads * (2 * self.args.head_dim * self.embed_tokens.weight.element_size() + 4)  # pos: int32
 
     def cache_bytes(self) -> int:
         """Bytes every layer's cache buffers hold now, slots for new tokens included."""

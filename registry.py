@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from checkpoint import CheckpointError, convert_gguf, log
 from checkpoint import load as load_path
 from model import Transformer
+from quantize import check_weights, int8_weights
 
 
 @dataclass(frozen=True)
@@ -86,16 +87,19 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def load(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+         dtype: torch.dtype = torch.float32, weights: str = "dtype") -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) of a named checkpoint (a key of CHECKPOINTS; None = smollm2-135m),
     fetched and converted on first use, or of a Hugging Face directory or .gguf file, in `dtype`
-    (float32, bfloat16 or float16) on `device`. Raises CheckpointError, with the fix, for anything
-    that cannot be found, fetched or read, and for a device or dtype no model can run in."""
+    (float32, bfloat16 or float16) on `device`; weights "int8": the linear layers' weights in int8
+    (quantize.int8_weights). Raises CheckpointError, with the fix, for anything that cannot be
+    found, fetched or read, and for a device, dtype or weights no model can run in."""
     device = check_device(device)
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one chunkkv runs in: pass torch.float32, torch.bfloat16 "
                               "or torch.float16")
-    return load_path(resolve(checkpoint), device, dtype)
+    check_weights(weights, device, dtype)  # before a fetch or a load
+    model, tokenizer = load_path(resolve(checkpoint), device, dtype)
+    return (int8_weights(model) if weights == "int8" else model), tokenizer
 
 
 def check_device(name: str | torch.device) -> torch.device:

@@ -139,7 +139,7 @@ def decode_step_seconds(model: Transformer, n_batch: int, n_steps: int, decode=N
     which are then restored (the next measurement decodes from the same cache): (the steady steps, the
     warm-up steps, which compiled or recorded a graph)."""
     snapshot = model.snapshot()
-    logits = torch.zeros(n_batch, model.args.vocab_size, device=model.lm_head.weight.device)
+    logits = torch.zeros(n_batch, model.args.vocab_size, device=model.embed_tokens.weight.device)
     steps, warmup = decode_tokens(model, logits, n_steps + 1, decode=decode)[1:]
     model.restore(snapshot)
     return steps, warmup

@@ -30,7 +30,12 @@ def gguf_tensors(model: Transformer) -> dict[str, np.ndarray]:
     """GGUF name -> float32 array of every weight, laid out as llama.cpp's converter writes them."""
     args, out = model.args, {}
     arch = "qwen2" if args.qkv_bias else "llama"
-    for name, w in model.state_dict().items():
+    state = model.state_dict()
+    for name, w in state.items():
+        if name.endswith(".scales"):
+            continue  # an int8 layer's, folded into its weight below
+        if w.dtype == torch.int8:  # an int8 layer's weight, written dequantized
+            w = w.float() * state[name.removesuffix("weight") + "scales"].float()[:, None]
         w = w.float().numpy()
         parts = name.split(".")
         if parts[0] == "layers":
@@ -47,7 +52,7 @@ def gguf_tensors(model: Transformer) -> dict[str, np.ndarray]:
 def write_files(model: Transformer, tokenizer: Tokenizer, folder: Path) -> dict[str, Path]:
     """{precision: GGUF path} of the model for llama.cpp: the precision matching its dtype (F32 or
     BF16), and Q8_0, llama.cpp's 8-bit weights."""
-    dtype = model.lm_head.weight.dtype
+    dtype = model.embed_tokens.weight.dtype
     return {precision: write_gguf(model, tokenizer, folder / f"model-{precision}.gguf", precision)
             for precision in ([MATCHING[dtype]] if dtype in MATCHING else []) + ["Q8_0"]}
 

@@ -1,6 +1,7 @@
 """Accuracy and fidelity benchmarks (python bench.py quality | pages | passkey): retrieval and
 teacher-forced fidelity of every method x keep, all compressed from one prefill, with their tables
 and plot; page-aligned chunks (16 against 10); the CLI's pass-key demo over seeds."""
+import copy
 import math
 import random
 import statistics
@@ -14,6 +15,7 @@ from benchmarks.common import (Progress, bootstrap, compress, greedy, haystack_p
 from chunkkv import CompressionConfig
 from cli import PASSKEY_QUESTION, fastgen_token_ids, passkey_prompt
 from contexts import Repeat, reconstruction_scores
+from quantize import int8_weights
 from tokenizer import REPEAT_FIRST, REPEAT_LATER, repeat_prompts, split_text
 
 
@@ -466,3 +468,45 @@ def passkey_table(rows: list[dict]) -> str:
         cells.append(line)
     return table("Pass-key demo: key found, over seeds (95 % Wilson interval)",
                  ["cache", "aware (question in the prompt)", "agnostic (question after compression)"], cells)
+
+
+# ---------------------------------------------------------------------------------------
+# int8 weights against the model's own dtype
+
+def run_weights(model, tokenizer, quick: bool) -> list[dict]:
+    """Fidelity of int8 weights (quantize.int8_weights, on a copy) to the model in its own dtype, on the
+    fidelity text with a full cache: per continuation token, each model's negative log-likelihood, the
+    KL of int8's next-token distribution to the dtype model's, and whether their greedy tokens agree."""
+    n_context, n_next = (512, 32) if quick else (2048, 256)
+    paragraphs = stdlib_paragraphs()
+    prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
+    ids = tokenizer.encode(prose).ids
+    tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
+    logprobs = {}
+    for weights, m in (("dtype", model), ("int8", int8_weights(copy.deepcopy(model)))):
+        logits, captured = m.capture(tokens)
+        compress(m, captured, tokens, CompressionConfig(method="full"), n_next)
+        logprobs[weights] = teacher_forced(m, logits, continuation)  # [n_next, vocab]
+    kl = F.kl_div(logprobs["int8"], logprobs["dtype"], log_target=True, reduction="none").sum(-1)
+    agree = logprobs["int8"].argmax(-1) == logprobs["dtype"].argmax(-1)
+    common = dict(bench="weights", prompt_tokens=n_context, continuation_tokens=n_next)
+    rows = [{**common, "weights": w, "metric": "nll_per_token", "values": (-lp.gather(1, continuation[0, :, None]))[:, 0].tolist()}
+            for w, lp in logprobs.items()]
+    return rows + [{**common, "weights": "int8", "metric": "kl_to_dtype", "values": kl.tolist()},
+                   {**common, "weights": "int8", "metric": "greedy_agrees", "values": agree.float().tolist()}]
+
+
+def weights_table(rows: list[dict]) -> str:
+    values = {(r["weights"], r["metric"]): r["values"] for r in rows}
+    cells = []
+    for weights in ("dtype", "int8"):
+        nll = values[weights, "nll_per_token"]
+        line = [weights, f"{math.exp(statistics.fmean(nll)):.2f} [{', '.join(f'{math.exp(x):.2f}' for x in bootstrap(nll))}]"]
+        for metric in ("kl_to_dtype", "greedy_agrees"):
+            got = values.get((weights, metric))
+            line.append(f"{statistics.fmean(got):.4f} [{', '.join(f'{x:.4f}' for x in interval(got))}]" if got else "-")
+        cells.append(line)
+    n = rows[0]
+    return table(f"int8 weights against the model's dtype: {n['continuation_tokens']} teacher-forced tokens after "
+                 f"{n['prompt_tokens']}, full cache (95 % bootstrap intervals over tokens)",
+                 ["weights", "perplexity", "KL to dtype (nats/token)", "greedy token agrees"], cells)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import table
-from benchmarks.quality import accuracy_cell, pages_table, passkey_table, quality_tables
+from benchmarks.quality import accuracy_cell, pages_table, passkey_table, quality_tables, weights_table
 from benchmarks.recompress import recompress_tables
 from benchmarks.speed import load_table, questions_table, speed_tables, throughput_tables
 
@@ -26,7 +26,8 @@ def run_demo(checkpoint: str | None = None) -> list[dict]:
 
 
 TABLES = {"demo": lambda rows: f"```\n{rows[0]['text'].rstrip()}\n```", "quality": quality_tables, "speed": speed_tables, "throughput": throughput_tables, "pages": pages_table,
-          "questions": questions_table, "passkey": passkey_table, "recompress": recompress_tables, "load": load_table}
+          "questions": questions_table, "passkey": passkey_table, "recompress": recompress_tables, "load": load_table,
+          "weights": weights_table}
 BLOCK = re.compile(r"(<!-- (results/[\w./-]+\.json|headline|agnostic) -->\n)(.*?)(<!-- end -->)", re.S)
 
 

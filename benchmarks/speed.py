@@ -22,6 +22,7 @@ from chunkkv import CompressionConfig
 from contexts import save_context
 from generate import answer, compile_decode, compress_context, generate
 from model import synchronize
+from quantize import Int8Linear, weights_of
 from registry import resolve
 
 
@@ -101,12 +102,13 @@ def transformers_decode_seconds(hf, tokens: torch.Tensor, n_steps: int) -> float
 COMPILE_PROBE = [sys.executable, "generate.py", "--compile", "--max-new-tokens", "4", "--prompt", "Hello"]
 
 
-def compile_start_seconds(checkpoint: str | None, dtype: torch.dtype) -> dict:
+def compile_start_seconds(checkpoint: str | None, dtype: torch.dtype, weights: str) -> dict:
     """Wall time of a whole `generate.py --compile` run in a fresh process with an empty compile
     cache, then again with that cache (the cached start), and without --compile."""
     def wall(args, cache_dir):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
-        command = [*args, "--dtype", str(dtype).removeprefix("torch."), "--device", str(torch.get_default_device()),
+        command = [*args, "--dtype", str(dtype).removeprefix("torch."), "--weights", weights,
+                   "--device", str(torch.get_default_device()),
                    *(["--checkpoint", checkpoint] if checkpoint else [])]
         start = time.perf_counter()
         subprocess.run(command, env=env, check=True, capture_output=True, cwd=Path(__file__).parent.parent)
@@ -116,6 +118,16 @@ def compile_start_seconds(checkpoint: str | None, dtype: torch.dtype) -> dict:
         cached = wall(COMPILE_PROBE, cache_dir)
         eager = wall([a for a in COMPILE_PROBE if a != "--compile"], cache_dir)
     return {"cold_start_s": cold, "cached_start_s": cached, "eager_start_s": eager}
+
+
+def step_weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads: every parameter (tied ones once) and every int8 layer's
+    weight and scales, less an embedding that is not the LM head (a step reads one row of it)."""
+    tensors = {id(t): t for m in model.modules() for t in [*m.parameters(recurse=False),
+                                                            *(m.buffers(recurse=False) if isinstance(m, Int8Linear) else [])]}
+    if model.lm_head.weight is not model.embed_tokens.weight:
+        tensors.pop(id(model.embed_tokens.weight))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 SPEED_CONFIGS = {"full": CompressionConfig(method="full"), "chunkkv": CompressionConfig(keep=0.1),
@@ -144,9 +156,9 @@ def speed_rows(model, tokenizer, quick, lengths, methods, batches, compiled, che
     n_steps = 8 if quick else 16
     configs = {label: SPEED_CONFIGS[label] for label in methods or (["full", "chunkkv"] if quick else SPEED_CONFIGS)}
     paragraphs = stdlib_paragraphs()
-    dtype = model.lm_head.weight.dtype
+    dtype, weights = model.embed_tokens.weight.dtype, weights_of(model)
     bandwidth, peak = memory_bandwidth(), gemm_peak(dtype)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    weight_bytes = step_weight_bytes(model)
     rows = [{"bench": "speed", "metric": "memory_bandwidth_gb_s", "value": bandwidth / 1e9},
             {"bench": "speed", "metric": "gemm_peak_gflop_s", "value": peak / 1e9}]
     modes = [("eager", model.decode)] + ([("compiled", compile_decode(model))] if compiled else [])
@@ -194,7 +206,7 @@ def speed_rows(model, tokenizer, quick, lengths, methods, batches, compiled, che
                          "batch": 1, "metric": "llama_cpp",
                          **llama_cpp.llama_bench(llama_bench, path, n_tokens, n_steps, torch.get_num_threads())})
     if compare and compiled and not quick:  # two more compiles in fresh processes: minutes
-        start = compile_start_seconds(checkpoint, dtype)
+        start = compile_start_seconds(checkpoint, dtype, weights)
         rows.append({"bench": "speed", "metric": "start_seconds", "value": start["cached_start_s"], **start})
     return rows
 
@@ -384,11 +396,12 @@ def run_questions(model, tokenizer, quick: bool, lengths=None, n_questions=None,
 SAVED_PROBE = """
 import json, sys, time
 start = time.perf_counter()
-import torch, checkpoint
+import torch
 from contexts import load_context
 from generate import answer
+from registry import load
 torch.set_grad_enabled(False)
-model, tokenizer = checkpoint.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+model, tokenizer = load(sys.argv[1], dtype=getattr(torch, sys.argv[2]), weights=sys.argv[6])
 loaded = time.perf_counter()
 context = load_context(sys.argv[3], model, tokenizer)
 out = {"model_load_seconds": loaded - start, "cache_load_seconds": time.perf_counter() - loaded, "answers": []}
@@ -406,8 +419,8 @@ def saved_answers(model, tokenizer, context, checkpoint, questions: list[torch.T
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "context.kv"
         file_bytes = save_context(path, model, tokenizer, context)
-        args = [str(resolve(checkpoint)), str(model.lm_head.weight.dtype).removeprefix("torch."), str(path),
-                json.dumps([q[0].tolist() for q in questions]), str(n_answer)]
+        args = [str(resolve(checkpoint)), str(model.embed_tokens.weight.dtype).removeprefix("torch."), str(path),
+                json.dumps([q[0].tolist() for q in questions]), str(n_answer), weights_of(model)]
         result = subprocess.run([sys.executable, "-c", SAVED_PROBE, *args], capture_output=True, text=True,
                                 cwd=Path(__file__).parent.parent)
     if result.returncode != 0:
@@ -454,7 +467,7 @@ def questions_at(model, tokenizer, n_tokens: int, n_questions: int, checkpoint=N
             rows.append({"bench": "questions", "setting": setting, "method": label, "keep": 0.1 if label != "full" else 1.0,
                          "prompt_tokens": n_tokens, "k": k, "answer_tokens": n_answer, "metric": "seconds",
                          "value": once + sum(per_question[:k]), "compress_once_seconds": once})
-    if model.lm_head.weight.device.type == "cpu":  # the fresh process loads on the CPU
+    if model.embed_tokens.weight.device.type == "cpu":  # the fresh process loads on the CPU
         saved = saved_answers(models[("chunkkv", "agnostic")], tokenizer, contexts[("chunkkv", "agnostic")],
                               checkpoint, questions, n_answer)
         once = saved["cache_load_seconds"]

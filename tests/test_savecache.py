@@ -194,7 +194,7 @@ def test_an_edited_byte_is_refused(where, saved):
 
 def test_a_cache_of_another_checkpoint_dtype_or_tokenizer_is_refused(saved):
     path, model, tokenizer = saved
-    refused(path, tiny_model(seed=1), tokenizer, CheckpointError, "another checkpoint (its weights differ)")
+    refused(path, tiny_model(seed=1), tokenizer, CheckpointError, "another checkpoint (its weights differ: other values or other --weights)")
     refused(path, tiny_model(n_layers=3), tokenizer, CheckpointError, "(its architecture differs)")
     refused(path, tiny_model(max_seq_len=512), tokenizer, CheckpointError, "(its architecture differs)")
     refused(path, tiny_model().to(torch.bfloat16), tokenizer, CheckpointError, "holds 'float32' K/V, the model runs "
@@ -383,7 +383,7 @@ def test_cli_refuses_what_it_cannot_load_in_one_line(tiny_dir, tmp_path):
                       "is not a chunkkv cache")
     assert_user_error(cli(*tiny, *load[:-1], "bfloat16"), "holds 'float32' K/V, the model runs in bfloat16")
     assert_user_error(cli("--checkpoint", str(other_weights(tiny_dir, tmp_path / "other")), *load),
-                      "another checkpoint (its weights differ)")
+                      "another checkpoint (its weights differ: other values or other --weights)")
     tokenizer = json.loads((tiny_dir / "tokenizer.json").read_text())
     tokenizer["added_tokens"] = [{"id": 0, "content": "<s>", "single_word": False, "lstrip": False, "rstrip": False,
                                   "normalized": False, "special": True}]
