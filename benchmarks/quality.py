@@ -29,6 +29,14 @@ METHODS = {  # label -> config at a given keep
 }
 
 
+def fidelity_text(tokenizer, n_context: int, n_next: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fidelity text, standard-library prose from the middle of the docstrings whatever the
+    haystack: (the context's ids [1, n_context], its continuation's [1, n_next])."""
+    paragraphs = stdlib_paragraphs()
+    ids = tokenizer.encode("\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))).ids
+    return torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
+
+
 def teacher_forced(model, logits, continuation: torch.Tensor) -> torch.Tensor:
     """Log-probabilities [n, vocab] of each continuation token's prediction, fed one at a time."""
     out = [logits]
@@ -168,10 +176,7 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
 
     # fidelity on real text: compress a long prose prefix, teacher-force its continuation
     n_context, n_next = (512, continuation or 32) if quick else (2048, continuation or 256)
-    paragraphs = stdlib_paragraphs()  # fidelity runs on prose, whatever the haystack
-    prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
-    ids = tokenizer.encode(prose).ids
-    tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
+    tokens, continuation = fidelity_text(tokenizer, n_context, n_next)
     logits, captured = model.capture(tokens)
     reference = None
     for bench, label, keep, config in configs:
@@ -384,9 +389,7 @@ def run_pages(model, tokenizer, quick: bool, lengths=None) -> list[dict]:
                          "depth": depth, "prompt_tokens": tokens.shape[1], "value": float(answers[0] in answer)})
         progress.step(f"{task} {n_tokens} tokens, depth {depth}")
     n_context, n_next = (512, 32) if quick else (1024, 128)
-    prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
-    ids = tokenizer.encode(prose).ids
-    tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
+    tokens, continuation = fidelity_text(tokenizer, n_context, n_next)
     logits, captured = model.capture(tokens)
     reference = None
     for label, config in PAGE_CONFIGS.items():
@@ -478,10 +481,7 @@ def run_weights(model, tokenizer, quick: bool) -> list[dict]:
     fidelity text with a full cache: per continuation token, each model's negative log-likelihood, the
     KL of int8's next-token distribution to the dtype model's, and whether their greedy tokens agree."""
     n_context, n_next = (512, 32) if quick else (2048, 256)
-    paragraphs = stdlib_paragraphs()
-    prose = "\n".join(take_prose(paragraphs, tokenizer, n_context + n_next + 50, len(paragraphs) // 2))
-    ids = tokenizer.encode(prose).ids
-    tokens, continuation = torch.tensor([ids[:n_context]]), torch.tensor([ids[n_context:n_context + n_next]])
+    tokens, continuation = fidelity_text(tokenizer, n_context, n_next)
     logprobs = {}
     for weights, m in (("dtype", model), ("int8", int8_weights(copy.deepcopy(model)))):
         logits, captured = m.capture(tokens)
