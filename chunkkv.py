@@ -51,6 +51,7 @@ class CompressionConfig:
     punctuation_ids: tuple[int, ...] = ()  # fastgen: punctuation-token ids of the tokenizer
     host: bool = False  # the host rule (above) instead of refusals: for hosts that ask any budget (kvpress)
     scorer: str | None = None  # "window" (the paper's) or "reconstruct" (KVzip's repeat); None: the method's own
+    global_budget: bool = False  # kvzip, chunkkv on reconstruction scores: all layers' budgets in one ranking
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,6 +67,10 @@ class CompressionConfig:
         if self.scorer not in (None, row.scorer) and (row.score is None or not row.rescorable):
             raise CompressionError(f"{self.method} runs only on its own scorer ({row.scorer if row.score else 'none'}): "
                                    f"drop scorer, or use one of {', '.join(RESCORABLE)}")
+        if self.global_budget and (self.method not in ("kvzip", "chunkkv") or self.scoring != "reconstruct"
+                                   or self.reuse > 1 or self.per_head):
+            raise CompressionError("global_budget ranks every layer's entries together, for kvzip and chunkkv on the "
+                                   "reconstruct scorer, without reuse or per_head: drop it, or change those")
         if self.keep is not None and not 0 < self.keep <= 1:
             raise CompressionError(f"keep must be in (0, 1], got {self.keep}: 0.1 keeps 10 % of the prompt")
         if self.per_head and row.per_head is not None:
@@ -369,16 +374,40 @@ def token_among(tokens: Tensor | None, ids: tuple[int, ...], n_prompt: int, devi
     return torch.isin(tokens, torch.tensor(ids, device=tokens.device, dtype=tokens.dtype))[:, None]
 
 
-def fastgen_positions(scores: Tensor, tokens: Tensor | None, config: CompressionConfig) -> Tensor:
-    """fastgen_mask as positions [B, Hkv, N]: each head's kept positions sorted, padded with -1 to
-    the largest head's count N."""
-    keep = fastgen_mask(scores, tokens, config)
+def mask_positions(keep: Tensor) -> Tensor:
+    """keep [..., T] bool -> each row's kept positions [..., N], sorted, padded with -1 to the largest count N."""
     n_prompt = keep.shape[-1]
     n_kept = int(keep.sum(-1).max())  # prefill is eager: a data-dependent size is fine here
     # kept positions first, in order; the rest sort past them and become -1 padding
     pos = torch.arange(n_prompt, device=keep.device)
     order = torch.where(keep, pos, n_prompt + pos).sort(dim=-1).values[..., :n_kept]
     return torch.where(order < n_prompt, order, -1)
+
+
+def global_scores(config: CompressionConfig, scores: list[Tensor], budgets: list[int]) -> list[Tensor]:
+    """All layers' budgets (entries per KV head) spent by one ranking of all layers' scores [B, Hkv, T]
+    per row (ties: earlier layer, head, position first). kvzip: the best entries of every layer and KV head
+    (KVzip's own budget: Kim et al., NeurIPS 2025; kvpress KVzipPress(layerwise=False)). chunkkv: each
+    layer's window, then all layers' prefix chunks by score (summed over KV heads; [B, T] taken as summed),
+    whole while they fit, then the next one's first tokens. -> the scores, -inf where dropped."""
+    pooled = torch.stack(scores, dim=1)  # [B, L, Hkv, T]
+    if config.method == "kvzip":
+        keep = top_of_all(pooled, sum(budget * pooled.shape[2] for budget in budgets))
+        return [layer.masked_fill(~keep[:, i], -math.inf) for i, layer in enumerate(scores)]
+    tokens = pooled.sum(dim=2) if pooled.dim() == 4 else pooled  # [B, L, T]: summed over KV heads unless given so
+    n_window = min(config.window, tokens.shape[-1])
+    n_prefix = tokens.shape[-1] - n_window
+    # each prefix token carries its chunk's score, so a stable sort takes whole chunks in score order
+    chunk = chunk_scores(tokens[..., :n_prefix], config.chunk_size).repeat_interleave(config.chunk_size, -1)
+    keep = top_of_all(chunk[..., :n_prefix], sum(min(budget - n_window, n_prefix) for budget in budgets))
+    keep = F.pad(keep, (0, n_window), value=True)  # and every layer's window
+    return [tokens[:, i].masked_fill(~keep[:, i], -math.inf) for i in range(len(scores))]
+
+
+def top_of_all(values: Tensor, n: int) -> Tensor:
+    """Whether each entry of values [B, ...] is among its row's n largest, bool [B, ...] (ties: earlier first)."""
+    best = values.flatten(1).sort(dim=-1, descending=True, stable=True).indices[:, :n]
+    return torch.zeros_like(values, dtype=torch.bool).flatten(1).scatter_(1, best, True).view(values.shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,8 +432,7 @@ class Method:
 
 
 def window_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
-    q_win = q[:, :, -config.window:]
-    return head_window_scores(q_win, k) if config.per_head else window_scores(q_win, k)
+    return (head_window_scores if config.per_head else window_scores)(q[:, :, -config.window:], k)
 
 
 def pooled_window_score(config: CompressionConfig, q: Tensor, k: Tensor) -> Tensor:
@@ -434,7 +462,7 @@ def everything(config: CompressionConfig, scores, budget: int, k: Tensor, tokens
 
 
 def cheapest_policy(config: CompressionConfig, scores: Tensor, budget: int, k: Tensor, tokens=None) -> Tensor:
-    return fastgen_positions(scores, tokens, config)
+    return mask_positions(fastgen_mask(scores, tokens, config))
 
 
 METHODS = {  # scorers (config, q, k) and selectors (config, scores, budget, k, tokens=None), as above
@@ -496,6 +524,8 @@ def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, budget: int,
         scores = (row.score if config.scoring == "window" else needs_reconstruction)(config, q, k)
     elif scores.dim() == 3 and not config.per_kv_head:
         scores = scores.sum(dim=1)
+    if config.global_budget:  # the scores hold the choice already (global_scores): -inf is dropped
+        return mask_positions(scores > -math.inf), scores
     return row.select(config, scores, budget, k, tokens), scores
 
 

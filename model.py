@@ -17,7 +17,7 @@ Qwen2 and Qwen3 checkpoints all run on it: they differ only in ModelArgs fields.
 """
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -115,8 +115,7 @@ class KVCache(nn.Module):
                                   ("used", shape[:1], used.dtype), ("length", shape[:1], used.dtype)]:
             self.allocate(name, size, dtype, k.device)
         self.k[:, :, :n_kept], self.v[:, :, :n_kept] = k, v
-        self.pos.fill_(-1)
-        self.pos[:, :, :n_kept] = positions
+        self.pos.fill_(-1)[:, :, :n_kept] = positions  # -1 past the kept entries: nothing to attend
         self.used.copy_(used)
         self.length.copy_(lengths)
         self.fills += 1
@@ -221,8 +220,7 @@ def rope(positions: Tensor, args: ModelArgs) -> tuple[Tensor, Tensor]:
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [B, H, T, D], cos/sin [T, D] or [B, 1, T, D]: rotate pairs (i, i + D/2) by their position's angle."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -383,8 +381,7 @@ class Transformer(nn.Module):
     def start(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self.check_room(tokens.shape[1], f"a prompt of {tokens.shape[1]} tokens")
         self.check_attention_memory(*tokens.shape)
-        cos, sin = rope(torch.arange(tokens.shape[1], device=tokens.device), self.args)
-        return self.embed_tokens(tokens), cos, sin
+        return self.embed_tokens(tokens), *rope(torch.arange(tokens.shape[1], device=tokens.device), self.args)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Full-sequence logits [B, T, vocab] for tokens [B, T]; no cache is read or written."""
@@ -418,7 +415,10 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def compress(self, captured: list[tuple[Tensor, Tensor, Tensor]], request: CacheRequest) -> float:
         """Fill the caches from a captured prefill (which no method or budget changes); seconds spent."""
-        leaders, seconds = None, 0.0
+        start = time.perf_counter()
+        if request.config.global_budget and request.scores:  # one ranking over every layer's scores
+            request = replace(request, scores=chunkkv.global_scores(request.config, request.scores, request.budgets[0]))
+        leaders, seconds = None, time.perf_counter() - start
         for layer, (block, (q, k, v)) in enumerate(zip(self.layers, captured)):
             leaders, spent = compress_layer(block.self_attn.cache, layer, q, k, v, request, leaders)
             seconds += spent

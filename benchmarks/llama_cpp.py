@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 import checkpoint
 from model import Transformer
+from quantize import weights_of
 
 PRECISIONS = {"F32": gguf.GGMLQuantizationType.F32, "BF16": gguf.GGMLQuantizationType.BF16,
               "Q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -50,11 +51,17 @@ def gguf_tensors(model: Transformer) -> dict[str, np.ndarray]:
 
 
 def write_files(model: Transformer, tokenizer: Tokenizer, folder: Path) -> dict[str, Path]:
-    """{precision: GGUF path} of the model for llama.cpp: the precision matching its dtype (F32 or
-    BF16), and Q8_0, llama.cpp's 8-bit weights."""
+    """{precision: GGUF path} of the model for llama.cpp, in the precision that faces its weights:
+    Q8_0, llama.cpp's 8-bit weights, for int8; F32 or BF16 for weights in the model's dtype. ValueError
+    for a dtype llama.cpp's CPU build has no match for (float16)."""
     dtype = model.embed_tokens.weight.dtype
-    return {precision: write_gguf(model, tokenizer, folder / f"model-{precision}.gguf", precision)
-            for precision in ([MATCHING[dtype]] if dtype in MATCHING else []) + ["Q8_0"]}
+    if weights_of(model) == "int8":
+        precision = "Q8_0"
+    elif dtype in MATCHING:
+        precision = MATCHING[dtype]
+    else:
+        raise ValueError(f"the llama.cpp comparison runs float32, bfloat16 or int8 weights, not {dtype}")
+    return {precision: write_gguf(model, tokenizer, folder / f"model-{precision}.gguf", precision)}
 
 
 def write_gguf(model: Transformer, tokenizer: Tokenizer, path: Path, precision: str) -> Path:

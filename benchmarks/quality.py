@@ -56,9 +56,12 @@ def adjacent_jaccard(sets: list[list[set]]) -> float:
 
 
 RECONSTRUCT = {  # label -> config at a given keep, on KVzip's reconstruction scores (agnostic setting)
-    "kvzip": dict(method="kvzip"), "snapkv-reconstruct": dict(method="snapkv", scorer="reconstruct"),
+    "kvzip": dict(method="kvzip"), "kvzip-global": dict(method="kvzip", global_budget=True),
+    "snapkv-reconstruct": dict(method="snapkv", scorer="reconstruct"),
     "chunkkv-reconstruct": dict(method="chunkkv", scorer="reconstruct"),
     "chunkkv-reconstruct-max": dict(method="chunkkv", scorer="reconstruct"),  # the max over KV heads, not the sum
+    "chunkkv-reconstruct-global": dict(method="chunkkv", scorer="reconstruct", global_budget=True),
+    "chunkkv-reconstruct-max-global": dict(method="chunkkv", scorer="reconstruct", global_budget=True),
     "eg-chunkkv-reconstruct": dict(method="eg-chunkkv", scorer="reconstruct"),
 }
 
@@ -156,7 +159,7 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
                 agnostic += [("main", label, keep, CompressionConfig(keep=keep, **kw))
                              for label, kw in RECONSTRUCT.items() for keep in keeps if wanted is None or label in wanted]
             for bench, label, keep, config in agnostic:
-                key = (config.method, config.per_head) if config.scoring == "window" else label.endswith("-max")
+                key = (config.method, config.per_head) if config.scoring == "window" else "-max" in label
                 if key not in scores:  # per-layer selectors sum reconstruction scores over KV heads, or take the max
                     scores[key] = (layer_scores(config, captured) if config.scoring == "window" else
                                    [s.amax(dim=1) for s in scores["reconstruct"]] if key else scores["reconstruct"])

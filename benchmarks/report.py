@@ -50,11 +50,12 @@ HEADLINE_QUALITY = [  # (model, results file, rows that count, what they are)
     ("SmolLM2-135M", "results/quality.json", {}, "3 tasks, 1k-4k tokens"),
     ("Qwen2.5-Coder-0.5B", "results/qwen/quality-4k.json", {"setting": "aware"}, "single needle, 4k"),
 ]
-HEADLINE_SPEED = [("bfloat16", "results/speed.json"), ("float32", "results/speed-float32.json")]
+HEADLINE_SPEED = [("int8", "results/speed-llama-int8.json"), ("bfloat16", "results/speed-llama-bfloat16.json"),
+                  ("float32", "results/speed-llama-float32.json")]  # weights; each run beside llama-bench
 
 
 def headline() -> str:
-    """Retrieval at keep 0.1 on both models, and decode tokens/s with the share of the roofline."""
+    """Retrieval at keep 0.1 on both models; decode tokens/s with the share of the roofline, beside llama.cpp."""
     labels = ["full", "chunkkv", "snapkv", "pyramidkv", "streaming", "h2o"]
     cells = [[model, what] + [accuracy_cell(rows_of(path), bench="retrieval", method=label,
                                             keep=1.0 if label == "full" else 0.1, **match) for label in labels]
@@ -62,12 +63,21 @@ def headline() -> str:
     out = [table("Retrieval accuracy at keep 0.1, query-aware (mean [95 % interval] n=prompts)",
                  ["model", "prompts"] + labels, cells)]
     cells = []
-    for dtype, path in HEADLINE_SPEED:
-        rows = [r for r in rows_of(path) if r.get("mode") == "compiled" and r.get("batch") == 1]
-        for r in sorted(rows, key=lambda r: (r["prompt_tokens"], r["method"] != "full")):
-            cells.append([dtype, r["prompt_tokens"], r["method"], f"{r['value']:.1f}", f"{100 * r['of_roofline']:.0f} %"])
-    out.append(table("Decode, SmolLM2-135M, batch 1, compiled (`--compile`), ChunkKV keep 0.1",
-                     ["dtype", "prompt tokens", "method", "tokens/s", "of the bandwidth roofline"], cells))
+    for weights, path in HEADLINE_SPEED:
+        rows = rows_of(path)
+        for llama in (r for r in rows if r.get("method") == "llama.cpp"):
+            ours = {r["method"]: r for r in rows if r.get("mode") == "compiled" and r.get("batch") == 1
+                    and r["prompt_tokens"] == llama["prompt_tokens"]}
+            theirs = llama["decode_tokens_per_s"]
+            cells.append([weights, llama["prompt_tokens"]] +
+                         [f"{ours[m]['value']:.1f} ({100 * ours[m]['of_roofline']:.0f} %)" for m in ("full", "chunkkv")] +
+                         [f"{theirs:.1f} ({llama['precision']})"] +
+                         [f"{ours[m]['value'] / theirs:.2f}x" for m in ("full", "chunkkv")])
+    out.append(table("Decode tokens/s, SmolLM2-135M, batch 1, compiled (`--compile`; in brackets: the share of the "
+                     "bandwidth roofline); llama.cpp: its llama-bench on the same weights as GGUF, full cache, "
+                     "run in the same minutes",
+                     ["weights", "prompt tokens", "full", "chunkkv keep 0.1", "llama.cpp", "full / llama.cpp",
+                      "chunkkv / llama.cpp"], cells))
     runs = [path for _, path, _, _ in HEADLINE_QUALITY] + [path for _, path in HEADLINE_SPEED]
     out.append("\nFrom " + "; ".join(f"`{path}` ({rows_of(path)[0]['date']}, {rows_of(path)[0]['machine']})"
                                      for path in runs) + ": commands and the full tables in docs/results.md.")
@@ -75,12 +85,15 @@ def headline() -> str:
 
 
 AGNOSTIC = [  # (model, haystack, results files, first holding a method's rows): compress once, single needle
-    ("SmolLM2-135M", "2k prose", ["results/quality-agnostic-2k.json", "results/quality_settings.json"]),
+    ("SmolLM2-135M", "2k prose", ["results/quality-agnostic-2k.json", "results/quality_settings.json",
+                                  "results/quality-global-2k.json", "results/quality-global-chunks-2k.json"]),
     ("SmolLM2-135M", "2k filler", ["results/quality-filler-2k.json"]),
-    ("Qwen2.5-Coder-0.5B", "4k prose", ["results/qwen/quality-reconstruct-4k.json", "results/qwen/quality-4k.json"]),
+    ("Qwen2.5-Coder-0.5B", "4k prose", ["results/qwen/quality-reconstruct-4k.json", "results/qwen/quality-4k.json",
+                                        "results/qwen/quality-global-4k.json"]),
     ("Qwen2.5-Coder-0.5B", "4k filler", ["results/qwen/quality-filler-4k.json"]),
 ]
-AGNOSTIC_LABELS = ["full", "snapkv", "chunkkv", "eg-chunkkv", "kvzip", "chunkkv-reconstruct", "eg-chunkkv-reconstruct"]
+AGNOSTIC_LABELS = ["full", "snapkv", "chunkkv", "eg-chunkkv", "kvzip", "chunkkv-reconstruct", "eg-chunkkv-reconstruct",
+                   "kvzip-global", "chunkkv-reconstruct-global"]
 
 
 def agnostic() -> str:
@@ -97,7 +110,8 @@ def agnostic() -> str:
         runs += [(path, rows[0]["date"]) for path, rows in zip(paths, loaded) if path not in dict(runs)]
     header = ["model", "haystack", "chunkkv, aware"] + AGNOSTIC_LABELS
     out = table("Single needle at keep 0.1, compressed before the question (mean [95 % interval] n=prompts); "
-                "-reconstruct and kvzip: KVzip's scores, the others the context's last window", header, cells)
+                "-reconstruct and kvzip: KVzip's scores, the others the context's last window; -global: one budget "
+                "over all layers", header, cells)
     return (out + "\n\nFrom " + "; ".join(f"`{path}` ({day})" for path, day in runs)
             + ": commands and the full tables in docs/results.md.\n").lstrip("\n")
 

@@ -210,27 +210,31 @@ print(json.dumps([{{"n_prompt": n_prompt, "n_gen": n_gen, "n_depth": int(value("
 """
 
 
-def test_the_speed_bench_runs_llama_bench_on_the_same_weights_and_prints_the_ratio(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("weights, precision", [(["--dtype", "float32"], "F32"), (["--dtype", "bfloat16"], "BF16"),
+                                                (["--dtype", "bfloat16", "--weights", "int8"], "Q8_0")])
+def test_the_speed_bench_runs_llama_bench_on_the_same_weights_and_prints_the_ratio(tiny_dir, tmp_path, capsys,
+                                                                                   weights, precision):
     """A stand-in for llama-bench that prints llama-bench's JSON (a list of tests with n_prompt,
-    n_gen, n_depth, avg_ts, stddev_ts: tools/llama-bench/llama-bench.cpp's json_printer)."""
+    n_gen, n_depth, avg_ts, stddev_ts: tools/llama-bench/llama-bench.cpp's json_printer). llama.cpp
+    runs the precision that faces chunkkv's weights: F32, BF16, or Q8_0 beside int8."""
     import sys
     fake, log = tmp_path / "llama-bench", tmp_path / "calls.jsonl"
     fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, log=str(log)))
     fake.chmod(0o755)
     out = tmp_path / "speed.json"
     assert bench.main(["speed", "--checkpoint", str(tiny_dir), "--lengths", "64", "--methods", "full", "--batches", "1",
-                       "--no-compile", "--no-compare", "--dtype", "float32", "--llama-bench", str(fake),
-                       "--out", str(out)]) == 0
+                       "--no-compile", "--no-compare", *weights, "--llama-bench", str(fake), "--out", str(out)]) == 0
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(c[c.index("-p") + 1], c[c.index("-n") + 1], c[c.index("-m") + 1].rsplit("-", 1)[1]) for c in calls] == [
-        ("0", "16", "F32.gguf"), ("64", "0", "F32.gguf"), ("0", "16", "Q8_0.gguf"), ("64", "0", "Q8_0.gguf")]
+        ("0", "16", f"{precision}.gguf"), ("64", "0", f"{precision}.gguf")]
     assert all(c[c.index("-t") + 1] == str(torch.get_num_threads()) for c in calls)
-    assert [c[c.index("-d") + 1] for c in calls if "-d" in c] == ["64", "64"]  # decode after the same context
+    assert [c[c.index("-d") + 1] for c in calls if "-d" in c] == ["64"]  # decode after the same context
     rows = [r for r in json.loads(out.read_text()) if r.get("method") == "llama.cpp"]
     assert [(r["precision"], r["decode_tokens_per_s"], r["prefill_tokens_per_s"]) for r in rows] == [
-        ("F32", 100.0, 1000.0), ("Q8_0", 100.0, 1000.0)]
+        (precision, 100.0, 1000.0)]
     ours = next(r for r in json.loads(out.read_text()) if r.get("mode") == "eager")["value"]
-    assert re.search(rf"\| F32 +\| {ours:.1f} eager +\| 100\.0 ± 1\.0 +\| {ours / 100:.2f}x", capsys.readouterr().out)
+    assert re.search(rf"\| {precision} +\| {ours:.1f} eager +\| 100\.0 ± 1\.0 +\| {ours / 100:.2f}x",
+                     capsys.readouterr().out)
 
 
 def test_without_llama_bench_there_is_no_llama_cpp_column(tmp_path):

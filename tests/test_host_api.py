@@ -122,7 +122,7 @@ def test_fastgen_as_a_boolean_mask_and_tokens_only_for_token_ids():
     tokens = torch.randint(0, 8, (2, 70), generator=gen)
     config = CompressionConfig("fastgen", window=8, recovery=0.5, special_ids=(0,), punctuation_ids=(1,))
     keep = chunkkv.fastgen_mask(scores, tokens, config)  # [B, Hkv, T] bool
-    positions = chunkkv.fastgen_positions(scores, tokens, config)
+    positions = chunkkv.mask_positions(chunkkv.fastgen_mask(scores, tokens, config))
     for row in range(2):
         for head in range(2):
             assert keep[row, head].nonzero().flatten().tolist() == [p for p in positions[row, head].tolist() if p >= 0]

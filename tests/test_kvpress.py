@@ -362,6 +362,29 @@ def test_kvzip_keeps_what_kvpress_kvzip_keeps_with_one_kv_head_and_layerwise_bud
         assert kept[0, 0].tolist() == sorted(set(range(n_context)) - set(pruned.tolist()))
 
 
+@pytest.mark.parametrize("n_kv_heads, keep", [(1, 0.25), (2, 0.25), (2, 0.5), (2, 0.75)])
+@torch.no_grad()
+def test_kvzip_global_budget_keeps_what_kvpress_kvzip_keeps_across_layers_and_heads(tmp_path, n_kv_heads, keep):
+    """KVzip's own budget: kvpress's layerwise=False prunes the int(L x Hkv x T x ratio) lowest scores of
+    all layers and KV heads together; chunkkv's kvzip with global_budget keeps the L x Hkv x budget best,
+    the same count here, so each layer's and head's kept set is equal (heads keep different counts)."""
+    hf, model = kvzip_pair(tmp_path, n_kv_heads)
+    tokens, n_context = ids(1, 40, seed=5), 40
+    press = KVzipPress(compression_ratio=1 - keep, layerwise=False, chunk_size=16)
+    with press(hf):
+        hf(input_ids=tokens, past_key_values=DynamicCache())
+    config = CompressionConfig(method="kvzip", keep=keep, global_budget=True)
+    reconstruct_and_compress(model, tokens, config, kvpress_repeat(16), room=0)
+    counts = set()
+    for layer, kept in zip(hf.model.layers, model.kept_positions([n_context])):
+        _, heads, pruned = layer.self_attn.masked_key_indices
+        for head in range(n_kv_heads):
+            theirs = sorted(set(range(n_context)) - set(pruned[heads == head].tolist()))
+            assert [p for p in kept[0, head].tolist() if p >= 0] == theirs
+            counts.add(len(theirs))
+    assert len(counts) > 1  # the budget moved between layers or heads
+
+
 # ---------------------------------------------------------------------------------------
 # EG-ChunkKV against kvpress's EntropyGatedChunkKVPress
 

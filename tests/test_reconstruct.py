@@ -3,6 +3,7 @@ block, attends to it, and any selector keeps what those scores rank first. Oracl
 softmax over each repeat query's visible keys, and a whole-sequence forward (model.capture of the
 context followed by the repeat) in place of the cache and extend."""
 import math
+import re
 
 import pytest
 import torch
@@ -96,7 +97,9 @@ def test_scores_equal_a_whole_sequence_forward_and_the_cache_is_rolled_back_bit_
 
 @pytest.mark.parametrize("kwargs", [dict(method="kvzip"), dict(scorer="reconstruct"), dict(scorer="reconstruct", per_head=True),
                                     dict(method="snapkv", scorer="reconstruct"), dict(method="h2o", scorer="reconstruct"),
-                                    dict(method="pyramidkv", scorer="reconstruct"), dict(method="eg-chunkkv", scorer="reconstruct")])
+                                    dict(method="pyramidkv", scorer="reconstruct"), dict(method="eg-chunkkv", scorer="reconstruct"),
+                                    dict(method="kvzip", global_budget=True),
+                                    dict(scorer="reconstruct", global_budget=True)])
 def test_a_budget_covering_the_context_gives_the_full_caches_answer_on_the_reconstruct_scorer(kwargs):
     model = tiny_model()
     context, question = torch.randint(0, 256, (2, 90)), torch.randint(0, 256, (2, 5))
@@ -122,11 +125,94 @@ def test_each_selector_keeps_the_top_of_the_reconstruction_scores():
     assert all((kept[..., :4] == torch.arange(4)).all() for kept in [model.caches()[0].pos[..., :30]])
 
 
+def reference_global(scores: list[list[list[float]]], n_keep: int) -> set:
+    """One row's n_keep best (layer, head, position) of scores[layer][head][position], ties earliest first."""
+    entries = [(-value, layer, head, pos) for layer, heads in enumerate(scores) for head, row in enumerate(heads)
+               for pos, value in enumerate(row)]
+    return {entry[1:] for entry in sorted(entries)[:n_keep]}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(1, 12), st.data())
+def test_the_global_budget_keeps_the_best_entries_of_every_layer_and_head_together(n_batch, n_layers, n_kv_heads,
+                                                                                    n_tokens, data):
+    """chunkkv.global_scores against a sort of every (layer, head, position) entry: scores from a few
+    values (ties) and +inf (sinks); kept entries keep their scores, the rest become -inf."""
+    values = st.sampled_from([0.0, 0.25, 0.5, 1.0, math.inf])
+    scores = [torch.tensor(data.draw(st.lists(st.lists(st.lists(values, min_size=n_tokens, max_size=n_tokens),
+                                                       min_size=n_kv_heads, max_size=n_kv_heads),
+                                              min_size=n_batch, max_size=n_batch))) for _ in range(n_layers)]
+    budgets = data.draw(st.lists(st.integers(0, n_tokens), min_size=n_layers, max_size=n_layers))
+    got = chunkkv.global_scores(CompressionConfig(method="kvzip", global_budget=True), scores, budgets)
+    for b in range(n_batch):
+        kept = {(layer, head, pos) for layer, s in enumerate(got) for head in range(n_kv_heads)
+                for pos in range(n_tokens) if s[b, head, pos] > -math.inf}
+        assert kept == reference_global([s[b].tolist() for s in scores], n_kv_heads * sum(budgets))
+        assert all(got[layer][b, head, pos] == scores[layer][b, head, pos] for layer, head, pos in kept)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 2), st.integers(1, 25), st.integers(1, 6), st.integers(1, 5),
+       st.data())
+def test_the_global_chunk_budget_keeps_the_best_chunks_of_every_layer_together(n_batch, n_layers, n_kv_heads, n_tokens,
+                                                                               window, chunk_size, data):
+    """chunkkv with global_budget against a plain sort: every layer's window, then the prefix tokens of all
+    layers ordered by their chunk's score (summed over heads and the chunk), then layer and position
+    (whole chunks, best first; the last one cut), as many as the budgets' prefix parts sum to."""
+    values = st.sampled_from([0.0, 0.25, 0.5, 1.0, math.inf])
+    scores = [torch.tensor(data.draw(st.lists(st.lists(st.lists(values, min_size=n_tokens, max_size=n_tokens),
+                                                       min_size=n_kv_heads, max_size=n_kv_heads),
+                                              min_size=n_batch, max_size=n_batch))) for _ in range(n_layers)]
+    budget = data.draw(st.integers(window + 1, n_tokens + window + 1))
+    config = CompressionConfig(method="chunkkv", scorer="reconstruct", global_budget=True, window=window,
+                               chunk_size=chunk_size)
+    got = chunkkv.global_scores(config, scores, [budget] * n_layers)
+    n_window = min(window, n_tokens)
+    n_prefix = n_tokens - n_window
+    for b in range(n_batch):
+        token = [[sum(s[b, h, p].item() for h in range(n_kv_heads)) for p in range(n_tokens)] for s in scores]
+        chunk = [[sum(row[c:min(c + chunk_size, n_prefix)]) for c in range(0, n_prefix, chunk_size)] for row in token]
+        order = sorted((-chunk[layer][p // chunk_size], layer, p) for layer in range(n_layers) for p in range(n_prefix))
+        kept = {(layer, p) for _, layer, p in order[:n_layers * min(budget - n_window, n_prefix)]}
+        kept |= {(layer, p) for layer in range(n_layers) for p in range(n_prefix, n_tokens)}
+        assert {(layer, p) for layer, s in enumerate(got) for p in range(n_tokens) if s[b, p] > -math.inf} == kept
+
+
+def test_kvzip_with_a_global_budget_keeps_that_many_entries_shared_out_by_score(tmp_path):
+    """Every layer's caches hold the entries global_scores picks from the reconstruction scores, per KV
+    head (-1 where a head keeps fewer): L x Hkv x budget in all, not the same count in every head; the
+    file saved from it loads and answers bit for bit."""
+    from conftest import byte_tokenizer
+    from contexts import load_context, save_context
+    model = tiny_model()
+    context, question = torch.randint(0, 256, (1, 100)), torch.randint(0, 256, (1, 5))
+    full_prefill(model, context, 60)
+    config = CompressionConfig(method="kvzip", budget=30, global_budget=True)
+    expected = chunkkv.global_scores(config, reconstruction_scores(model, context, REPEAT, 4), [30, 30])
+    compressed = compress_context(model, context, config, 16, repeat=REPEAT)
+    kept = model.kept_positions([100])
+    for layer, scores in zip(kept, expected):
+        for head in range(scores.shape[1]):
+            chosen = torch.nonzero(scores[0, head] > -math.inf).flatten().tolist()
+            assert [p for p in layer[0, head].tolist() if p >= 0] == chosen
+    counts = [int((layer[0, head] >= 0).sum()) for layer in kept for head in range(layer.shape[1])]
+    assert sum(counts) == 2 * 2 * 30 and len(set(counts)) > 1
+    record = answer(model, compressed, question, 4)
+    save_context(tmp_path / "c.kv", model, byte_tokenizer(), compressed)
+    fresh = tiny_model()
+    assert torch.equal(answer(fresh, load_context(tmp_path / "c.kv", fresh, byte_tokenizer()), question, 4).tokens,
+                       record.tokens)
+
+
 def test_the_reconstruct_scorer_is_refused_where_it_cannot_run():
     for kwargs, message in [(dict(method="full", scorer="reconstruct"), "full runs only on its own scorer"),
                             (dict(method="fastgen", scorer="reconstruct"), "fastgen runs only on its own scorer"),
                             (dict(method="kvzip", scorer="window"), "kvzip runs only on its own scorer"),
-                            (dict(scorer="kvzip"), "unknown scorer 'kvzip'")]:
+                            (dict(scorer="kvzip"), "unknown scorer 'kvzip'"),
+                            (dict(global_budget=True), "for kvzip and chunkkv on the reconstruct scorer"),
+                            (dict(method="snapkv", scorer="reconstruct", global_budget=True), "for kvzip and chunkkv"),
+                            (dict(method="kvzip", global_budget=True, reuse=2), "without reuse or per_head"),
+                            (dict(scorer="reconstruct", global_budget=True, per_head=True), "without reuse or per_head")]:
         with pytest.raises(CompressionError, match=message):
             CompressionConfig(**kwargs)
     model = tiny_model()
@@ -174,6 +260,14 @@ def test_the_cli_compresses_a_context_by_its_repeat_and_refuses_the_scorer_elsew
         result = cli(*tiny, *flags, "--keep", "0.2", "--context-file", str(tmp_path / "context.txt"), "--question", "Who?")
         assert result.returncode == 0, result.stderr
         assert "KV kept per layer 35 of 174" in result.stdout and "--- question 1: Who? ---" in result.stdout
+    result = cli(*tiny, "--method", "kvzip", "--global-budget", "--keep", "0.2", "--context-file",
+                 str(tmp_path / "context.txt"), "--question", "Who?")
+    assert result.returncode == 0, result.stderr
+    assert "method            kvzip (global budget, reuse 1)" in result.stdout
+    kept = re.search(r"KV kept per layer ([\d.]+)-([\d.]+) of 174 \(([\d.]+) %\)", result.stdout)
+    assert kept and float(kept[1]) < float(kept[2]) and float(kept[3]) == 20.1  # 35 of 174 on average
+    assert_user_error(cli(*tiny, "--global-budget", "--context-file", str(tmp_path / "context.txt"), "--question", "Who?"),
+                      "global_budget ranks every layer's entries together, for kvzip and chunkkv on the reconstruct")
     assert_user_error(cli(*tiny, "--scorer", "reconstruct", "--prompt", "Hi"), "the reconstruct scorer repeats a context",
                       "use --context-file")
     assert_user_error(cli(*tiny, "--method", "fastgen", "--scorer", "reconstruct", "--prompt", "Hi"),
