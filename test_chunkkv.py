@@ -226,7 +226,7 @@ def test_fastgen_is_monotone_in_the_threshold(n_prompt, r1, r2, seed):
     kept = {}
     for recovery in (low, high, 1.0):
         config = CompressionConfig(method="fastgen", window=5, recovery=recovery, special_ids=(0,), punctuation_ids=(1, 2))
-        kept[recovery] = (chunkkv.fastgen_positions(scores, tokens, config) >= 0).sum(-1)
+        kept[recovery] = (chunkkv.mask_positions(chunkkv.fastgen_mask(scores, tokens, config)) >= 0).sum(-1)
     assert (kept[high] >= kept[low]).all()  # a higher threshold never keeps fewer tokens
     assert (kept[1.0] == n_prompt).all()  # threshold 1.0 keeps everything
 
