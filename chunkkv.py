@@ -68,9 +68,9 @@ class CompressionConfig:
             raise CompressionError(f"{self.method} runs only on its own scorer ({row.scorer if row.score else 'none'}): "
                                    f"drop scorer, or use one of {', '.join(RESCORABLE)}")
         if self.global_budget and (self.method not in ("kvzip", "chunkkv") or self.scoring != "reconstruct"
-                                   or self.reuse > 1 or self.per_head):
+                                   or self.reuse > 1 or self.per_head or self.host):
             raise CompressionError("global_budget ranks every layer's entries together, for kvzip and chunkkv on the "
-                                   "reconstruct scorer, without reuse or per_head: drop it, or change those")
+                                   "reconstruct scorer, without reuse, per_head or host: drop it, or change those")
         if self.keep is not None and not 0 < self.keep <= 1:
             raise CompressionError(f"keep must be in (0, 1], got {self.keep}: 0.1 keeps 10 % of the prompt")
         if self.per_head and row.per_head is not None:

@@ -211,8 +211,9 @@ def test_the_reconstruct_scorer_is_refused_where_it_cannot_run():
                             (dict(scorer="kvzip"), "unknown scorer 'kvzip'"),
                             (dict(global_budget=True), "for kvzip and chunkkv on the reconstruct scorer"),
                             (dict(method="snapkv", scorer="reconstruct", global_budget=True), "for kvzip and chunkkv"),
-                            (dict(method="kvzip", global_budget=True, reuse=2), "without reuse or per_head"),
-                            (dict(scorer="reconstruct", global_budget=True, per_head=True), "without reuse or per_head")]:
+                            (dict(method="kvzip", global_budget=True, reuse=2), "without reuse, per_head"),
+                            (dict(scorer="reconstruct", global_budget=True, per_head=True), "without reuse, per_head"),
+                            (dict(scorer="reconstruct", global_budget=True, host=True), "per_head or host")]:
         with pytest.raises(CompressionError, match=message):
             CompressionConfig(**kwargs)
     model = tiny_model()
