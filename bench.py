@@ -57,7 +57,7 @@ from benchmarks.report import TABLES, report, run_demo
 from benchmarks.speed import SPEED_CONFIGS, run_load, run_questions, run_speed, run_throughput
 from checkpoint import CheckpointError
 from chunkkv import CompressionConfig, CompressionError
-from cli import auto_dtype
+from devices import auto_dtype
 from generate import Recompression
 from quantize import WEIGHTS, check_weights
 from registry import check_device, load, resolve

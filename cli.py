@@ -151,18 +151,6 @@ def fit_cache_budget(args: argparse.Namespace, context: int):
         args.cache_budget = context
 
 
-def auto_dtype(device: torch.device, weights: str = "dtype") -> torch.dtype:
-    """--dtype auto: bfloat16 on CUDA GPUs of compute capability 8.0 and up, float16 on older ones
-    (no bfloat16 tensor cores there); on CPUs with native bfloat16 dot products (AVX512-BF16 or
-    AMX), where it prefilled 1.3-2.6x faster than float32 here (docs/results.md, Speed), and with
-    int8 weights (the int8 kernel's activations), bfloat16; float32 elsewhere."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    # private helpers, but the only way torch tells which instructions its kernels may use
-    native_bf16 = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return torch.bfloat16 if native_bf16 or weights == "int8" else torch.float32
-
-
 def fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -379,14 +367,15 @@ def turn_ids(tokenizer: Tokenizer, messages: list[dict], chat) -> list[int]:
 # Output
 
 class TextStream:
-    """Prints a growing token sequence as text, holding back incomplete UTF-8 characters until
-    they complete or `flush` is called at the end."""
+    """Prints a growing token sequence as text up to its first of `stop_ids`, holding back incomplete
+    UTF-8 characters until they complete or `flush` is called at the end."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+    def __init__(self, tokenizer: Tokenizer, stop_ids: tuple[int, ...] = ()):
+        self.tokenizer, self.stop_ids, self.ids, self.printed = tokenizer, set(stop_ids), [], ""
 
     def __call__(self, token):
-        self.ids.append(int(token[0, 0]))
+        if self.stop_ids.isdisjoint(self.ids[-1:]):  # none past a stop: decode_tokens runs a few steps on
+            self.ids.append(int(token[0, 0]))
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
             self.write(text)

@@ -34,7 +34,8 @@ from torch import Tensor
 import chunkkv
 from checkpoint import MAX_SIZE, shown
 from chunkkv import CompressionConfig, CompressionError
-from model import CacheRequest, PromptError, Transformer, synchronize
+from devices import synchronize
+from model import CacheRequest, PromptError, Transformer
 from registry import sigterm_as_exit
 from tokenizer import CheckpointError
 

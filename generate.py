@@ -19,9 +19,12 @@ import cli
 from chunkkv import RECOMPRESSIBLE, CompressionConfig, CompressionError
 from contexts import (CompressedContext, Prefilled, Record, Repeat, load_context,  # load_context: for the API
                       reconstruct_and_compress, save_context)
-from model import CacheRequest, PromptError, Transformer, synchronize
+from devices import StepTimer, auto_dtype, host_copy, read, synchronize
+from model import CacheRequest, PromptError, Transformer
 from registry import check_device, load, resolve
 from tokenizer import REPEAT_FIRST, REPEAT_LATER, CheckpointError, chat_format, repeat_prompts
+
+STOP_CHECK = 8  # decode steps between host reads of whether every row has stopped (each read waits for the device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -76,10 +79,8 @@ def compile_decode(model: Transformer):
 def batch_prompts(prompt: Tensor | list[list[int]], lengths, model: Transformer) -> tuple[Tensor, list[int]]:
     """(tokens [B, T] on the model's device, each row's length) from token-id lists of any lengths,
     or from a right-padded [B, T] int64/int32 tensor with its `lengths` [B] (default: every row fills T).
-    Raises PromptError for any other shape and for ids outside the model's vocabulary.
-
-    Right padding, not left: under causal attention a real token never sees the padding after
-    it, so the prefill needs no mask and every row's RoPE positions start at 0 unshifted."""
+    Raises PromptError for any other shape and for ids outside the model's vocabulary. Right padding: no real
+    token attends to the padding after it, so the prefill needs no mask and RoPE positions start at 0 unshifted."""
     if not isinstance(prompt, Tensor):
         if lengths is not None:
             raise PromptError("lengths go with a padded tensor of prompts; token-id lists carry their own lengths")
@@ -141,11 +142,13 @@ def prefill_and_compress(model: Transformer, prompt: Tensor, lengths: list[int],
 def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None, stop_tokens: tuple[int, ...] = (), on_token=None, decode=None,
                   recompression: "Recompression | None" = None) -> tuple[Tensor, list[float], list[float]]:
-    """Sample from `logits` [B, vocab], decode until every row stopped or max_new_tokens: (new ids [B, n],
-    seconds of each steady step, of each warm-up step); `on_token(ids [B, 1])` sees each token made,
-    `decode` replaces model.decode.
-    Raises PromptError, before any step, when the caches cannot take the tokens (no `recompression`)
-    or they would run past the model's context or sliding window."""
+    """Sample from `logits` [B, vocab], decode until every row stopped or max_new_tokens: (new ids [B, n], seconds
+    of each steady step, of each warm-up step); `on_token(ids [B, 1] on the CPU)` sees each token once the next step
+    is queued; `decode` replaces model.decode. Nothing is read back per step (the host queues CUDA steps while the
+    device runs them): events time the steps, whether every row stopped is read every STOP_CHECK steps (each step
+    with `recompression`) and the steps past it are taken back (KVCache.drop); `on_token` may see STOP_CHECK - 1
+    stop tokens more. Raises PromptError, before any step, when the caches cannot take the tokens (no
+    `recompression`) or pass the model's context or window."""
     device = logits.device
     if recompression is None and max_new_tokens - 1 > (free := model.free_slots()):  # a step past the cache indexes out
         raise PromptError(f"{max_new_tokens} new tokens need {max_new_tokens - 1} free cache slots, the caches have "
@@ -153,32 +156,32 @@ def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, tempe
     length = int(model.caches()[0].length.max())  # positions run on past the slots under re-compression
     model.check_room(length + max_new_tokens, f"{length} tokens in the cache + {max_new_tokens} new tokens",
                      "lower max_new_tokens")
-    decode = decode or model.decode
+    decode, check_every = decode or model.decode, 1 if recompression is not None else STOP_CHECK
     stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
-    new_tokens, step_seconds, warmup_seconds = [], [], []
+    new_tokens, timer = [], StepTimer(device)
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k)
         if stop_tokens:
             token = torch.where(done[:, None], stop[0], token)  # finished rows repeat their stop token
             done |= torch.isin(token[:, 0], stop)
         new_tokens.append(token)
-        if on_token is not None:
-            on_token(token)
-        if i == max_new_tokens - 1 or (stop_tokens and bool(done.all())):  # a host sync: only with stop tokens
+        shown = host_copy(token) if on_token is not None else None  # queued behind the sample, read later
+        if i == max_new_tokens - 1 or (stop_tokens and (i + 1) % check_every == 0 and bool(done.all())):
             break
         if recompression is not None:
             recompression.make_room(model, 1)  # eager, outside the (compiled) step
-        starts = []  # Dynamo compiles and CUDA-graph recordings begun in this step: warm-up, not speed
-        torch._dynamo.callback_handler.register_start_callback(starts.append)  # per step: reset() clears them
-        start = time.perf_counter()
-        try:
+        with timer.step():
             logits = decode(token).clone()  # clone: a CUDA-graph step reuses its output buffer
-            synchronize(device)
-        finally:
-            torch._dynamo.callback_handler.remove_start_callback(starts.append)
-        (warmup_seconds if starts else step_seconds).append(time.perf_counter() - start)
-    return torch.cat(new_tokens, dim=1), step_seconds, warmup_seconds
+        if on_token is not None:
+            on_token(read(shown))
+    if on_token is not None:
+        on_token(read(shown))
+    tokens = torch.cat(new_tokens, dim=1)
+    if stop_tokens and (past := int(torch.isin(tokens, stop).cummax(dim=1).values.all(dim=0).sum()) - 1) > 0:
+        model.drop(past)  # the steps after every row stopped
+        tokens = tokens[:, :-past]
+    return tokens, *timer.seconds(tokens.shape[1] - 1)
 
 
 @torch.no_grad()
@@ -186,14 +189,13 @@ def generate(model: Transformer, prompt: Tensor | list[list[int]], compression: 
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              stop_tokens: tuple[int, ...] = (), on_token=None, decode=None, n_slots: int | None = None,
              lengths: Tensor | list[int] | None = None, cache_budget: int | None = None) -> Record:
-    """Prefill prompts [B, T] (or a ragged batch: token-id lists, or a right-padded tensor with
-    `lengths` [B]; each row is compressed alone and gives what it gives alone), compress each
-    layer's KV cache as `compression` says, decode up to `max_new_tokens`: a Record, whose `tokens`
-    are the new ids [B, n]. `decode` replaces `model.decode` (e.g. compile_decode(model)); `n_slots`
-    fixes every cache's size; with `cache_budget` (see Recompression) no cache holds more entries
-    and max_new_tokens may exceed it. Raises PromptError for a prompt beyond the context or empty,
-    lengths that do not fit, a ragged batch with a cache budget, and sampling settings no
-    generation can run; CompressionError for a budget or method that cannot work."""
+    """Prefill prompts [B, T] (or a ragged batch: token-id lists, or a right-padded tensor with `lengths` [B];
+    each row is compressed alone and gives what it gives alone), compress each layer's KV cache as `compression`
+    says, decode up to `max_new_tokens`: a Record, whose `tokens` are the new ids [B, n]. `decode` replaces
+    `model.decode` (e.g. compile_decode(model)); `n_slots` fixes every cache's size; with `cache_budget` (see
+    Recompression) no cache holds more entries and max_new_tokens may exceed it. Raises PromptError for a prompt
+    beyond the context or empty, lengths that do not fit, a ragged batch with a cache budget, and sampling
+    settings no generation can run; CompressionError for a budget or method that cannot work."""
     check_sampling(max_new_tokens, temperature, top_k)
     prompt, lengths = batch_prompts(prompt, lengths, model)
     recompression = Recompression(compression, cache_budget) if cache_budget is not None else None
@@ -273,13 +275,12 @@ def extend_all(model: Transformer, tokens: Tensor, recompression: Recompression)
 def compress_context(model: Transformer, context: Tensor, compression: CompressionConfig = CompressionConfig(),
                      max_new_tokens: int = 256, n_slots: int | None = None, repeat: Repeat | None = None
                      ) -> CompressedContext:
-    """Prefill the context [B, T] alone and compress its KV cache, query-agnostic: the context's
-    own last `window` tokens are the observation window (NVIDIA kvpress's setting; the paper's
-    query-aware setting puts the question in the window), or with the scorer "reconstruct" (kvzip's,
-    or CompressionConfig.scorer) a teacher-forced repeat of the context, as `repeat` says, scores it
-    (contexts.reconstruct_and_compress). `max_new_tokens` cache slots per layer stay free for each
-    question plus its answer. Raises PromptError when the context + max_new_tokens exceed the
-    model's context, CompressionError for an impossible budget."""
+    """Prefill the context [B, T] alone and compress its KV cache, query-agnostic: the context's own last
+    `window` tokens are the observation window (NVIDIA kvpress's setting; the paper's query-aware setting puts
+    the question in the window), or with the scorer "reconstruct" (kvzip's, or CompressionConfig.scorer) a
+    teacher-forced repeat of the context, as `repeat` says, scores it (contexts.reconstruct_and_compress).
+    `max_new_tokens` cache slots per layer stay free for each question plus its answer. Raises PromptError
+    when the context + max_new_tokens exceed the model's context, CompressionError for an impossible budget."""
     prompt, lengths = batch_prompts(context, None, model)
     if compression.scoring == "reconstruct":
         prefilled = reconstruct_and_compress(model, prompt, compression, repeat, max_new_tokens, n_slots)
@@ -293,12 +294,11 @@ def compress_context(model: Transformer, context: Tensor, compression: Compressi
 def answer(model: Transformer, context: CompressedContext, question: Tensor, max_new_tokens: int = 64,
            temperature: float = 0.0, top_k: int | None = None, stop_tokens: tuple[int, ...] = (), on_token=None,
            decode=None) -> Record:
-    """Answer `question` [B, Tq] from a compressed context: the caches are restored to their
-    state right after compression (no K/V copy), the question is appended at positions T, T+1,
-    ..., then the answer is decoded (options as in `generate`). Answering question 2 after
-    question 1 gives exactly what question 2 alone gives. Raises PromptError when the question
-    and answer do not fit in the free slots or the model's context or window, and for the
-    sampling settings `generate` refuses."""
+    """Answer `question` [B, Tq] from a compressed context: the caches are restored to their state right
+    after compression (no K/V copy), the question is appended at positions T, T+1, ..., then the answer is
+    decoded (options as in `generate`). Answering question 2 after question 1 gives exactly what question 2
+    alone gives. Raises PromptError when question and answer do not fit in the free slots or the model's
+    context or window, and for the sampling settings `generate` refuses."""
     check_sampling(max_new_tokens, temperature, top_k)
     question, _ = batch_prompts(question, None, model)
     if question.shape[1] + max_new_tokens > context.free_slots:
@@ -333,7 +333,7 @@ def run_one(model, tokenizer, config, args, text: str, key: str | None, chat, de
     else:
         print(f"Prompt ({prompt.shape[1]} tokens{', chat template' if chat else ''}): {shown.strip()}")
     print("--- answer ---")
-    stream = cli.TextStream(tokenizer)
+    stream = cli.TextStream(tokenizer, args.stop_ids)
     record = generate(model, prompt, config, max_new_tokens, args.temperature, args.top_k, args.stop_ids,
                       on_token=stream, decode=decode, cache_budget=args.cache_budget)
     stream.flush()
@@ -396,7 +396,7 @@ def run_questions(model, tokenizer, config, args, context: str, questions: list[
     answers, records = [], []
     for i, (question, ids) in enumerate(zip(questions or [], asks), start=1):
         print(f"--- question {i}: {question.strip()} ---")
-        stream = cli.TextStream(tokenizer)
+        stream = cli.TextStream(tokenizer, args.stop_ids)
         records.append(answer(model, compressed, ids, max_new_tokens, args.temperature, args.top_k, args.stop_ids,
                               on_token=stream, decode=decode))
         stream.flush()
@@ -435,7 +435,7 @@ def run_chat(model, tokenizer, config, args, chat, decode, lines) -> int:
                 recompression.free = None
             else:
                 logits = extend_all(model, ids, recompression)[:, -1]
-            stream = cli.TextStream(tokenizer)
+            stream = cli.TextStream(tokenizer, args.stop_ids)
             new = decode_tokens(model, logits, max_new_tokens, args.temperature, args.top_k, args.stop_ids, stream,
                                 decode, recompression)[0][0].tolist()
             stream.flush()
@@ -467,7 +467,7 @@ def main(argv=None) -> int:
             Recompression(config, args.cache_budget)
         text, key, questions, batch = cli.read_inputs(args, kind)
         device = check_device(args.device)
-        dtype = cli.auto_dtype(device, args.weights) if args.dtype == "auto" else getattr(torch, args.dtype)
+        dtype = auto_dtype(device, args.weights) if args.dtype == "auto" else getattr(torch, args.dtype)
         model, tokenizer = load(args.checkpoint, device=device, dtype=dtype, weights=args.weights)  # checks, then fetches
         checkpoint_path = resolve(args.checkpoint)  # a name's folder, fetched by load
         max_bytes = cli.check_sizes(args, tokenizer, model.args.max_seq_len, text, questions, batch)

@@ -11,6 +11,7 @@ Ways to run it:
   model.decode(token)               one token per sequence through the cache, [B, vocab]
   cache.recompress(config, budget)  a full cache (one of model.caches()) compressed again to `budget` entries
   model.snapshot(), model.restore() the caches' counters and positions, saved and put back (no K/V copy)
+  model.drop(n)                     the last n appended tokens taken back
 
 Module names follow Hugging Face's Llama, so its state dicts load without renaming. Llama, Mistral,
 Qwen2 and Qwen3 checkpoints all run on it: they differ only in ModelArgs fields.
@@ -25,28 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import chunkkv
+from devices import fused_attention, synchronize
 
 
 class PromptError(ValueError):
     """A prompt or generation setting that cannot be run; the message says how to fix it."""
-
-
-def synchronize(device: torch.device):
-    """Wait for the work queued on `device` (CUDA runs asynchronously): read a clock only after this."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def fused_attention(n_batch: int, args: "ModelArgs", weight: Tensor) -> bool:
-    """Whether SDPA runs the prefill's causal GQA attention on `weight`'s device and dtype without the
-    [B, Hq, T, T] scores: on CUDA, a flash, memory-efficient or cuDNN kernel for it."""
-    if weight.device.type != "cuda":  # CPU's SDPA kernel tiles the scores
-        return True
-    q = torch.empty(n_batch, args.n_heads, 1, args.head_dim, dtype=weight.dtype, device=weight.device)  # T: no matter
-    cuda = torch.backends.cuda
-    params = cuda.SDPAParams(q, q[:, :args.n_kv_heads], q[:, :args.n_kv_heads], None, 0.0, True, True)
-    return any(can(params) for can in (cuda.can_use_flash_attention, cuda.can_use_efficient_attention,
-                                       cuda.can_use_cudnn_attention))
 
 
 @dataclass
@@ -94,10 +78,8 @@ class CacheRequest:
 
 
 class KVCache(nn.Module):
-    """One layer's static cache: k, v [B, Hkv, slots, D] rotated at their positions; pos [B, Hkv, slots] the
-    logical (RoPE) position of each slot's entry, -1 where nothing may be attended. It owns each row's
-    counters `used` (slots written) and `length` (prompt + appended tokens): tensors [B], not ints, so that
-    the decode graph reads them without recompiling per value."""
+    """One layer's static cache: k, v [B, Hkv, slots, D], rotated; pos [B, Hkv, slots] each slot's RoPE position (-1:
+    never attended); each row's counters `used` (slots written), `length` (prompt + appended): [B] tensors, not ints."""
     TENSORS = ("k", "v", "pos", "used", "length", "queries")
 
     def __init__(self):
@@ -122,8 +104,7 @@ class KVCache(nn.Module):
 
     def allocate(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
         """Tensor `name`, new zeros only if it had another shape, dtype or device: same-size calls reuse it."""
-        t = getattr(self, name)
-        if t is None or (t.shape, t.dtype, t.device) != (shape, dtype, device):
+        if (t := getattr(self, name)) is None or (t.shape, t.dtype, t.device) != (shape, dtype, device):
             setattr(self, name, torch.zeros(shape, dtype=dtype, device=device))
         return getattr(self, name)
 
@@ -154,6 +135,12 @@ class KVCache(nn.Module):
         for mine, saved in zip((self.used, self.length, self.pos, self.queries), state[1:]):
             if saved is not None:
                 mine.copy_(saved)
+
+    def drop(self, n: int):
+        """Take back each row's last `n` appended tokens (decode steps run past the stop): freed and masked."""
+        slots = self.used.sub_(n)[:, None, None] + torch.arange(n, device=self.pos.device)  # [B, 1, n]
+        self.pos.scatter_(2, slots.expand(-1, self.pos.shape[1], -1), -1)
+        self.length.sub_(n)
 
     def keep_queries(self, q: Tensor | None, window: int):
         """Start the query buffer [B, Hq, window, D] from the prompt's q [B, Hq, T, D], right-aligned
@@ -493,6 +480,11 @@ class Transformer(nn.Module):
     def snapshot(self) -> list[tuple]:
         """Every layer's counters and positions (no K/V), e.g. right after compression, for `restore`."""
         return [cache.snapshot() for cache in self.caches()]
+
+    def drop(self, n: int):
+        """Take back every row's last `n` appended tokens in every layer (KVCache.drop)."""
+        for cache in self.caches():
+            cache.drop(n)
 
     def restore(self, snapshot: list[tuple]):
         """Every layer's cache back to `snapshot`, in place; ValueError if a prefill or re-compression ran since."""

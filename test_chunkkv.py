@@ -436,7 +436,7 @@ def test_decode_speed_leaves_out_the_steps_that_compiled_or_recorded_a_graph():
 
 
 def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_native_bfloat16(monkeypatch):
-    from cli import auto_dtype
+    from devices import auto_dtype
 
     for capability, expected in [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)  # T4, A100, H100

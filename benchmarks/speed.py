@@ -20,8 +20,8 @@ from benchmarks.common import (KEYS, Progress, compress, decode_step_seconds, ke
                                stdlib_paragraphs, table, take_prose)
 from chunkkv import CompressionConfig
 from contexts import save_context
+from devices import synchronize
 from generate import answer, compile_decode, compress_context, generate
-from model import synchronize
 from quantize import Int8Linear, weights_of
 from registry import resolve
 

@@ -541,6 +541,17 @@ def test_stream_flushes_the_text_held_back_before_a_cut_character(capsys):
     assert capsys.readouterr().out == "ok 😀"
 
 
+def test_stream_prints_nothing_past_a_stop_token(capsys):
+    """decode_tokens reads stops every few steps, so on_token may see stop tokens after the first."""
+    tokenizer = emoji_cutting_tokenizer()
+    ids = tokenizer.encode("ok 😀").ids
+    stream = TextStream(tokenizer, stop_ids=(ids[1],))  # "k", a token with text: shown, then nothing
+    for i in ids + [ids[1]] * 3:
+        stream(torch.tensor([[i]]))
+    stream.flush()
+    assert capsys.readouterr().out == "ok" and stream.ids == ids[:2]
+
+
 def test_cli_prints_the_held_back_text_at_the_end(tiny_dir, monkeypatch, capsys):
     cut = byte_tokenizer().encode(" 😀").ids[:-1]  # the tiny checkpoint's tokenizer: one token per byte
     real_generate = cli_module.generate

@@ -146,16 +146,86 @@ def test_decoding_past_the_cache_is_refused_before_any_step():
         decode_tokens(model, logits, free + 2)
 
 
-def test_decoding_without_stop_tokens_reads_nothing_back_per_step(monkeypatch):
-    """Under CUDA graphs the host queues step after step only if it reads nothing back: `done.all()`
-    was read every step, even without stop tokens, a host sync per token."""
+def test_decoding_reads_nothing_back_per_step(monkeypatch):
+    """Under CUDA graphs the host queues step after step only if it waits for nothing: `done.all()` was
+    read every step, the step timer synchronized every step, and the streamer read each token before the
+    next step was queued. Now: stops read every STOP_CHECK steps, one synchronize at the end, tokens
+    handed to on_token after the next step is queued."""
+    import devices
+    import generate as generate_module
+
     model = tiny_model()
-    logits = prefill(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), room=16)
-    reads, read = [], torch.Tensor.__bool__
-    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or read(t))
-    assert decode_tokens(model, logits, 8)[0].shape == (1, 8) and reads == []
-    decode_tokens(model, logits, 4, stop_tokens=(1,))
-    assert len(reads) == 3  # with stop tokens: one read per step, to stop when every row is done
+    logits = prefill(model, torch.randint(0, 256, (1, 50)), CompressionConfig(budget=20, window=4), room=40)
+    events, bool_of = [], torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: events.append("read") or bool_of(t))
+    monkeypatch.setattr(devices, "synchronize", lambda device: events.append("sync"))
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda token: events.append("step") or decode(token))
+    assert decode_tokens(model, logits, 8)[0].shape == (1, 8)
+    assert events == ["step"] * 7 + ["sync"]  # without stop tokens: nothing read, one synchronize
+    events.clear()
+    assert decode_tokens(model, logits, 26, stop_tokens=(256,))[0].shape == (1, 26)  # 256: never sampled
+    assert events.count("read") == 25 // generate_module.STOP_CHECK and events.count("sync") == 1
+    events.clear()
+    decode_tokens(model, logits, 4, on_token=lambda token: events.append(("token", token.device.type)))
+    assert events == ["step", ("token", "cpu"), "step", ("token", "cpu"), "step", ("token", "cpu"), ("token", "cpu"),
+                      "sync"]  # each token after the step that reads it is queued
+
+
+def test_the_step_timer_reads_cuda_events_once_after_the_loop(monkeypatch):
+    """On CUDA each step is timed by two events, read (in milliseconds) only when the seconds are asked for."""
+    import devices
+
+    log = []
+
+    class Event:  # torch.cuda.Event's interface, on a clock of one second per logged call
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            log.append("record")
+            self.at = len(log)
+
+        def elapsed_time(self, end):
+            return 1000.0 * (end.at - self.at)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(devices, "synchronize", lambda device: log.append("sync"))
+    timer = devices.StepTimer(torch.device("cuda"))
+    for work in (1, 2, 3):
+        with timer.step():
+            log.extend(["work"] * work)
+    assert set(log) == {"record", "work"}  # nothing waited for while stepping
+    assert timer.seconds(2) == ([2.0, 3.0], []) and log[12:] == ["sync"]  # steps 1, 2 of 3
+
+
+def test_stopping_a_few_steps_late_gives_the_ids_and_caches_of_stopping_at_once(monkeypatch):
+    """The steps decoded past the point where every row stopped are taken back: ids, counters, positions
+    and the next logits equal those of checking every step, whatever step each row stops at."""
+    import generate as generate_module
+
+    model, config = tiny_model(), CompressionConfig(budget=20, window=4)
+    prompt = torch.randint(0, 256, (2, 50))
+    logits = prefill(model, prompt, config, room=40)
+    snapshot = model.snapshot()
+    free = decode_tokens(model, logits, 30)[0]
+    for first, second in [(2, 11), (9, 3), (7, 7), (0, 29), (15, 16)]:
+        stops = (int(free[0, first]), int(free[1, second]))
+        ends = [next(j for j, t in enumerate(row) if t in stops) for row in free.tolist()]
+        seen = {}
+        for check in (1, generate_module.STOP_CHECK):
+            monkeypatch.setattr(generate_module, "STOP_CHECK", check)
+            model.restore(snapshot)
+            shown = []
+            tokens = decode_tokens(model, logits, 30, stop_tokens=stops, on_token=shown.append)[0]
+            state = [t.clone() for cache in model.caches() for t in (cache.used, cache.length, cache.pos)]
+            seen[check] = tokens, state, model.extend(torch.tensor([[5], [6]]))[:, -1], torch.cat(shown, dim=1)
+        (tokens, state, after, shown), (late, late_state, late_after, late_shown) = seen.values()
+        assert tokens.shape[1] == max(ends) + 1 and torch.equal(tokens, late)
+        assert all(torch.equal(a, b) for a, b in zip(state, late_state))
+        assert torch.equal(after, late_after)
+        assert torch.equal(late_shown[:, :tokens.shape[1]], tokens)  # then at most STOP_CHECK - 1 stop tokens more
+        assert late_shown.shape[1] - tokens.shape[1] < generate_module.STOP_CHECK
 
 
 def test_no_public_call_records_autograd():
