@@ -228,19 +228,19 @@ def reconstruction_scores(q_repeat: Tensor, k: Tensor, start: int, end: int, n_c
     teacher-forced repeat of that block, q_repeat [B, Hq, R, D] (post-RoPE, after the context), over
     the first min(n_sinks, start) keys, the block's keys and the repeat's own (causally) only; the max
     over each KV head's query heads and over the queries. k [B, Hkv, n_context + R, D]: the context's
-    keys, then the repeat's. -> [B, Hkv, end - start]. Queries run in blocks of `block`."""
+    keys, then the repeat's. -> [B, Hkv, end - start]. Queries run in blocks of `block` (small: their
+    logits stay in cache)."""
     n_repeat, sink = q_repeat.shape[2], min(n_sinks, start)
     keys = torch.cat([k[:, :, :sink], k[:, :, start:end], k[:, :, n_context:n_context + n_repeat]], dim=2).float()
     n_seen, own = sink + end - start, torch.arange(n_repeat, device=k.device)  # every query sees the n_seen keys
-    log_scores = k.new_full((k.shape[0], k.shape[1], end - start), -math.inf, dtype=torch.float32)
+    scores = k.new_zeros((k.shape[0], k.shape[1], end - start), dtype=torch.float32)
     for first in range(0, n_repeat, block):
         last = min(first + block, n_repeat)  # the block's queries see the repeat's keys [0, last) at most
         visible = torch.cat([own.new_ones(last - first, n_seen, dtype=torch.bool),
                              own[:last] <= own[first:last, None]], dim=1)
         logits = grouped_logits(q_repeat[:, :, first:last], keys[:, :, :n_seen + last], visible)  # [B, Hkv, G, r, S]
-        log_probs = logits[..., sink:n_seen] - logits.logsumexp(dim=-1, keepdim=True)
-        log_scores = torch.maximum(log_scores, log_probs.amax(dim=(2, 3)))
-    return log_scores.exp()  # exp is monotone: the max of the probabilities, without exp over them all
+        scores = torch.maximum(scores, logits.softmax(dim=-1)[..., sink:n_seen].amax(dim=(2, 3)))
+    return scores
 
 
 # ---------------------------------------------------------------------------------------
