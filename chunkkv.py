@@ -164,12 +164,13 @@ def pyramid_budgets(budget: int, window: int, n_layers: int, beta: float, n_prom
 
 def grouped_logits(q: Tensor, k: Tensor, visible: Tensor) -> Tensor:
     """Attention logits, in float32, of queries q [B, Hq, n, D] over keys k [B, Hkv, S, D], -inf where
-    visible [n, S] is False -> [B, Hkv, G, n, S]. Query heads are grouped by the KV head they share,
-    so K is never expanded."""
+    visible [n, S'] is False for the last S' keys (every query sees the keys before them) -> [B, Hkv, G,
+    n, S]. Query heads are grouped by the KV head they share, so K is never expanded."""
     q = rearrange(q.float() / math.sqrt(k.shape[3]), "b (h g) t d -> b h (g t) d", h=k.shape[1])
     logits = q @ k.float().transpose(-1, -2)  # [B, Hkv, G*n, S]
     logits = rearrange(logits, "b h (g t) s -> b h g t s", t=visible.shape[0])
-    return logits.masked_fill_(~visible, float("-inf"))
+    logits[..., k.shape[2] - visible.shape[1]:].masked_fill_(~visible, float("-inf"))
+    return logits
 
 
 def window_attention(q_win: Tensor, k: Tensor) -> Tensor:
@@ -222,7 +223,7 @@ def h2o_scores(q: Tensor, k: Tensor, block: int = 512) -> Tensor:
 
 
 def reconstruction_scores(q_repeat: Tensor, k: Tensor, start: int, end: int, n_context: int, n_sinks: int,
-                          block: int = 128) -> Tensor:
+                          block: int = 16) -> Tensor:
     """KVzip's scores of the context tokens [start, end) (Kim et al., NeurIPS 2025; snu-mllab/KVzip
     attention/score.py, kvpress KVzipPress): softmax attention, in float32, of the R queries of a
     teacher-forced repeat of that block, q_repeat [B, Hq, R, D] (post-RoPE, after the context), over
@@ -235,9 +236,8 @@ def reconstruction_scores(q_repeat: Tensor, k: Tensor, start: int, end: int, n_c
     n_seen, own = sink + end - start, torch.arange(n_repeat, device=k.device)  # every query sees the n_seen keys
     scores = k.new_zeros((k.shape[0], k.shape[1], end - start), dtype=torch.float32)
     for first in range(0, n_repeat, block):
-        last = min(first + block, n_repeat)  # the block's queries see the repeat's keys [0, last) at most
-        visible = torch.cat([own.new_ones(last - first, n_seen, dtype=torch.bool),
-                             own[:last] <= own[first:last, None]], dim=1)
+        last = min(first + block, n_repeat)  # the block's queries see the repeat's keys [0, first) and their own
+        visible = own[first:last] <= own[first:last, None]  # [r, r]: causal among the block's queries only
         logits = grouped_logits(q_repeat[:, :, first:last], keys[:, :, :n_seen + last], visible)  # [B, Hkv, G, r, S]
         scores = torch.maximum(scores, logits.softmax(dim=-1)[..., sink:n_seen].amax(dim=(2, 3)))
     return scores
