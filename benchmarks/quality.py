@@ -241,6 +241,8 @@ def paired_table(rows: list[dict], ours_label: str = "chunkkv", labels=None) -> 
             low, high = bootstrap(diffs)
             cells.append([keep, label, f"{statistics.fmean(diffs):+.2f} [{low:+.2f}, {high:+.2f}]", len(diffs),
                           "yes" if low > 0 or high < 0 else "no"])
+    if not cells:
+        return ""  # no method beside ours in this run
     return table(f"{ours_label} minus each method, same prompts (95 % paired bootstrap)",
                  [f"{ours_label} keep", "vs", "difference", "prompts", "resolved"], cells)
 
@@ -251,6 +253,8 @@ def settings_table(rows: list[dict]) -> str:
     rows = [r for r in rows if r["bench"] == "retrieval" and r.get("setting") and r["task"] != "multivalue"]
     if not rows:
         return "\n(no single or multikey prompts ran: no table by setting)"
+    if len(tasks := sorted({r["task"] for r in rows})) > 1:  # one table per task: pooled, multikey's 4 questions outweigh
+        return "\n".join(settings_table([r for r in rows if r["task"] == task]) for task in tasks)
     settings = [s for s in ("aware", "agnostic") if any(r["setting"] == s for r in rows)]
     keeps = sorted({r["keep"] for r in rows if r["keep"] not in (None, 1.0)})
     labels = [label for label in LABELS if any(r["method"] == label for r in rows)]
@@ -267,7 +271,6 @@ def settings_table(rows: list[dict]) -> str:
                 line.append(f"{accuracies[1] - accuracies[0]:+.2f}")
             cells.append(line)
     header = ["method", "keep"] + [f"{s} (95 % CI, prompts)" for s in settings] + (["agnostic - aware"] if len(settings) == 2 else [])
-    tasks = sorted({r["task"] for r in rows})
     lengths = sorted({r["context"] for r in rows})
     return table(f"Retrieval accuracy by setting ({', '.join(tasks)}; ~{', '.join(map(str, lengths))} tokens)", header, cells)
 
@@ -279,8 +282,9 @@ def quality_tables(rows: list[dict]) -> str:
         out.append(f"\nreconstruction scoring (KVzip's repeat, every block): {statistics.median(shares):.2f}x the "
                    f"context's prefill (median; {min(shares):.2f}-{max(shares):.2f}x over {len(shares)} prompts)")
         agnostic = [r for r in rows if r.get("setting") == "agnostic"]
-        out.append(paired_table(agnostic, "chunkkv-reconstruct", [label for label in ["full", *METHODS, *RECONSTRUCT]
-                                                                  if label != "chunkkv-reconstruct"]))
+        if paired := paired_table(agnostic, "chunkkv-reconstruct", [label for label in ["full", *METHODS, *RECONSTRUCT]
+                                                                    if label != "chunkkv-reconstruct"]):
+            out.append(paired)
     rows = [r for r in rows if r.get("setting", "aware") == "aware"]  # the tables below: query-aware
     if not any(r["bench"] == "retrieval" for r in rows):
         return "\n".join(out)

@@ -84,34 +84,37 @@ def headline() -> str:
     return "\n".join(out).lstrip("\n") + "\n"
 
 
-AGNOSTIC = [  # (model, haystack, results files, first holding a method's rows): compress once, single needle
-    ("SmolLM2-135M", "2k prose", ["results/quality-agnostic-2k.json", "results/quality_settings.json",
-                                  "results/quality-global-2k.json", "results/quality-global-chunks-2k.json"]),
-    ("SmolLM2-135M", "2k filler", ["results/quality-filler-2k.json"]),
-    ("Qwen2.5-Coder-0.5B", "4k prose", ["results/qwen/quality-reconstruct-4k.json", "results/qwen/quality-4k.json",
-                                        "results/qwen/quality-global-4k.json"]),
-    ("Qwen2.5-Coder-0.5B", "4k filler", ["results/qwen/quality-filler-4k.json"]),
+AGNOSTIC = [  # (model, haystack, task, results files, first holding a method's rows): compress once
+    ("SmolLM2-135M", "2k prose", "single", ["results/quality-agnostic-2k.json", "results/quality_settings.json",
+                                            "results/quality-global-2k.json", "results/quality-global-chunks-2k.json"]),
+    ("SmolLM2-135M", "2k filler", "single", ["results/quality-filler-2k.json"]),
+    ("Qwen2.5-Coder-0.5B", "4k prose", "single", ["results/qwen/quality-reconstruct-4k.json",
+                                                  "results/qwen/quality-4k.json", "results/qwen/quality-global-4k.json",
+                                                  "results/qwen/quality-global-chunks-4k.json"]),
+    ("Qwen2.5-Coder-0.5B", "4k prose", "multikey", ["results/qwen/quality-global-multikey-4k.json",
+                                                    "results/qwen/quality-global-chunks-4k.json"]),
+    ("Qwen2.5-Coder-0.5B", "4k filler", "single", ["results/qwen/quality-filler-4k.json"]),
 ]
 AGNOSTIC_LABELS = ["full", "snapkv", "chunkkv", "eg-chunkkv", "kvzip", "chunkkv-reconstruct", "eg-chunkkv-reconstruct",
-                   "kvzip-global", "chunkkv-reconstruct-global"]
+                   "kvzip-global", "chunkkv-reconstruct-global", "chunkkv-reconstruct-global-c2"]
 
 
 def agnostic() -> str:
-    """Single-needle retrieval at keep 0.1, question-free on both scorers, question-aware ChunkKV beside."""
+    """Retrieval at keep 0.1, question-free on both scorers, question-aware ChunkKV beside."""
     columns = [("aware", "chunkkv")] + [("agnostic", label) for label in AGNOSTIC_LABELS]
     cells, runs = [], []
-    for model, haystack, paths in AGNOSTIC:
-        cells.append([model, haystack])
+    for model, haystack, task, paths in AGNOSTIC:
+        cells.append([model, haystack, task])
         loaded = [rows_of(path) for path in paths]  # each file read once, not once per column
         for setting, label in columns:
-            match = dict(bench="retrieval", task="single", setting=setting, method=label,
+            match = dict(bench="retrieval", task=task, setting=setting, method=label,
                          keep=1.0 if label == "full" else 0.1)
             cells[-1].append(next((cell for cell in (accuracy_cell(rows, **match) for rows in loaded) if cell), "-"))
         runs += [(path, rows[0]["date"]) for path, rows in zip(paths, loaded) if path not in dict(runs)]
-    header = ["model", "haystack", "chunkkv, aware"] + AGNOSTIC_LABELS
-    out = table("Single needle at keep 0.1, compressed before the question (mean [95 % interval] n=prompts); "
-                "-reconstruct and kvzip: KVzip's scores, the others the context's last window; -global: one budget "
-                "over all layers", header, cells)
+    header = ["model", "haystack", "needles", "chunkkv, aware"] + AGNOSTIC_LABELS
+    out = table("Keep 0.1, compressed before the question (mean [95 % interval] n=questions); single: one needle, "
+                "multikey: four, one asked each time; -reconstruct and kvzip: KVzip's scores, the others the context's "
+                "last window; -global: one budget over all layers; -c2: chunks of 2 tokens", header, cells)
     return (out + "\n\nFrom " + "; ".join(f"`{path}` ({day})" for path, day in runs)
             + ": commands and the full tables in docs/results.md.\n").lstrip("\n")
 

@@ -53,6 +53,17 @@ def test_paired_table_pairs_prompts_and_says_what_is_resolved():
     assert quality.accuracy_cell(retrieval_rows({"chunkkv": chunk}), method="chunkkv") == "0.50 [0.30, 0.70] n=20"
 
 
+def test_the_table_by_setting_keeps_tasks_apart_and_a_run_without_a_pair_has_no_paired_table():
+    single = [dict(r, setting="agnostic") for r in retrieval_rows({"kvzip": [1.0] * 10})]
+    multikey = [dict(r, setting="agnostic", task="multikey", question=q) for r in retrieval_rows({"kvzip": [0.0] * 10})
+                for q in range(4)]
+    text = quality.settings_table(single + multikey)
+    tables = {line.split("(")[1].split(";")[0]: line for line in text.splitlines() if line.startswith("Retrieval")}
+    assert set(tables) == {"single", "multikey"}
+    assert "1.00 [0.72, 1.00] n=10" in text and "0.00 [0.00, 0.09] n=40" in text and "n=50" not in text
+    assert quality.paired_table(single, "chunkkv-reconstruct") == ""
+
+
 def test_pages_table_pairs_the_two_chunk_sizes():
     # chunk 16 answers prompts 0-2 that chunk 10 misses, chunk 10 answers prompt 3 only; over the
     # continuation, chunk 16's KL is chunk 10's + 0.05 on every token: a paired difference of +0.05
