@@ -153,7 +153,7 @@ def run_quality(model, tokenizer, quick: bool, settings=("aware", "agnostic"), l
             start = time.perf_counter()
             _, captured = model.capture(tokens)
             prefill_seconds, scores = time.perf_counter() - start, {}
-            agnostic = [c for c in configs if c[0] == "main" and "window" in scorers]
+            agnostic = [c for c in configs if c[0] == "main" and ("window" in scorers or c[1] == "full")]
             if repeating:
                 scores["reconstruct"], seconds = reconstructed(model, captured, tokens, repeat, room)
                 evaluate("scoring", **{**common, "metric": "reconstruct_seconds"}, value=seconds,

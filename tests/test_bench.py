@@ -107,13 +107,15 @@ def test_filler_haystacks_hold_only_rulers_sentences_and_the_needles():
         assert lines.count(common.FILLER) >= 4 and len(questions) == n_needles
 
 
-def test_quality_runs_only_the_methods_asked_for_and_full(bench_checkpoint, tmp_path):
+@pytest.mark.parametrize("scorers, methods", [(["window", "reconstruct"], ["chunkkv", "kvzip"]),
+                                              (["reconstruct"], ["kvzip"])])  # full is no scorer's: it runs on either
+def test_quality_runs_only_the_methods_asked_for_and_full(bench_checkpoint, tmp_path, scorers, methods):
     out = tmp_path / "q.json"
     assert bench.main(["quality", "--quick", "--retrieval-only", "--lengths", "256", "--tasks", "single", "--setting",
-                       "agnostic", "--scorers", "window", "reconstruct", "--haystack", "filler", "--methods", "chunkkv",
-                       "kvzip", "--checkpoint", bench_checkpoint, "--out", str(out)]) == 0
+                       "agnostic", "--scorers", *scorers, "--haystack", "filler", "--methods", *methods,
+                       "--checkpoint", bench_checkpoint, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert {r["method"] for r in rows if r["bench"] == "retrieval"} == {"full", "chunkkv", "kvzip"}
+    assert {r["method"] for r in rows if r["bench"] == "retrieval"} == {"full", *methods}
     assert "--haystack filler" in rows[0]["command"]
 
 
