@@ -95,6 +95,7 @@ AGNOSTIC = [  # (model, haystack, task, results files, first holding a method's 
                                                     "results/qwen/quality-global-chunks-4k.json"]),
     ("Qwen2.5-Coder-0.5B", "4k filler", "single", ["results/qwen/quality-filler-4k.json"]),
     ("Qwen2.5-Coder-0.5B", "8k prose", "single", ["results/qwen/quality-global-8k.json", "results/qwen/quality-8k.json"]),
+    ("Qwen2.5-Coder-0.5B", "8k prose", "multikey", ["results/qwen/quality-global-multikey-8k.json"]),
 ]
 AGNOSTIC_LABELS = ["full", "snapkv", "chunkkv", "eg-chunkkv", "kvzip", "chunkkv-reconstruct", "eg-chunkkv-reconstruct",
                    "kvzip-global", "chunkkv-reconstruct-global", "chunkkv-reconstruct-global-c2"]
