@@ -53,23 +53,24 @@ def sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
 
 
 def compile_decode(model: Transformer):
-    """The decode step as one graph (fullgraph): a CUDA graph on CUDA; on CPU with frozen weights and
-    autotuned matmuls (C++ micro-GEMM, 2-3x MKL's speed: docs/results.md, Speed), so later changes to
-    the weights are ignored. The caches' tensors go in as arguments, whose sizes turn dynamic: as
-    attributes of a frozen module, each cache size was a new graph and the 9th raised."""
+    """The decode step as one graph (fullgraph): a CUDA graph on CUDA. On CPU, at batch 1, each weight is read in
+    one fused pass (model.Linear) and the unfrozen graph is kept in Inductor's cache for later processes; more rows
+    freeze the weights (later changes ignored) for autotuned C++ micro-GEMMs (docs/results.md, Speed). The caches'
+    tensors go in as arguments, their slots dynamic: one graph serves every cache size and prompt length."""
     def decode(token: Tensor, tensors: list[tuple]) -> Tensor:
         model.bind_caches(tensors)  # the caches' own tensors, read from the arguments
         return model.decode(token)
-
     cuda = model.embed_tokens.weight.is_cuda
     compiled = torch.compile(decode, fullgraph=True, **({"mode": "reduce-overhead"} if cuda else
                                                         {"options": {"max_autotune": True}}))
 
     def step(token: Tensor) -> Tensor:
-        # Dynamo reads `freezing` while it traces, so it cannot go in `options`; patched per call,
-        # it reaches every (re)compile of this step and no other torch.compile in the process
-        with torch._inductor.config.patch(freezing=not cuda):
-            return compiled(token, model.cache_tensors())
+        tensors = model.cache_tensors()
+        for t in [] if cuda else [t for layer in tensors for t in layer[:3]]:  # k, v, pos: from the first trace on
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        # Dynamo reads `freezing` as it traces (in `options` it is ignored): patched per call; frozen, never cached
+        with torch._inductor.config.patch(freezing=not cuda and token.shape[0] > 1):
+            return compiled(token, tensors)
     return step
 
 
@@ -146,9 +147,8 @@ def decode_tokens(model: Transformer, logits: Tensor, max_new_tokens: int, tempe
     of each steady step, of each warm-up step); `on_token(ids [B, 1] on the CPU)` sees each token once the next step
     is queued; `decode` replaces model.decode. Nothing is read back per step (the host queues CUDA steps while the
     device runs them): events time the steps, whether every row stopped is read every STOP_CHECK steps (each step
-    with `recompression`) and the steps past it are taken back (KVCache.drop); `on_token` may see STOP_CHECK - 1
-    stop tokens more. Raises PromptError, before any step, when the caches cannot take the tokens (no
-    `recompression`) or pass the model's context or window."""
+    with `recompression`), the steps past it taken back (KVCache.drop; `on_token` may see STOP_CHECK - 1 stop tokens
+    more). Raises PromptError, before any step, when the caches cannot take the tokens or pass the context or window."""
     device = logits.device
     if recompression is None and max_new_tokens - 1 > (free := model.free_slots()):  # a step past the cache indexes out
         raise PromptError(f"{max_new_tokens} new tokens need {max_new_tokens - 1} free cache slots, the caches have "

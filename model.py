@@ -168,8 +168,7 @@ class KVCache(nn.Module):
         for row, n_used in full:
             slots = chunkkv.recompress_slots(config, self.queries[row:row + 1], self.k[row:row + 1, :, :n_used],
                                              budget)[0].expand(self.k.shape[1], -1)  # [Hkv, N]
-            n_kept = slots.shape[-1]
-            index = slots[..., None].expand(-1, -1, self.k.shape[3])
+            n_kept, index = slots.shape[-1], slots[..., None].expand(-1, -1, self.k.shape[3])
             self.k[row, :, :n_kept] = self.k[row].gather(1, index)  # gather copies first: safe in place
             self.v[row, :, :n_kept] = self.v[row].gather(1, index)
             self.pos[row, :, :n_kept] = self.pos[row].gather(1, slots)
@@ -221,14 +220,23 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+class Linear(nn.Linear):
+    """nn.Linear; one row on the CPU in a compiled graph (batch-1 decode) is a fused multiply-and-sum (docs/results.md)."""
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and x.is_cpu and x.numel() == x.shape[-1]:  # checks at trace time
+            y = (x[..., None, :] * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)  # [..., N]
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.q_proj = Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()  # Identity: no weights
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
         self.cache = KVCache()
@@ -309,9 +317,9 @@ def compress_layer(cache: KVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
+        self.gate_proj = Linear(args.dim, args.ffn_dim, bias=False)
+        self.up_proj = Linear(args.dim, args.ffn_dim, bias=False)
+        self.down_proj = Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -342,7 +350,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

@@ -368,11 +368,12 @@ def greedy_decode(model, prompt, config, decode, n_steps=32, n_slots=128):
     return greedy(model, prefill(model, prompt, config, n_steps, n_slots=n_slots), n_steps, decode)
 
 
-def test_compiled_decode_is_one_graph_for_every_prompt_and_method():
+@pytest.mark.parametrize("n_batch", [1, 2])  # one row reads the weights in a fused multiply-and-sum (model.Linear)
+def test_compiled_decode_is_one_graph_for_every_prompt_and_method(n_batch):
     torch._dynamo.reset()
     model = tiny_model()
     compiled = compile_decode(model)  # fullgraph=True: a graph break would raise
-    prompt = torch.randint(0, 256, (2, 50))
+    prompt = torch.randint(0, 256, (n_batch, 50))
     config = CompressionConfig(budget=20, window=4)
     eager_tokens, eager_logits = greedy_decode(model, prompt, config, model.decode)
     tokens, logits = greedy_decode(model, prompt, config, compiled)
@@ -382,7 +383,7 @@ def test_compiled_decode_is_one_graph_for_every_prompt_and_method():
         for n_prompt, config in [(90, CompressionConfig(method="snapkv", budget=30, window=4)),
                                  (31, CompressionConfig(method="full")),
                                  (70, CompressionConfig(method="fastgen", window=4, special_ids=(0,)))]:
-            prompt = torch.randint(0, 256, (2, n_prompt))
+            prompt = torch.randint(0, 256, (n_batch, n_prompt))
             tokens, logits = greedy_decode(model, prompt, config, compiled)
             assert torch.equal(tokens, greedy_decode(model, prompt, config, model.decode)[0])
 
@@ -401,6 +402,19 @@ def test_one_compiled_step_serves_twenty_prompt_lengths_and_three_batch_sizes():
         tokens = generate(model, prompt, config, max_new_tokens=4, decode=compiled).tokens
         assert torch.equal(tokens, generate(model, prompt, config, max_new_tokens=4).tokens), n_prompt
     assert counters["stats"]["unique_graphs"] <= 3
+
+
+def test_the_first_compiled_step_serves_every_cache_size():
+    """The slots are dynamic from the first graph on the CPU, so the graph Inductor caches for the next
+    process serves any prompt length there (a static first graph was a new compile per cache size)."""
+    torch._dynamo.reset()
+    model = tiny_model()
+    compiled = compile_decode(model)
+    for i, n_prompt in enumerate((40, 130)):
+        prompt = torch.randint(0, 256, (1, n_prompt))
+        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+            tokens = generate(model, prompt, CompressionConfig(method="full"), max_new_tokens=4, decode=compiled).tokens
+        assert torch.equal(tokens, generate(model, prompt, CompressionConfig(method="full"), max_new_tokens=4).tokens)
 
 
 def test_decode_speed_leaves_out_the_steps_that_compiled_or_recorded_a_graph():
@@ -467,13 +481,15 @@ def test_a_prefill_only_the_math_kernel_runs_is_refused_when_its_scores_do_not_f
         generate(model, torch.randint(0, 256, (2, 129)), CompressionConfig(method="full"), max_new_tokens=2)
 
 
-def test_compiled_decode_matches_eager_in_bfloat16():
-    """--dtype auto picks bfloat16 on CPUs with native bf16: the frozen, autotuned step must agree
-    with eager there too (to bf16 round-off: the GEMMs sum in another order)."""
+@pytest.mark.parametrize("n_batch", [1, 2])
+def test_compiled_decode_matches_eager_in_bfloat16(n_batch):
+    """--dtype auto picks bfloat16 on CPUs with native bf16: the compiled step (batch 1: fused
+    multiply-and-sums; more rows: frozen, autotuned GEMMs) must agree with eager there too (to bf16
+    round-off: the products sum in another order)."""
     torch._dynamo.reset()
     model = tiny_model().to(torch.bfloat16)
     compiled = compile_decode(model)
-    prompt = torch.randint(0, 256, (2, 50))
+    prompt = torch.randint(0, 256, (n_batch, 50))
     for i, config in enumerate((CompressionConfig(budget=20, window=4), CompressionConfig(method="full"))):
         eager_tokens, eager_logits = greedy_decode(model, prompt, config, model.decode, n_steps=8)
         with torch.compiler.set_stance("fail_on_recompile" if i else "default"):  # the first compiles, once

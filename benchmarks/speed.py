@@ -150,7 +150,7 @@ def run_speed(model, tokenizer, quick: bool, lengths=None, methods=None, batches
 def speed_rows(model, tokenizer, quick, lengths, methods, batches, compiled, checkpoint, compare, llama_bench,
                llama_files) -> list[dict]:
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache size; many sizes in one run
-    torch._dynamo.config.automatic_dynamic_shapes = False  # static shapes per size, as a one-prompt CLI run has
+    torch._dynamo.config.automatic_dynamic_shapes = False  # only the cache slots dynamic, as in a CLI run
     lengths = lengths or ([512] if quick else [1024, 2048, 4096, 8000])
     batches = batches or ([1] if quick else [1, 4])
     n_steps = 8 if quick else 16
@@ -186,7 +186,7 @@ def speed_rows(model, tokenizer, quick, lengths, methods, batches, compiled, che
                 # decode speed does not depend on content: batch rows are copies of the one prompt
                 compress(model, replicated(captured, n_batch), tokens.expand(n_batch, -1), config, 64)
                 kv_bytes = model.cache_bytes()
-                torch._dynamo.reset()  # frees the last size's graph and its frozen copy of the weights
+                torch._dynamo.reset()  # each size compiles anew (first_step_s); frees frozen weights of batches > 1
                 for mode, decode in modes:
                     rss_before = rss_mib()
                     times, warmup = decode_step_seconds(model, n_batch, n_steps + 1, decode)
@@ -256,7 +256,7 @@ def speed_tables(rows: list[dict]) -> str:
     compiled = [r for r in rows if r.get("mode") == "compiled"]
     if compiled:
         out.append(f"\ncompiling a decode graph (first step): {min(r['first_step_s'] for r in compiled):.0f}-"
-                   f"{max(r['first_step_s'] for r in compiled):.0f} s; resident memory it adds (frozen weights): "
+                   f"{max(r['first_step_s'] for r in compiled):.0f} s; resident memory it adds: "
                    f"{statistics.median(r['rss_added_mib'] for r in compiled):.0f} MiB (median)")
     start = find(metric="start_seconds")
     if start:

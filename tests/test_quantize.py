@@ -85,11 +85,12 @@ def test_a_tiny_int8_model_gives_its_dequantized_references_logits(overrides):
     torch.testing.assert_close(model.decode(token).float(), reference.decode(token), rtol=0, atol=0.02 * scale)
 
 
-def test_compiled_int8_decode_matches_eager_and_does_not_recompile():
+@pytest.mark.parametrize("n_batch", [1, 2])  # batch 1: unfrozen weights
+def test_compiled_int8_decode_matches_eager_and_does_not_recompile(n_batch):
     torch._dynamo.reset()
     model = int8_weights(tiny_model().to(torch.bfloat16))
     compiled = compile_decode(model)
-    prompt = torch.randint(0, 256, (2, 50))
+    prompt = torch.randint(0, 256, (n_batch, 50))
     for i, config in enumerate((CompressionConfig(budget=20, window=4), CompressionConfig(method="full"))):
         eager_tokens, eager_logits = greedy(model, prefill(model, prompt, config, 8, n_slots=128), 8, model.decode)
         with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
