@@ -13,8 +13,7 @@ Ways to run it:
   model.snapshot(), model.restore() the caches' counters and positions, saved and put back (no K/V copy)
   model.drop(n)                     the last n appended tokens taken back
 
-Module names follow Hugging Face's Llama, so its state dicts load without renaming. Llama, Mistral,
-Qwen2 and Qwen3 checkpoints all run on it: they differ only in ModelArgs fields.
+Module names follow Hugging Face's Llama (its state dicts load unrenamed); Llama, Mistral, Qwen2, Qwen3 differ in ModelArgs.
 """
 import math
 import time
@@ -171,8 +170,7 @@ class KVCache(nn.Module):
             n_kept, index = slots.shape[-1], slots[..., None].expand(-1, -1, self.k.shape[3])
             self.k[row, :, :n_kept] = self.k[row].gather(1, index)  # gather copies first: safe in place
             self.v[row, :, :n_kept] = self.v[row].gather(1, index)
-            self.pos[row, :, :n_kept] = self.pos[row].gather(1, slots)
-            self.pos[row, :, n_kept:] = -1
+            self.pos[row] = F.pad(self.pos[row].gather(1, slots), (0, n_slots - n_kept), value=-1)
             self.used[row] = n_kept
         self.fills += bool(full)
         return bool(full)
@@ -216,8 +214,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return ((x32 := x.float()) * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
 class Linear(nn.Linear):
@@ -268,11 +265,14 @@ class Attention(nn.Module):
         if n_new > 1 and bool((self.cache.pos == self.cache.pos[:, :1]).all()):  # eager only: a host sync
             return self.out(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, :1], enable_gqa=True))
         group = self.n_heads // self.n_kv_heads
-        # a KV head's query heads as extra query rows: its K/V are read once per KV head, and SDPA's
-        # CPU kernel is 7-10x faster on one query row of bf16 this way (docs/results.md, Speed)
+        # a KV head's query heads as extra query rows: its K/V read once per KV head (docs/results.md, Speed)
         q = q.reshape(n_batch, self.n_kv_heads, group * n_new, self.head_dim)  # [B, Hkv, G*T', D]
         mask = mask.repeat(1, 1, group, 1)  # [B, Hkv, G*T', slots], rows in q's (G, T') order
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        if torch.compiler.is_compiling() and q.is_cpu:  # matmuls, as transformers' eager attention: 1.6x SDPA at 8k
+            scores = (q @ k_all.transpose(-1, -2)).float() / self.head_dim ** 0.5  # [B, Hkv, G*T', slots]
+            y = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v_all.dtype) @ v_all
+        else:
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
         return self.out(y.view(n_batch, self.n_heads, n_new, self.head_dim))
 
 
