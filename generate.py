@@ -56,7 +56,7 @@ def compile_decode(model: Transformer):
     """The decode step as one graph (fullgraph): a CUDA graph on CUDA. On CPU, at batch 1, each weight is read in
     one fused pass (model.Linear) and the unfrozen graph is kept in Inductor's cache for later processes; more rows
     freeze the weights (later changes ignored) for autotuned C++ micro-GEMMs (docs/results.md, Speed). The caches'
-    tensors go in as arguments, their slots dynamic: one graph serves every cache size and prompt length."""
+    tensors go in as arguments, their slots dynamic: one graph up to 4,096 slots and one past (docs/results.md)."""
     def decode(token: Tensor, tensors: list[tuple]) -> Tensor:
         model.bind_caches(tensors)  # the caches' own tensors, read from the arguments
         return model.decode(token)

@@ -417,6 +417,18 @@ def test_the_first_compiled_step_serves_every_cache_size():
         assert torch.equal(tokens, generate(model, prompt, CompressionConfig(method="full"), max_new_tokens=4).tokens)
 
 
+def test_the_compiled_step_compiles_once_more_past_4096_cache_slots():
+    """Inductor sums the softmax over more than 4,096 slots in chunks and guards on that choice: past it, one
+    more graph (docs/results.md, Speed), which then serves every larger cache."""
+    torch._dynamo.reset()
+    model, prompt, full = tiny_model(), torch.randint(0, 256, (1, 40)), CompressionConfig(method="full")
+    compiled = compile_decode(model)
+    for n_slots, stance in [(64, "default"), (4000, "fail_on_recompile"), (4200, "default"), (9000, "fail_on_recompile")]:
+        with torch.compiler.set_stance(stance):
+            tokens = generate(model, prompt, full, max_new_tokens=4, decode=compiled, n_slots=n_slots).tokens
+        assert torch.equal(tokens, generate(model, prompt, full, max_new_tokens=4, n_slots=n_slots).tokens)
+
+
 def test_decode_speed_leaves_out_the_steps_that_compiled_or_recorded_a_graph():
     """Under CUDA graphs the step after the compile records the graph, so dropping only the first
     step counted the recording as decoding. A step during which Dynamo compiled or a CUDA graph was
