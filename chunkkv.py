@@ -223,22 +223,27 @@ def h2o_scores(q: Tensor, k: Tensor, block: int = 512) -> Tensor:
 
 
 def reconstruction_scores(q_repeat: Tensor, k: Tensor, start: int, end: int, n_context: int, n_sinks: int,
-                          block: int = 16) -> Tensor:
-    """KVzip's scores of the context tokens [start, end) (Kim et al., NeurIPS 2025; snu-mllab/KVzip
-    attention/score.py, kvpress KVzipPress): softmax attention, in float32, of the R queries of a
-    teacher-forced repeat of that block, q_repeat [B, Hq, R, D] (post-RoPE, after the context), over
-    the first min(n_sinks, start) keys, the block's keys and the repeat's own (causally) only; the max
-    over each KV head's query heads and over the queries. k [B, Hkv, n_context + R, D]: the context's
-    keys, then the repeat's. -> [B, Hkv, end - start]. Queries run in blocks of `block` (small: their
-    logits stay in cache)."""
+                          block: int = 16, own_lse: Tensor | None = None) -> Tensor:
+    """KVzip's scores of the context tokens [start, end) (Kim et al., NeurIPS 2025; snu-mllab/KVzip attention/score.py,
+    kvpress KVzipPress): softmax attention, in float32, of the R queries of a teacher-forced repeat of that block,
+    q_repeat [B, Hq, R, D] (post-RoPE, after the context), over the first min(n_sinks, start) keys, the block's keys
+    and the repeat's own (causally) only; the max over each KV head's query heads and over the queries. k [B, Hkv,
+    n_context + R, D]: the context's keys, then the repeat's. own_lse [B, Hq, R]: each query's log-sum-exp of its
+    scaled logits over the repeat's keys up to itself (devices.cache_then_causal's; None: computed here).
+    -> [B, Hkv, end - start]. Queries run in blocks of `block` (small: their logits stay in cache)."""
     n_repeat, sink = q_repeat.shape[2], min(n_sinks, start)
-    keys = torch.cat([k[:, :, :sink], k[:, :, start:end], k[:, :, n_context:n_context + n_repeat]], dim=2).float()
-    n_seen, own = sink + end - start, torch.arange(n_repeat, device=k.device)  # every query sees the n_seen keys
+    # the repeat's own keys, or one stand-in whose logit is set to their log-sum-exp: the same softmax sums
+    own = k[:, :, n_context:n_context + n_repeat] if own_lse is None else k.new_zeros(*k.shape[:2], 1, k.shape[3])
+    keys = torch.cat([k[:, :, :sink], k[:, :, start:end], own], dim=2).float()
+    n_seen, ids = sink + end - start, torch.arange(n_repeat, device=k.device)  # every query sees the n_seen keys
     scores = k.new_zeros((k.shape[0], k.shape[1], end - start), dtype=torch.float32)
     for first in range(0, n_repeat, block):
         last = min(first + block, n_repeat)  # the block's queries see the repeat's keys [0, first) and their own
-        visible = own[first:last] <= own[first:last, None]  # [r, r]: causal among the block's queries only
+        visible = (ids[first:last] <= ids[first:last, None] if own_lse is None  # [r, r]: causal among the block's own
+                   else ids.new_ones((last - first, 1), dtype=torch.bool))  # [r, 1]: the stand-in, seen by all
         logits = grouped_logits(q_repeat[:, :, first:last], keys[:, :, :n_seen + last], visible)  # [B, Hkv, G, r, S]
+        if own_lse is not None:
+            logits[..., -1] = own_lse[:, :, first:last].reshape(logits.shape[:-1])  # [B, Hq, r] -> [B, Hkv, G, r]
         scores = torch.maximum(scores, logits.softmax(dim=-1)[..., sink:n_seen].amax(dim=(2, 3)))
     return scores
 
@@ -248,8 +253,7 @@ def reconstruction_scores(q_repeat: Tensor, k: Tensor, start: int, end: int, n_c
 
 def chunk_scores(token_scores: Tensor, chunk_size: int) -> Tensor:
     """[..., P] -> [..., ceil(P / c)]: summed scores of consecutive chunks (last may be short)."""
-    n_tokens = token_scores.shape[-1]
-    n_chunks = -(-n_tokens // chunk_size)
+    n_chunks = -(-(n_tokens := token_scores.shape[-1]) // chunk_size)
     padded = F.pad(token_scores, (0, n_chunks * chunk_size - n_tokens))
     return rearrange(padded, "... (n c) -> ... n c", c=chunk_size).sum(-1)
 
@@ -314,8 +318,7 @@ def entropy_gated_priority(token_scores: Tensor, window: int, chunk_size: int, n
 def token_priority(token_scores: Tensor, window: int) -> Tensor:
     """Token-level methods' keep priority [..., T]: the window first (latest first), then the prefix
     tokens by descending score (ties: earlier first). Its top-k is select_tokens for every budget."""
-    n_prompt = token_scores.shape[-1]
-    n_prefix = n_prompt - min(window, n_prompt)
+    n_prefix = (n_prompt := token_scores.shape[-1]) - min(window, n_prompt)
     order = token_scores[..., :n_prefix].sort(dim=-1, descending=True, stable=True).indices
     return with_window(order.argsort(dim=-1), n_prompt)
 
@@ -376,10 +379,9 @@ def token_among(tokens: Tensor | None, ids: tuple[int, ...], n_prompt: int, devi
 
 def mask_positions(keep: Tensor) -> Tensor:
     """keep [..., T] bool -> each row's kept positions [..., N], sorted, padded with -1 to the largest count N."""
-    n_prompt = keep.shape[-1]
     n_kept = int(keep.sum(-1).max())  # prefill is eager: a data-dependent size is fine here
     # kept positions first, in order; the rest sort past them and become -1 padding
-    pos = torch.arange(n_prompt, device=keep.device)
+    pos = torch.arange(n_prompt := keep.shape[-1], device=keep.device)
     order = torch.where(keep, pos, n_prompt + pos).sort(dim=-1).values[..., :n_kept]
     return torch.where(order < n_prompt, order, -1)
 
@@ -395,8 +397,7 @@ def global_scores(config: CompressionConfig, scores: list[Tensor], budgets: list
         keep = top_of_all(pooled, sum(budget * pooled.shape[2] for budget in budgets))
         return [layer.masked_fill(~keep[:, i], -math.inf) for i, layer in enumerate(scores)]
     tokens = pooled.sum(dim=2) if pooled.dim() == 4 else pooled  # [B, L, T]: summed over KV heads unless given so
-    n_window = min(config.window, tokens.shape[-1])
-    n_prefix = tokens.shape[-1] - n_window
+    n_prefix = tokens.shape[-1] - (n_window := min(config.window, tokens.shape[-1]))
     # each prefix token carries its chunk's score, so a stable sort takes whole chunks in score order
     chunk = chunk_scores(tokens[..., :n_prefix], config.chunk_size).repeat_interleave(config.chunk_size, -1)
     keep = top_of_all(chunk[..., :n_prefix], sum(min(budget - n_window, n_prefix) for budget in budgets))
@@ -491,9 +492,8 @@ RECOMPRESSIBLE = tuple(sorted(name for name, row in METHODS.items() if row.recom
 
 def all_positions(k: Tensor, per_head: bool) -> Tensor:
     """Every position of k [B, Hkv, T, D]: [B, Hkv, T] or [B, T]."""
-    n_batch, n_kv_heads, n_prompt = k.shape[:3]
-    shape = (n_batch, n_kv_heads, n_prompt) if per_head else (n_batch, n_prompt)
-    return torch.arange(n_prompt, device=k.device).expand(shape)
+    shape = k.shape[:3] if per_head else (k.shape[0], k.shape[2])
+    return torch.arange(k.shape[2], device=k.device).expand(shape)
 
 
 def keep_positions(config: CompressionConfig, q: Tensor, k: Tensor, budget: int, layer: int,

@@ -132,8 +132,8 @@ def reconstruction_scores(model: Transformer, tokens: Tensor, repeat: Repeat, n_
             cache.keep_queries(none, len(ids))  # remember exactly the repeat's queries
         model.extend(torch.tensor([row[i][2] for row in rows], device=tokens.device), logits=False)  # the caches only
         for layer, cache in enumerate(model.caches()):
-            scores[layer][..., start:end] = chunkkv.reconstruction_scores(cache.queries, cache.k, start, end,
-                                                                          n_context, n_sinks)
+            scores[layer][..., start:end] = chunkkv.reconstruction_scores(cache.queries, cache.k, start, end, n_context,
+                                                                          n_sinks, own_lse=cache.own_lse)
             cache.keep_queries(None, 0)
         model.restore(prefilled)
     for layer_scores in scores:

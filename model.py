@@ -1,10 +1,8 @@
-"""A single-file Llama (RMSNorm, RoPE, GQA, SwiGLU) whose attention carries a static,
-compressible KV cache.
+"""A single-file Llama (RMSNorm, RoPE, GQA, SwiGLU) whose attention carries a static, compressible KV cache.
 
 Ways to run it:
   model(tokens)                     full-sequence logits [B, T, vocab], no cache involved
-  model.prefill(tokens, request)    fills every layer's cache with the compressed prompt KV,
-                                    returns the last position's logits [B, vocab]
+  model.prefill(tokens, request)    fills every layer's cache with the compressed prompt KV: last logits [B, vocab]
   model.capture(tokens)             a prefill that keeps each layer's (q, k, v) instead, and
   model.compress(captured, request) fills the caches from it: one prefill, many compressions
   model.extend(tokens)              appends tokens [B, T'] to the caches, returns their logits [B, T', vocab]
@@ -25,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import chunkkv
-from devices import fused_attention, synchronize
+from devices import fused_attention, shared_mask_attention, synchronize
 
 
 class PromptError(ValueError):
@@ -85,6 +83,7 @@ class KVCache(nn.Module):
         super().__init__()
         self.fills = 0  # refills and re-compressions move K and V: older snapshots cannot be restored
         self.remembers = False  # whether `queries` holds the last `window` queries [B, Hq, W, D]
+        self.own_lse = None  # the last eager many-token extend's own log-sum-exps [B, Hq, T'] (KVzip's scorer)
         for name in self.TENSORS:  # plain attributes, not buffers: compile_decode passes them as arguments
             setattr(self, name, None)
 
@@ -144,7 +143,7 @@ class KVCache(nn.Module):
     def keep_queries(self, q: Tensor | None, window: int):
         """Start the query buffer [B, Hq, window, D] from the prompt's q [B, Hq, T, D], right-aligned
         (zeros before a shorter prompt); None: remember none (no re-compression), buffer kept."""
-        self.remembers = q is not None
+        self.remembers, self.own_lse = q is not None, None
         if q is not None:
             queries = self.allocate("queries", (q.shape[0], q.shape[1], window, q.shape[3]), q.dtype, q.device).zero_()
             queries[:, :, window - min(window, q.shape[2]):] = q[:, :, -window:]
@@ -184,8 +183,7 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> Tensor
     if args.rope_scaling == "linear":
         inv_freq = inv_freq / args.rope_factor
     elif args.rope_scaling == "llama3":
-        # 0 for wavelengths longer than original / low_freq_factor (stretched by the factor), 1 for those
-        # shorter than original / high_freq_factor (kept), linear in 1 / wavelength between
+        # 0 above wavelength original / low (stretched), 1 below original / high (kept), linear in 1 / wavelength
         wavelen = 2 * math.pi / inv_freq
         low, high = args.rope_low_freq_factor, args.rope_high_freq_factor
         smooth = ((args.rope_original_context / wavelen - low) / (high - low)).clamp(0, 1)
@@ -253,17 +251,19 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)), (q, k, v)
 
-    def extend(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """New tokens x [B, T', dim] appended to the cache; each attends to the cache entries up to
-        its own position. cos/sin [B, 1, T', D] per row. Many tokens over KV heads that all hold the same
-        positions take one mask for every head: 2-2.6x faster attention on CPU than a mask per query row."""
+    def extend(self, x: Tensor, cos: Tensor, sin: Tensor, attend: bool = True) -> Tensor | None:
+        """New tokens x [B, T', dim] appended to the cache; each attends to the cache entries up to its own
+        position (attend=False: none do, None is returned). cos/sin [B, 1, T', D] per row."""
         q, k, v = self.qkv(x, cos, sin)
         if self.cache.remembers:  # a Python check: each case compiles once
             self.cache.remember(q)
         k_all, v_all, mask = self.cache.update(k, v)
         n_batch, _, n_new, _ = q.shape
-        if n_new > 1 and bool((self.cache.pos == self.cache.pos[:, :1]).all()):  # eager only: a host sync
-            return self.out(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, :1], enable_gqa=True))
+        if not attend:
+            return None
+        if n_new > 1 and bool((self.cache.pos == self.cache.pos[:, :1]).all()):  # eager only: host syncs
+            y, self.cache.own_lse = shared_mask_attention(q, k_all, v_all, mask[:, 0], self.cache.used)
+            return self.out(y)
         group = self.n_heads // self.n_kv_heads
         # a KV head's query heads as extra query rows: its K/V read once per KV head (docs/results.md, Speed)
         q = q.reshape(n_batch, self.n_kv_heads, group * n_new, self.head_dim)  # [B, Hkv, G*T', D]
@@ -364,9 +364,8 @@ class Transformer(nn.Module):
                               f"runs sliding-window models only within the window; {fix}")
 
     def check_attention_memory(self, n_batch: int, n_tokens: int):
-        """Raise PromptError before a prefill only SDPA's math kernel can run (not fused_attention: e.g.
-        float16 below compute capability 8.0) if its float32 scores and softmax, 8 bytes x B x Hq x T x T,
-        exceed the device's free memory."""
+        """Raise PromptError before a prefill only SDPA's math kernel can run (not fused_attention: e.g. float16
+        below compute capability 8.0) if its float32 scores and softmax, 8 x B x Hq x T x T bytes, exceed free memory."""
         w, need = self.embed_tokens.weight, 8 * n_batch * self.args.n_heads * n_tokens ** 2
         if not fused_attention(n_batch, self.args, w) and need > (free := torch.cuda.mem_get_info(w.device)[0]):
             raise PromptError(f"attention over {n_batch} x {n_tokens} prompt tokens needs {need / 2 ** 30:.1f} GiB, "
@@ -469,20 +468,21 @@ class Transformer(nn.Module):
                               f"leave more room for new tokens (max_new_tokens) when compressing")
         length = int(self.caches()[0].length.max())
         self.check_room(length + n_new, f"{length} tokens in the cache + {n_new} new tokens", "append fewer tokens")
-        hidden = self.through_cache(tokens)
-        return self.lm_head(hidden) if logits else None
+        return self.lm_head(self.through_cache(tokens)) if logits else self.through_cache(tokens, caches_only=True)
 
     @torch.no_grad()
     def decode(self, token: Tensor) -> Tensor:
         """token [B, 1] appended like `extend`, without its checks or host syncs (one graph): logits [B, vocab]."""
         return self.lm_head(self.through_cache(token)[:, -1])
 
-    def through_cache(self, tokens: Tensor) -> Tensor:
+    def through_cache(self, tokens: Tensor, caches_only: bool = False) -> Tensor | None:
         positions = self.caches()[0].length[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # [B, T']
         cos, sin = (t[:, None] for t in rope(positions, self.args))  # [B, 1, T', D]
         x = self.embed_tokens(tokens)
-        for block in self.layers:
+        for block in self.layers[:-1] if caches_only else self.layers:
             x = block.extend(x, cos, sin)
+        if caches_only:  # the last layer's attention and MLP would only feed the logits
+            return self.layers[-1].self_attn.extend(self.layers[-1].input_layernorm(x), cos, sin, attend=False)
         return self.norm(x)
 
     def snapshot(self) -> list[tuple]:

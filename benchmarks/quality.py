@@ -62,8 +62,9 @@ RECONSTRUCT = {  # label -> config at a given keep, on KVzip's reconstruction sc
     "chunkkv-reconstruct-max": dict(method="chunkkv", scorer="reconstruct"),  # the max over KV heads, not the sum
     "chunkkv-reconstruct-global": dict(method="chunkkv", scorer="reconstruct", global_budget=True),
     "chunkkv-reconstruct-max-global": dict(method="chunkkv", scorer="reconstruct", global_budget=True),
-    **{f"chunkkv-reconstruct-global-c{c}": dict(method="chunkkv", scorer="reconstruct", global_budget=True,
-                                                chunk_size=c) for c in (2, 3)},  # chunks shorter than the paper's 10
+    **{f"chunkkv-reconstruct{agg}-global-c{c}": dict(method="chunkkv", scorer="reconstruct", global_budget=True,
+                                                     chunk_size=c)
+       for agg in ("", "-max") for c in (2, 3)},  # chunks shorter than the paper's 10
     "eg-chunkkv-reconstruct": dict(method="eg-chunkkv", scorer="reconstruct"),
 }
 

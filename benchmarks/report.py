@@ -7,6 +7,7 @@ with `<!-- end -->`;
 everything between the markers is rewritten, everything outside them is left alone."""
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -88,15 +89,19 @@ AGNOSTIC = [  # (model, haystack, task, results files, first holding a method's 
     ("SmolLM2-135M", "2k prose", "single", ["results/quality-agnostic-2k.json", "results/quality_settings.json",
                                             "results/quality-global-2k.json", "results/quality-global-chunks-2k.json"]),
     ("SmolLM2-135M", "2k filler", "single", ["results/quality-filler-2k.json"]),
-    ("Qwen2.5-Coder-0.5B", "4k prose", "single", ["results/qwen/quality-reconstruct-4k.json",
+    ("Qwen2.5-Coder-0.5B", "4k prose", "single", ["results/qwen/quality-fast-scoring-4k.json",
+                                                  "results/qwen/quality-reconstruct-4k.json",
                                                   "results/qwen/quality-4k.json", "results/qwen/quality-global-4k.json",
                                                   "results/qwen/quality-global-chunks-4k.json"]),
-    ("Qwen2.5-Coder-0.5B", "4k prose", "multikey", ["results/qwen/quality-global-multikey-4k.json",
+    ("Qwen2.5-Coder-0.5B", "4k prose", "multikey", ["results/qwen/quality-fast-scoring-4k.json",
+                                                    "results/qwen/quality-global-multikey-4k.json",
                                                     "results/qwen/quality-global-chunks-4k.json"]),
     ("Qwen2.5-Coder-0.5B", "4k filler", "single", ["results/qwen/quality-filler-4k.json"]),
     ("Qwen2.5-Coder-0.5B", "8k prose", "single", ["results/qwen/quality-global-8k.json", "results/qwen/quality-8k.json"]),
-    ("Qwen2.5-Coder-0.5B", "8k prose", "multikey", ["results/qwen/quality-global-multikey-8k.json"]),
+    ("Qwen2.5-Coder-0.5B", "8k prose", "multikey", ["results/qwen/quality-global-multikey-8k.json",
+                                                    "results/qwen/quality-fast-scoring-8k.json"]),
 ]
+SCORING = [("4k", "results/qwen/quality-fast-scoring-4k.json"), ("8k", "results/qwen/quality-fast-scoring-8k.json")]
 AGNOSTIC_LABELS = ["full", "snapkv", "chunkkv", "eg-chunkkv", "kvzip", "chunkkv-reconstruct", "eg-chunkkv-reconstruct",
                    "kvzip-global", "chunkkv-reconstruct-global", "chunkkv-reconstruct-global-c2"]
 
@@ -117,7 +122,12 @@ def agnostic() -> str:
     out = table("Keep 0.1, compressed before the question (mean [95 % interval] n=questions); single: one needle, "
                 "multikey: four, one asked each time; -reconstruct and kvzip: KVzip's scores, the others the context's "
                 "last window; -global: one budget over all layers; -c2: chunks of 2 tokens", header, cells)
-    return (out + "\n\nFrom " + "; ".join(f"`{path}` ({day})" for path, day in runs)
+    timed = [(what, [r["of_prefill"] for r in rows_of(path) if r["bench"] == "scoring"]) for what, path in SCORING]
+    scoring = ", ".join(f"{statistics.median(shares):.2f}x at {what} (median of {len(shares)} prompts; "
+                        f"{min(shares):.2f}-{max(shares):.2f}x)" for what, shares in timed)
+    runs += [(path, rows_of(path)[0]["date"]) for _, path in SCORING if path not in dict(runs)]
+    return (out + f"\n\nScoring by KVzip's repeat, against Qwen's prefill of the context: {scoring}. From "
+            + "; ".join(f"`{path}` ({day})" for path, day in runs)
             + ": commands and the full tables in docs/results.md.\n").lstrip("\n")
 
 

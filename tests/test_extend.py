@@ -5,8 +5,11 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import chunkkv
+import devices
 from chunkkv import CompressionConfig
 from cli import PASSKEY_QUESTION
 from conftest import (EVERY_METHOD, assert_user_error, cli, greedy, kept_positions, prefill, reference_logits,
@@ -16,6 +19,37 @@ from generate import PromptError, answer, compile_decode, compress_context, deco
 torch.set_grad_enabled(False)
 
 PASSKEY_AGNOSTIC_KEEP = "0.3"  # measured: results/passkey.json (docs/results.md, "Compress once, ask many")
+
+
+# ---------------------------------------------------------------------------------------
+# the attention of many new tokens: two flash calls when they see all the cache, one masked SDPA else
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(0, 20), st.integers(1, 12),
+       st.integers(0, 5), st.integers(-1, 1), st.booleans(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_many_new_tokens_attend_as_one_masked_softmax(n_batch, n_kv_heads, group, n_old, n_new, n_free, holed, past,
+                                                      dtype):
+    """devices.shared_mask_attention equals a float64 masked softmax, with each new token's log-sum-exp over
+    the new tokens' keys when it splits (every row sees every entry before its new tokens, none is holed,
+    and none sees a slot past them), and None when it does not."""
+    q = torch.randn(n_batch, n_kv_heads * group, n_new, 8, dtype=dtype)
+    k, v = (torch.randn(n_batch, n_kv_heads, n_old + n_new + n_free, 8, dtype=dtype) for _ in range(2))
+    mask = torch.ones(n_new, k.shape[2], dtype=torch.bool).tril(n_old).expand(n_batch, -1, -1).clone()
+    holed = holed if holed < n_batch and n_old > 1 else -1  # that row's first cache slots never attended
+    if holed >= 0:
+        mask[holed, :, :n_old // 2] = False
+    past = past and n_free > 0
+    mask[:, -1, -1] |= past  # the last new token also sees the last free slot (the rows stay nested)
+    logits = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2) / 8 ** 0.5
+    logits = logits.masked_fill(~mask[:, None], -torch.inf)
+    expected = logits.softmax(-1) @ v.double().repeat_interleave(group, 1)
+    y, lse = devices.shared_mask_attention(q, k, v, mask, torch.full((n_batch,), n_old + n_new))
+    tolerance = {} if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+    torch.testing.assert_close(y.float(), expected.float(), **tolerance)
+    if holed >= 0 or past or n_old == 0:
+        assert lse is None
+    else:
+        torch.testing.assert_close(lse, logits[..., n_old:n_old + n_new].logsumexp(-1).float(), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------

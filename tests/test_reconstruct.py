@@ -48,7 +48,11 @@ def test_reconstruction_scores_equal_a_plain_loop(n_batch, n_kv_heads, group, n_
     block = data.draw(st.integers(1, 8))  # query blocks: any split gives the same max
     q = torch.randn(n_batch, n_kv_heads * group, n_repeat, 8)
     k = torch.randn(n_batch, n_kv_heads, n_context + n_repeat, 8)
-    got = chunkkv.reconstruction_scores(q, k, start, end, n_context, n_sinks, block)
+    own_lse = None
+    if data.draw(st.booleans()):  # the repeat's own keys' log-sum-exps, as its attention would find them
+        logits = q @ k[:, :, n_context:].repeat_interleave(group, dim=1).transpose(-1, -2) / math.sqrt(8)
+        own_lse = logits.masked_fill(~torch.ones(n_repeat, n_repeat, dtype=torch.bool).tril(), -math.inf).logsumexp(-1)
+    got = chunkkv.reconstruction_scores(q, k, start, end, n_context, n_sinks, block, own_lse)
     torch.testing.assert_close(got, torch.tensor(reference_scores(q, k, start, end, n_context, n_sinks)),
                                rtol=1e-5, atol=1e-6)
 
