@@ -123,10 +123,12 @@ def shared_mask_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, used: T
     one before it sees, as positions rise). On the CPU, when every row's new tokens took the slots after its `used`
     [B] ones and see all those: cache_then_causal. Else SDPA. -> (the output [B, Hq, T', D], cache_then_causal's
     log-sum-exps [B, Hq, T'] or None)."""
-    n_new, slots = q.shape[2], torch.arange(mask.shape[-1], device=mask.device)
+    n_new = q.shape[2]
     n_old = int(used[0]) - n_new if q.is_cpu else 0  # a host sync, on the CPU only
-    ends = torch.tensor([[n_old], [n_old + n_new - 1]], device=mask.device)  # the first and last token's last slot
-    # nested rows: the first and the last token's rows fix all the others (a check of the whole mask took 50 ms)
-    if n_old > 0 and bool((used == used[0]).all()) and torch.equal(mask[:, [0, -1]], (slots <= ends).expand(len(mask), -1, -1)):
-        return cache_then_causal(q, k, v, n_old)
+    if n_old > 0 and bool((used == used[0]).all()):
+        ends = torch.tensor([[n_old], [n_old + n_new - 1]], device=mask.device)  # the first and last token's last slot
+        expected = torch.arange(mask.shape[-1], device=mask.device) <= ends  # [2, slots]
+        # nested rows: the first and the last token's rows fix all the others (a check of the whole mask took 50 ms)
+        if torch.equal(mask[:, [0, -1]], expected.expand(len(mask), -1, -1)):
+            return cache_then_causal(q, k, v, n_old)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True), None
